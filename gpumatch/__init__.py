@@ -1,0 +1,30 @@
+"""gpumatch: GPU-first model-to-model PSF matching for astronomical exposures.
+
+A spatially varying Alard-Lupton kernel is solved from PSF model stamps on a
+grid of cells and applied to the exposure exactly per pixel, on a CUDA device
+(CuPy) or on the CPU (NumPy/SciPy) with the same results.
+"""
+
+import logging as _logging
+
+from .apply import apply_kernel
+from .backend import cupy_usable
+from .config import ModelPsfMatchConfig
+from .errors import (ConfigError, GpumatchError, InsufficientAreaError, KernelTooLargeError,
+                     MissingPsfError, PsfEvaluationError, SolutionError)
+from .exposure import DEFAULT_MASK_PLANES, Box, Exposure
+from .kernel import SpatialKernel
+from .psf import DoubleGaussianPsf, GaussianPsf, ImagePsf, Psf, VaryingGaussianPsf
+from .task import CellSetResult, ModelPsfMatchResult, ModelPsfMatchTask
+
+__version__ = "0.1.0"
+
+_logging.getLogger("gpumatch").addHandler(_logging.NullHandler())
+
+__all__ = [
+    "ModelPsfMatchTask", "ModelPsfMatchConfig", "ModelPsfMatchResult", "CellSetResult",
+    "Exposure", "Box", "DEFAULT_MASK_PLANES", "Psf", "GaussianPsf", "DoubleGaussianPsf",
+    "ImagePsf", "VaryingGaussianPsf", "SpatialKernel", "apply_kernel", "cupy_usable",
+    "GpumatchError", "ConfigError", "MissingPsfError", "InsufficientAreaError",
+    "KernelTooLargeError", "PsfEvaluationError", "SolutionError",
+]

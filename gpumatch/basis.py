@@ -1,0 +1,117 @@
+"""The Alard-Lupton kernel basis (SPEC section 4)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger("gpumatch")
+
+__all__ = ["alard_lupton_basis", "basis_widths", "BasisChoice", "polynomial_exponents"]
+
+#: Sums at or below this are treated as zero (float32 machine epsilon).
+SUM_EPSILON = 1.1920929e-07
+
+
+def polynomial_exponents(order):
+    """Exponents ``(a, c)`` of the terms x^a y^c in order 1, x, y, x^2, xy, y^2, ..."""
+    return [(i, n - i) for n in range(order + 1) for i in range(n, -1, -1)]
+
+
+def alard_lupton_basis(kernel_size, sigmas, degrees):
+    """Renormalised Alard-Lupton basis images.
+
+    Parameters
+    ----------
+    kernel_size : int
+        Odd kernel size ``k`` in pixels.
+    sigmas : sequence of float
+        Gaussian widths in pixels, in configuration order.
+    degrees : sequence of int
+        Polynomial degree of each Gaussian.
+
+    Returns
+    -------
+    ndarray (nb, k, k), float64
+        ``nb = sum((d + 1)(d + 2) / 2)``. Image 0 sums to 1; every other image
+        sums to zero (unless its raw sum was already below float32 epsilon) and
+        has unit sum of squares.
+    """
+    k = int(kernel_size)
+    if k < 1 or k % 2 == 0:
+        raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
+    if len(sigmas) != len(degrees):
+        raise ValueError("sigmas and degrees must have the same length")
+    h = k // 2
+    off = np.arange(-h, h + 1, dtype=np.float64)
+    u = off[None, :]  # column offset (x)
+    v = off[:, None]  # row offset (y)
+    # With k == 1 there is no spatial extent; keep the terms finite.
+    scale = float(h) if h > 0 else 1.0
+    images = []
+    for sigma, degree in zip(sigmas, degrees):
+        g = np.exp(-(u * u + v * v) / (2.0 * sigma * sigma))
+        g /= g.sum()
+        for a, c in polynomial_exponents(int(degree)):
+            images.append(g * (u / scale) ** a * (v / scale) ** c)
+    basis = np.array(images)
+    basis[0] /= basis[0].sum()
+    b0 = basis[0]
+    for i in range(1, len(basis)):
+        s = basis[i].sum()
+        if abs(s) > SUM_EPSILON:
+            basis[i] = basis[i] / s - b0
+        basis[i] /= math.sqrt((basis[i] ** 2).sum())
+    return basis
+
+
+@dataclass(frozen=True)
+class BasisChoice:
+    """Widths, degrees and kernel size actually used, and how they were chosen."""
+
+    sigmas: tuple
+    degrees: tuple
+    kernel_size: int
+    mode: str  # "config", "convolution" or "deconvolution"
+
+
+def basis_widths(config, template_sigma=None, reference_sigma=None):
+    """Choose the basis widths and kernel size (SPEC section 4, ``scaleByFwhm``).
+
+    Parameters
+    ----------
+    config : ModelPsfMatchConfig
+    template_sigma, reference_sigma : float, optional
+        Gaussian-equivalent widths (FWHM / 2.3548, pixels) of the exposure PSF
+        and of the reference PSF; needed only when ``config.scaleByFwhm``.
+    """
+    degrees = tuple(config.alardDegGauss)
+    if not config.scaleByFwhm:
+        return BasisChoice(tuple(config.alardSigGauss), degrees, config.kernelSize, "config")
+    n = config.alardNGauss
+    t, r = float(template_sigma), float(reference_sigma)
+    if t == r:
+        mode, sigmas = "config", list(config.alardSigGauss)
+    else:
+        if r > t:
+            mode, big, small, min_sig = "convolution", r, t, config.alardMinSig
+        else:
+            mode, big, small, min_sig = "deconvolution", t, r, config.alardMinSigDeconv
+        k = max(math.sqrt(big * big - small * small), min_sig)
+        first = max(min_sig, k / config.alardGaussBeta) if n > 1 else k
+        sigmas = [first]
+        for _ in range(1, n):
+            sigmas.append(sigmas[-1] * config.alardGaussBeta)
+    size = int(config.kernelSizeFwhmScaling * sigmas[-1])
+    if size % 2 == 0:
+        size += 1
+    size = min(max(size, config.kernelSizeMin), config.kernelSizeMax)
+    if size % 2 == 0:
+        # Clipping to an even bound would break the odd-size invariant.
+        size -= 1
+    log.info("scaleByFwhm: mode=%s widths=%s kernelSize=%d", mode,
+             ", ".join(f"{s:.3f}" for s in sigmas), size)
+    return BasisChoice(tuple(sigmas), degrees, size, mode)

@@ -1,0 +1,189 @@
+"""Configuration of the model-to-model PSF matching task.
+
+Field names follow LSST's ``ModelPsfMatchConfig`` so that existing
+configurations carry over unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import numbers
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+__all__ = ["ModelPsfMatchConfig"]
+
+
+def _as_tuple(value, kind, name):
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ConfigError(f"{name} must be a sequence of {kind.__name__}, got {value!r}")
+    try:
+        return tuple(kind(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a sequence of {kind.__name__}, got {value!r}") from None
+
+
+@dataclass
+class ModelPsfMatchConfig:
+    """Configuration of :class:`~gpumatch.ModelPsfMatchTask` (SPEC section 2).
+
+    Values are checked on construction and again by :meth:`validate`, which the
+    task calls before every run; a bad value raises :class:`ConfigError` naming
+    the field.
+    """
+
+    kernelBasisSet: str = "alard-lupton"
+    kernelSize: int = 21
+    scaleByFwhm: bool = False
+    kernelSizeFwhmScaling: float = 6.0
+    kernelSizeMin: int = 21
+    kernelSizeMax: int = 35
+    alardNGauss: int = 3
+    alardSigGauss: tuple = (0.7, 1.5, 3.0)
+    alardDegGauss: tuple = (4, 2, 2)
+    alardGaussBeta: float = 2.0
+    alardMinSig: float = 0.7
+    alardMinSigDeconv: float = 0.4
+    spatialModelType: str = "chebyshev1"
+    spatialKernelOrder: int = 2
+    fitForBackground: bool = False
+    spatialBgOrder: int = 1
+    sizeCellX: int = 128
+    sizeCellY: int = 128
+    constantVarianceWeighting: bool = True
+    conditionNumberType: str = "EIGENVALUE"
+    maxSpatialConditionNumber: float = 1e10
+    doAutoPadPsf: bool = True
+    autoPadPsfTo: float = 1.4
+    padPsfBy: int = 0
+
+    def __post_init__(self):
+        self.validate()
+
+    @classmethod
+    def field_names(cls):
+        """Names of all configuration fields, in declaration order."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values):
+        """Build a config from a mapping, rejecting unknown names helpfully."""
+        names = cls.field_names()
+        for key in values:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(
+                    f"unknown configuration field {key!r}.{hint} "
+                    f"Valid fields: {', '.join(names)}"
+                )
+        return cls(**values)
+
+    def to_dict(self):
+        """Plain dict of the field values (tuples as lists)."""
+        out = {}
+        for name in self.field_names():
+            v = getattr(self, name)
+            out[name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def copy(self, **changes):
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def validate(self):
+        """Check every field; raise :class:`ConfigError` naming the first bad one."""
+
+        def need(cond, name, what):
+            if not cond:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: {what}")
+
+        def as_int(name):
+            v = getattr(self, name)
+            ok = isinstance(v, numbers.Integral) or (isinstance(v, float) and v.is_integer())
+            if isinstance(v, bool) or not ok:
+                raise ConfigError(f"{name} must be an integer, got {v!r}")
+            object.__setattr__(self, name, int(v))
+            return int(v)
+
+        def as_float(name):
+            v = getattr(self, name)
+            try:
+                fv = float(v)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} must be a number, got {v!r}") from None
+            if isinstance(v, bool) or not math.isfinite(fv):
+                raise ConfigError(f"{name} must be a finite number, got {v!r}")
+            object.__setattr__(self, name, fv)
+            return fv
+
+        def as_bool(name):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise ConfigError(f"{name} must be True or False, got {v!r}")
+            return v
+
+        basis = str(self.kernelBasisSet).lower()
+        if basis == "delta-function":
+            raise ConfigError(
+                "kernelBasisSet='delta-function' is not implemented in gpumatch; "
+                "use kernelBasisSet='alard-lupton'"
+            )
+        need(basis == "alard-lupton", "kernelBasisSet", "must be 'alard-lupton'")
+        self.kernelBasisSet = basis
+
+        k = as_int("kernelSize")
+        need(k >= 3 and k % 2 == 1, "kernelSize", "must be an odd integer >= 3 (e.g. 21)")
+        as_bool("scaleByFwhm")
+        need(as_float("kernelSizeFwhmScaling") >= 1.0, "kernelSizeFwhmScaling", "must be >= 1")
+        kmin = as_int("kernelSizeMin")
+        kmax = as_int("kernelSizeMax")
+        need(kmin >= 3, "kernelSizeMin", "must be >= 3")
+        need(kmax >= kmin, "kernelSizeMax", f"must be >= kernelSizeMin ({kmin})")
+
+        n = as_int("alardNGauss")
+        need(n >= 1, "alardNGauss", "must be >= 1")
+        self.alardSigGauss = _as_tuple(self.alardSigGauss, float, "alardSigGauss")
+        self.alardDegGauss = _as_tuple(self.alardDegGauss, int, "alardDegGauss")
+        need(
+            len(self.alardSigGauss) == n,
+            "alardSigGauss",
+            f"has {len(self.alardSigGauss)} entries but alardNGauss={n}; give one width per Gaussian",
+        )
+        need(
+            len(self.alardDegGauss) == n,
+            "alardDegGauss",
+            f"has {len(self.alardDegGauss)} entries but alardNGauss={n}; give one degree per Gaussian",
+        )
+        need(all(s > 0 and math.isfinite(s) for s in self.alardSigGauss), "alardSigGauss",
+             "widths must be positive (pixels)")
+        need(all(d >= 0 for d in self.alardDegGauss), "alardDegGauss", "degrees must be >= 0")
+        need(as_float("alardGaussBeta") >= 0, "alardGaussBeta", "must be >= 0")
+        need(as_float("alardMinSig") >= 0.25, "alardMinSig", "must be >= 0.25 pixels")
+        need(as_float("alardMinSigDeconv") >= 0.25, "alardMinSigDeconv", "must be >= 0.25 pixels")
+
+        smt = str(self.spatialModelType).lower()
+        need(smt in ("chebyshev1", "polynomial"), "spatialModelType",
+             "must be 'chebyshev1' or 'polynomial'")
+        self.spatialModelType = smt
+        need(as_int("spatialKernelOrder") >= 0, "spatialKernelOrder", "must be >= 0")
+        need(not as_bool("fitForBackground"), "fitForBackground",
+             "background fitting is not part of model-to-model matching (PSF models "
+             "have no sky); set fitForBackground=False")
+        need(as_int("spatialBgOrder") >= 0, "spatialBgOrder", "must be >= 0")
+        need(as_int("sizeCellX") >= 32, "sizeCellX", "must be >= 32 pixels")
+        need(as_int("sizeCellY") >= 32, "sizeCellY", "must be >= 32 pixels")
+        as_bool("constantVarianceWeighting")
+        cnt = str(self.conditionNumberType).upper()
+        need(cnt in ("EIGENVALUE", "SVD"), "conditionNumberType", "must be 'EIGENVALUE' or 'SVD'")
+        self.conditionNumberType = cnt
+        need(as_float("maxSpatialConditionNumber") > 0, "maxSpatialConditionNumber", "must be > 0")
+        as_bool("doAutoPadPsf")
+        need(1.0 <= as_float("autoPadPsfTo") <= 2.0, "autoPadPsfTo", "must lie in [1.0, 2.0]")
+        need(as_int("padPsfBy") >= 0, "padPsfBy", "must be >= 0")
+        # An odd padPsfBy is reported when the cell set is built (SPEC section 3),
+        # because it only matters when doAutoPadPsf is False.
+        return self

@@ -1,0 +1,173 @@
+"""Exposures: image, mask and variance planes with their metadata."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import array_namespace
+
+__all__ = ["Box", "Exposure", "DEFAULT_MASK_PLANES"]
+
+#: Default mask planes and bits, as in the LSST stack (SPEC section 7).
+DEFAULT_MASK_PLANES = {
+    "BAD": 0,
+    "SAT": 1,
+    "INTRP": 2,
+    "CR": 3,
+    "EDGE": 4,
+    "DETECTED": 5,
+    "DETECTED_NEGATIVE": 6,
+    "SUSPECT": 7,
+    "NO_DATA": 8,
+}
+
+
+@dataclass(frozen=True)
+class Box:
+    """An integer pixel box in parent coordinates, ends inclusive (LSST style).
+
+    Parameters
+    ----------
+    x0, y0 : int
+        Parent coordinates of the lower-left pixel.
+    width, height : int
+        Size in pixels.
+    """
+
+    x0: int
+    y0: int
+    width: int
+    height: int
+
+    @property
+    def x1(self):
+        """Last column (inclusive)."""
+        return self.x0 + self.width - 1
+
+    @property
+    def y1(self):
+        """Last row (inclusive)."""
+        return self.y0 + self.height - 1
+
+    @property
+    def center(self):
+        """Centre of the box as a real box, ``((x0 + x1) / 2, (y0 + y1) / 2)``."""
+        return (0.5 * (self.x0 + self.x1), 0.5 * (self.y0 + self.y1))
+
+    def grown(self, dx, dy):
+        """The box grown by ``dx`` on left and right and ``dy`` on bottom and top."""
+        return Box(self.x0 - dx, self.y0 - dy, self.width + 2 * dx, self.height + 2 * dy)
+
+    def contains(self, x, y):
+        return self.x0 <= x <= self.x1 and self.y0 <= y <= self.y1
+
+
+class Exposure:
+    """An image with variance, mask, PSF and metadata.
+
+    Arrays are indexed ``[y, x]``; pixel ``[j, i]`` sits at parent position
+    ``(x0 + i, y0 + j)``. gpumatch never modifies the arrays given here.
+
+    Parameters
+    ----------
+    image : array (ny, nx)
+        Pixel values (NumPy or CuPy array).
+    variance : array (ny, nx), optional
+        Per-pixel variance; ones when omitted.
+    mask : integer array (ny, nx), optional
+        Bit mask; zeros when omitted.
+    xy0 : (int, int)
+        Parent coordinates of pixel ``[0, 0]``.
+    psf : Psf, optional
+        The exposure's PSF model (parent coordinates).
+    wcs, photo_calib, filter, visit_info, id, meta :
+        Carried through unchanged.
+    mask_planes : dict, optional
+        Plane name to bit index; :data:`DEFAULT_MASK_PLANES` when omitted.
+    """
+
+    def __init__(self, image, variance=None, mask=None, *, xy0=(0, 0), psf=None, wcs=None,
+                 photo_calib=None, filter=None, visit_info=None, id=None, meta=None,
+                 mask_planes=None):
+        xp = array_namespace(image)
+        if not hasattr(image, "ndim"):
+            image = np.asarray(image)
+        if image.ndim != 2:
+            raise ValueError(f"image must be a 2-d array [y, x], got shape {image.shape}")
+        if image.shape[0] < 1 or image.shape[1] < 1:
+            raise ValueError(f"image is empty (shape {image.shape})")
+        if not (image.dtype.kind == "f"):
+            image = image.astype(xp.float64)
+        if variance is None:
+            variance = xp.ones(image.shape, dtype=image.dtype)
+        elif not hasattr(variance, "ndim"):
+            variance = np.asarray(variance)
+        if mask is None:
+            mask = xp.zeros(image.shape, dtype=np.int32)
+        elif not hasattr(mask, "ndim"):
+            mask = np.asarray(mask)
+        for name, arr in (("variance", variance), ("mask", mask)):
+            if tuple(arr.shape) != tuple(image.shape):
+                raise ValueError(
+                    f"{name} has shape {tuple(arr.shape)} but image has shape "
+                    f"{tuple(image.shape)}; all planes must have the same shape"
+                )
+        if mask.dtype.kind not in "iu":
+            raise ValueError(f"mask must be an integer array of bit planes, got dtype {mask.dtype}")
+        if variance.dtype.kind != "f":
+            variance = variance.astype(image.dtype)
+        try:
+            x0, y0 = (int(v) for v in xy0)
+        except (TypeError, ValueError):
+            raise ValueError(f"xy0 must be a pair of integers, got {xy0!r}") from None
+        self.image = image
+        self.variance = variance
+        self.mask = mask
+        self.xy0 = (x0, y0)
+        self.psf = psf
+        self.wcs = wcs
+        self.photo_calib = photo_calib
+        self.filter = filter
+        self.visit_info = visit_info
+        self.id = id
+        self.meta = dict(meta) if meta is not None else {}
+        planes = dict(DEFAULT_MASK_PLANES if mask_planes is None else mask_planes)
+        for name, bit in planes.items():
+            if not (0 <= int(bit) < 8 * mask.dtype.itemsize):
+                raise ValueError(f"mask plane {name!r} has bit {bit}, outside the {mask.dtype} mask")
+        self.mask_planes = {str(k): int(v) for k, v in planes.items()}
+
+    @property
+    def bbox(self):
+        """The exposure's :class:`Box` in parent coordinates."""
+        ny, nx = self.image.shape
+        return Box(self.xy0[0], self.xy0[1], nx, ny)
+
+    @property
+    def shape(self):
+        return tuple(self.image.shape)
+
+    def get_plane_bitmask(self, name):
+        """Integer bitmask of a named mask plane."""
+        try:
+            return 1 << self.mask_planes[name]
+        except KeyError:
+            raise KeyError(
+                f"mask plane {name!r} is not defined; defined planes: {sorted(self.mask_planes)}"
+            ) from None
+
+    def copy_metadata_to(self, image, variance, mask, psf):
+        """A new exposure with these planes and PSF and this one's metadata."""
+        return Exposure(
+            image, variance, mask, xy0=self.xy0, psf=psf, wcs=self.wcs,
+            photo_calib=self.photo_calib, filter=self.filter, visit_info=self.visit_info,
+            id=self.id, meta=copy.deepcopy(self.meta), mask_planes=self.mask_planes,
+        )
+
+    def __repr__(self):
+        ny, nx = self.image.shape
+        return (f"Exposure({nx}x{ny} at xy0={self.xy0}, dtype={self.image.dtype}, "
+                f"psf={type(self.psf).__name__ if self.psf is not None else None})")

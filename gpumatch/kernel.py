@@ -1,0 +1,111 @@
+"""The spatially varying matching kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .basis import polynomial_exponents
+from .spatial import SpatialFunctions
+
+__all__ = ["SpatialKernel"]
+
+
+class SpatialKernel:
+    """``K(x, y) = sum_b (sum_j a_bj p_j(x, y)) B_b`` (SPEC section 6).
+
+    Parameters
+    ----------
+    basis : ndarray (nb, k, k)
+        Basis images (float64).
+    spatial_functions : SpatialFunctions
+        The functions ``p_j`` and their region.
+    coefficients : ndarray (nb, n_terms)
+        Spatial coefficients; row 0 is ``[kernel_sum, 0, ...]``.
+    """
+
+    def __init__(self, basis, spatial_functions, coefficients):
+        basis = np.asarray(basis, dtype=np.float64)
+        coefficients = np.asarray(coefficients, dtype=np.float64)
+        if basis.ndim != 3 or basis.shape[1] != basis.shape[2] or basis.shape[1] % 2 == 0:
+            raise ValueError(f"basis must be (nb, k, k) with odd k, got {basis.shape}")
+        if coefficients.shape != (basis.shape[0], spatial_functions.n_terms):
+            raise ValueError(
+                f"coefficients must have shape {(basis.shape[0], spatial_functions.n_terms)}, "
+                f"got {coefficients.shape}"
+            )
+        self.basis_images = basis
+        self.spatial_functions = spatial_functions
+        self.spatial_coefficients = coefficients
+
+    @property
+    def dimensions(self):
+        """``(width, height)`` of the kernel in pixels."""
+        k = self.basis_images.shape[1]
+        return k, k
+
+    @property
+    def kernel_sum(self):
+        """The kernel sum imposed on the solution (coefficient of basis 0)."""
+        return float(self.spatial_coefficients[0, 0])
+
+    @property
+    def n_basis(self):
+        return self.basis_images.shape[0]
+
+    @property
+    def spatial_model_type(self):
+        return self.spatial_functions.model_type
+
+    @property
+    def spatial_order(self):
+        return self.spatial_functions.order
+
+    def term_kernels(self):
+        """``K_j`` with ``K(x, y) = sum_j p_j(x, y) K_j``: array ``(n_terms, k, k)``."""
+        return np.einsum("bj,bkl->jkl", self.spatial_coefficients, self.basis_images)
+
+    def compute_images(self, xs, ys, normalize=False):
+        """Kernel images at parent positions: array ``(n, k, k)``."""
+        P = self.spatial_functions.evaluate(np.ravel(xs), np.ravel(ys))
+        images = np.einsum("nj,jkl->nkl", P, self.term_kernels())
+        if normalize:
+            images = images / images.sum(axis=(1, 2), keepdims=True)
+        return images
+
+    def compute_image(self, x, y, normalize=False):
+        """The kernel image at parent position ``(x, y)`` (pixels).
+
+        With ``normalize=True`` it is scaled to sum 1, as applied to the image.
+        """
+        return self.compute_images([x], [y], normalize)[0]
+
+    def sum_at(self, x, y):
+        """Unnormalised kernel sum at parent position(s)."""
+        P = self.spatial_functions.evaluate(np.ravel(x), np.ravel(y))
+        sums = P @ self.term_kernels().sum(axis=(1, 2))
+        return float(sums[0]) if np.ndim(x) == 0 else sums
+
+    def scaled_terms(self, box):
+        """Term kernels for monomials ``X^a Y^c`` in coordinates scaled to ``box``.
+
+        Returns ``(Q, exponents, (cx, cy, hx, hy))`` with
+        ``K(x, y) = sum_k X^a_k Y^c_k Q[k]``, ``X = (x - cx) / hx``,
+        ``Y = (y - cy) / hy``: the form the application uses.
+        """
+        T, scale = self.spatial_functions.to_scaled_monomials(box)
+        Q = np.einsum("jk,jab->kab", T, self.term_kernels())
+        return Q, polynomial_exponents(self.spatial_order), scale
+
+    @classmethod
+    def constant(cls, image):
+        """A spatially constant kernel from one image (sum kept as is)."""
+        from .exposure import Box
+
+        img = np.asarray(image, dtype=np.float64)
+        sf = SpatialFunctions("polynomial", 0, Box(0, 0, 1, 1))
+        return cls(img[None], sf, np.ones((1, 1)))
+
+    def __repr__(self):
+        k = self.basis_images.shape[1]
+        return (f"SpatialKernel({k}x{k}, {self.n_basis} bases, {self.spatial_model_type} "
+                f"order {self.spatial_order}, kernel_sum={self.kernel_sum})")

@@ -1,0 +1,231 @@
+"""Analytic PSF models rendered at pixel centres."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..exposure import Box
+from .base import Psf
+
+__all__ = ["GaussianPsf", "DoubleGaussianPsf", "VaryingGaussianPsf", "render_gaussians"]
+
+
+def _check_size(width, height):
+    width, height = int(width), int(height)
+    if width < 1 or height < 1 or width % 2 == 0 or height % 2 == 0:
+        raise ValueError(f"PSF stamp size must be odd and positive, got {width}x{height}")
+    return width, height
+
+
+def render_gaussians(width, height, ixx, iyy, ixy, xp=np):
+    """Unnormalised elliptical Gaussians sampled at pixel centres.
+
+    Parameters
+    ----------
+    width, height : int
+        Odd stamp size; the Gaussian is centred on pixel ``[height//2, width//2]``.
+    ixx, iyy, ixy : arrays (n,)
+        Covariance of each Gaussian (pixels^2).
+
+    Returns
+    -------
+    array (n, height, width)
+    """
+    ixx, iyy, ixy = (xp.asarray(v, dtype=xp.float64).reshape(-1, 1, 1) for v in (ixx, iyy, ixy))
+    u = xp.arange(width, dtype=xp.float64) - width // 2
+    v = xp.arange(height, dtype=xp.float64) - height // 2
+    u = u.reshape(1, 1, -1)
+    v = v.reshape(1, -1, 1)
+    det = ixx * iyy - ixy * ixy
+    q = (iyy * u * u - 2.0 * ixy * u * v + ixx * v * v) / det
+    return xp.exp(-0.5 * q)
+
+
+class GaussianPsf(Psf):
+    """A circular Gaussian PSF.
+
+    Parameters
+    ----------
+    width, height : int
+        Odd stamp size in pixels.
+    sigma : float
+        Gaussian width in pixels.
+    """
+
+    def __init__(self, width, height, sigma):
+        self.width, self.height = _check_size(width, height)
+        if not sigma > 0:
+            raise ValueError(f"sigma must be positive, got {sigma}")
+        self.sigma = float(sigma)
+
+    def compute_kernel_images(self, xs, ys, xp=np):
+        n = int(np.size(xs))
+        s2 = xp.full(n, self.sigma ** 2)
+        img = render_gaussians(self.width, self.height, s2, s2, xp.zeros(n), xp=xp)
+        return img / img.sum(axis=(1, 2), keepdims=True)
+
+    def compute_kernel_image(self, x, y):
+        return self.compute_kernel_images([x], [y])[0]
+
+    def compute_shape(self, x=None, y=None):
+        s2 = self.sigma ** 2
+        return s2, s2, 0.0
+
+    def dimensions(self, x=None, y=None):
+        return self.width, self.height
+
+    def resized(self, width, height):
+        return GaussianPsf(width, height, self.sigma)
+
+    def __repr__(self):
+        return f"GaussianPsf({self.width}, {self.height}, sigma={self.sigma})"
+
+
+class DoubleGaussianPsf(Psf):
+    """``exp(-r^2 / 2 sigma1^2) + b exp(-r^2 / 2 sigma2^2)``, normalised to sum 1.
+
+    Parameters
+    ----------
+    width, height : int
+        Odd stamp size in pixels.
+    sigma1, sigma2 : float
+        Widths of the core and the wing in pixels (``sigma2`` is unused when ``b == 0``).
+    b : float
+        Peak amplitude of the wing relative to the core.
+    """
+
+    def __init__(self, width, height, sigma1, sigma2=0.0, b=0.0):
+        self.width, self.height = _check_size(width, height)
+        if not sigma1 > 0:
+            raise ValueError(f"sigma1 must be positive, got {sigma1}")
+        if b < 0:
+            raise ValueError(f"b must be >= 0, got {b}")
+        if b != 0 and not sigma2 > 0:
+            raise ValueError(f"sigma2 must be positive when b != 0, got {sigma2}")
+        self.sigma1 = float(sigma1)
+        self.sigma2 = float(sigma2)
+        self.b = float(b)
+
+    def compute_kernel_images(self, xs, ys, xp=np):
+        n = int(np.size(xs))
+        zero = xp.zeros(n)
+        s1 = xp.full(n, self.sigma1 ** 2)
+        img = render_gaussians(self.width, self.height, s1, s1, zero, xp=xp)
+        if self.b != 0:
+            s2 = xp.full(n, self.sigma2 ** 2)
+            img = img + self.b * render_gaussians(self.width, self.height, s2, s2, zero, xp=xp)
+        return img / img.sum(axis=(1, 2), keepdims=True)
+
+    def compute_kernel_image(self, x, y):
+        return self.compute_kernel_images([x], [y])[0]
+
+    def compute_shape(self, x=None, y=None):
+        if self.b == 0:
+            s2 = self.sigma1 ** 2
+            return s2, s2, 0.0
+        return super().compute_shape(x, y)
+
+    def dimensions(self, x=None, y=None):
+        return self.width, self.height
+
+    def resized(self, width, height):
+        return DoubleGaussianPsf(width, height, self.sigma1, self.sigma2, self.b)
+
+    def __repr__(self):
+        return (f"DoubleGaussianPsf({self.width}, {self.height}, sigma1={self.sigma1}, "
+                f"sigma2={self.sigma2}, b={self.b})")
+
+
+def _poly_terms(u, v, n_coeffs, xp=np):
+    """Monomials 1, u, v, u^2, uv, v^2, ... (first ``n_coeffs`` of them)."""
+    terms = []
+    order = 0
+    while len(terms) < n_coeffs:
+        for i in range(order, -1, -1):
+            terms.append(u ** i * v ** (order - i))
+            if len(terms) == n_coeffs:
+                break
+        order += 1
+    return terms
+
+
+class VaryingGaussianPsf(Psf):
+    """An elliptical Gaussian whose size and shape vary across the detector.
+
+    Size (determinant radius, pixels) and reduced shear ``g1, g2`` are
+    polynomials in ``u, v`` in ``[-1, 1]`` over ``bbox``, with coefficients in
+    the term order 1, u, v, u^2, uv, v^2, ...
+
+    Parameters
+    ----------
+    width, height : int
+        Odd stamp size in pixels.
+    bbox : Box or (x0, y0, x1, y1)
+        The detector area in parent pixels (inclusive ends) that maps to
+        ``[-1, 1]``; the model extrapolates outside it.
+    sigma, g1, g2 : sequence of float
+        Polynomial coefficients.
+    """
+
+    def __init__(self, width, height, bbox, sigma, g1=(0.0,), g2=(0.0,)):
+        self.width, self.height = _check_size(width, height)
+        if isinstance(bbox, Box):
+            bbox = (bbox.x0, bbox.y0, bbox.x1, bbox.y1)
+        self.bbox = tuple(float(v) for v in bbox)
+        x0, y0, x1, y1 = self.bbox
+        if not (x1 > x0 and y1 > y0):
+            raise ValueError(f"bbox must have x1 > x0 and y1 > y0, got {bbox}")
+        self.sigmacoeffs = tuple(float(c) for c in np.atleast_1d(sigma))
+        self.g1_coeffs = tuple(float(c) for c in np.atleast_1d(g1))
+        self.g2_coeffs = tuple(float(c) for c in np.atleast_1d(g2))
+        self.average_position = (0.5 * (x0 + x1), 0.5 * (y0 + y1))
+
+    def _uv(self, xs, ys, xp):
+        x0, y0, x1, y1 = self.bbox
+        xs = xp.asarray(xs, dtype=xp.float64).ravel()
+        ys = xp.asarray(ys, dtype=xp.float64).ravel()
+        return (2 * xs - (x0 + x1)) / (x1 - x0), (2 * ys - (y0 + y1)) / (y1 - y0)
+
+    def moments(self, xs, ys, xp=np):
+        """Covariance ``(ixx, iyy, ixy)`` arrays at parent positions (pixels^2)."""
+        u, v = self._uv(xs, ys, xp)
+
+        def poly(coeffs):
+            return sum(c * t for c, t in zip(coeffs, _poly_terms(u, v, len(coeffs), xp)))
+
+        s = poly(self.sigmacoeffs) + 0 * u
+        g1 = poly(self.g1_coeffs) + 0 * u
+        g2 = poly(self.g2_coeffs) + 0 * u
+        g2sq = g1 * g1 + g2 * g2
+        if bool(xp.any(s <= 0)) or bool(xp.any(g2sq >= 1)):
+            raise ValueError("VaryingGaussianPsf: size <= 0 or |g| >= 1 at some requested position")
+        # M = s^2 A A^T with A = [[1+g1, g2], [g2, 1-g1]] / sqrt(1 - g^2): det M = s^4.
+        f = s * s / (1 - g2sq)
+        ixx = f * ((1 + g1) ** 2 + g2 * g2)
+        iyy = f * ((1 - g1) ** 2 + g2 * g2)
+        ixy = f * 2 * g2
+        return ixx, iyy, ixy
+
+    def compute_kernel_images(self, xs, ys, xp=np):
+        ixx, iyy, ixy = self.moments(xs, ys, xp)
+        img = render_gaussians(self.width, self.height, ixx, iyy, ixy, xp=xp)
+        return img / img.sum(axis=(1, 2), keepdims=True)
+
+    def compute_kernel_image(self, x, y):
+        return self.compute_kernel_images([x], [y])[0]
+
+    def compute_shape(self, x=None, y=None):
+        x, y = self._position(x, y)
+        ixx, iyy, ixy = self.moments([x], [y])
+        return float(ixx[0]), float(iyy[0]), float(ixy[0])
+
+    def dimensions(self, x=None, y=None):
+        return self.width, self.height
+
+    def resized(self, width, height):
+        return VaryingGaussianPsf(width, height, self.bbox, self.sigmacoeffs,
+                                  self.g1_coeffs, self.g2_coeffs)
+
+    def __repr__(self):
+        return (f"VaryingGaussianPsf({self.width}, {self.height}, bbox={self.bbox}, "
+                f"sigma={self.sigmacoeffs}, g1={self.g1_coeffs}, g2={self.g2_coeffs})")

@@ -1,0 +1,132 @@
+"""The PSF model interface shared by all models."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..moments import SIGMA_TO_FWHM, adaptive_moments, determinant_radius
+
+log = logging.getLogger("gpumatch")
+
+__all__ = ["Psf", "pad_or_crop"]
+
+
+def pad_or_crop(stamp, width, height):
+    """Centre ``stamp`` in a ``height x width`` array, zero-padding or cropping.
+
+    Works on a single stamp ``(h, w)`` or a batch ``(n, h, w)``.
+    """
+    stamp = np.asarray(stamp)
+    h, w = stamp.shape[-2:]
+    out = np.zeros(stamp.shape[:-2] + (height, width), dtype=stamp.dtype)
+    # Offsets follow SPEC section 3: (new - old) // 2, negative meaning crop.
+    oy, ox = (height - h) // 2, (width - w) // 2
+    sy0, dy0 = max(0, -oy), max(0, oy)
+    sx0, dx0 = max(0, -ox), max(0, ox)
+    ny, nx = min(h - sy0, height - dy0), min(w - sx0, width - dx0)
+    out[..., dy0:dy0 + ny, dx0:dx0 + nx] = stamp[..., sy0:sy0 + ny, sx0:sx0 + nx]
+    return out
+
+
+class Psf:
+    """Base class of PSF models.
+
+    A subclass needs only :meth:`compute_kernel_image`; everything else has a
+    default built on it. Positions are parent pixel coordinates.
+    """
+
+    #: Where the model is "typical" (parent pixels), or None for the centre of
+    #: the exposure it belongs to.
+    average_position = None
+
+    def compute_kernel_image(self, x, y):
+        """The PSF at parent position ``(x, y)``, centred in an odd square stamp.
+
+        Returns
+        -------
+        ndarray (n, n)
+            Sums to 1; the centre pixel ``[n // 2, n // 2]`` holds the peak.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement compute_kernel_image(x, y)"
+        )
+
+    def compute_kernel_images(self, xs, ys):
+        """Stamps at many positions: an array ``(n, h, w)`` or a list of stamps.
+
+        The default calls :meth:`compute_kernel_image` per position; models
+        override it to evaluate in one batch.
+        """
+        stamps = [np.asarray(self.compute_kernel_image(float(x), float(y)))
+                  for x, y in zip(np.ravel(xs), np.ravel(ys))]
+        shapes = {s.shape for s in stamps}
+        if len(shapes) == 1 and stamps and stamps[0].ndim == 2:
+            return np.stack(stamps)
+        return stamps
+
+    def dimensions(self, x=None, y=None):
+        """``(width, height)`` of the stamp at ``(x, y)`` (default: average position)."""
+        x, y = self._position(x, y)
+        h, w = np.shape(self.compute_kernel_image(x, y))
+        return w, h
+
+    def compute_shape(self, x=None, y=None):
+        """Adaptive second moments ``(ixx, iyy, ixy)`` at ``(x, y)``, pixels^2."""
+        x, y = self._position(x, y)
+        _, _, ixx, iyy, ixy = adaptive_moments(self.compute_kernel_image(x, y))
+        return ixx, iyy, ixy
+
+    def determinant_radius(self, x=None, y=None):
+        """Determinant radius of :meth:`compute_shape`, pixels."""
+        return determinant_radius(*self.compute_shape(x, y))
+
+    def fwhm(self, x=None, y=None):
+        """FWHM in pixels: determinant radius times ``2 sqrt(2 ln 2)``."""
+        return self.determinant_radius(x, y) * SIGMA_TO_FWHM
+
+    def resized(self, width, height):
+        """This model with stamps of ``width x height`` pixels.
+
+        The default zero-pads or centre-crops every stamp and logs a warning;
+        analytic models re-render instead.
+        """
+        return ResizedPsf(self, width, height)
+
+    def _position(self, x, y):
+        if x is None or y is None:
+            pos = self.average_position
+            return (0.0, 0.0) if pos is None else (float(pos[0]), float(pos[1]))
+        return float(x), float(y)
+
+
+class ResizedPsf(Psf):
+    """A model whose stamps are zero-padded or centre-cropped to a new size."""
+
+    def __init__(self, psf, width, height):
+        if width % 2 == 0 or height % 2 == 0 or width < 1 or height < 1:
+            raise ValueError(f"resized PSF stamps must be odd and positive, got {width}x{height}")
+        self.psf = psf
+        self.width = int(width)
+        self.height = int(height)
+        self.average_position = psf.average_position
+        log.warning(
+            "resizing %s stamps to %dx%d by zero-padding/cropping (no re-rendering)",
+            type(psf).__name__, width, height,
+        )
+
+    def compute_kernel_image(self, x, y):
+        stamp = pad_or_crop(self.psf.compute_kernel_image(x, y), self.width, self.height)
+        return stamp / stamp.sum()
+
+    def compute_kernel_images(self, xs, ys):
+        stamps = self.psf.compute_kernel_images(xs, ys)
+        out = np.stack([pad_or_crop(s, self.width, self.height) for s in stamps])
+        return out / out.sum(axis=(1, 2), keepdims=True)
+
+    def resized(self, width, height):
+        return ResizedPsf(self.psf, width, height)
+
+    def __repr__(self):
+        return f"ResizedPsf({self.psf!r}, {self.width}, {self.height})"

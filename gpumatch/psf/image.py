@@ -1,0 +1,52 @@
+"""A PSF given as one image, the same everywhere."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .base import Psf, pad_or_crop
+
+log = logging.getLogger("gpumatch")
+
+__all__ = ["ImagePsf"]
+
+
+class ImagePsf(Psf):
+    """A spatially constant PSF given as an odd square image.
+
+    Parameters
+    ----------
+    array : 2-d array
+        The PSF, centred on the central pixel; it is copied and normalised to
+        sum 1.
+    """
+
+    def __init__(self, array):
+        arr = np.array(array, dtype=np.float64, copy=True)
+        if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] % 2 == 0:
+            raise ValueError(f"ImagePsf needs an odd square 2-d array, got shape {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError("ImagePsf array contains NaN or infinite values")
+        s = arr.sum()
+        if not s > 0:
+            raise ValueError(f"ImagePsf array must have a positive sum, got {s}")
+        self.array = arr / s
+        self.array.setflags(write=False)
+
+    def compute_kernel_image(self, x, y):
+        return self.array.copy()
+
+    def compute_kernel_images(self, xs, ys):
+        n = np.size(xs)
+        return np.broadcast_to(self.array, (n,) + self.array.shape).copy()
+
+    def resized(self, width, height):
+        if (width, height) != self.array.shape[::-1]:
+            log.warning("ImagePsf resized from %dx%d to %dx%d by zero-padding/cropping",
+                        self.array.shape[1], self.array.shape[0], width, height)
+        return ImagePsf(pad_or_crop(self.array, width, height))
+
+    def __repr__(self):
+        return f"ImagePsf({self.array.shape[1]}x{self.array.shape[0]})"

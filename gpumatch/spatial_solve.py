@@ -1,0 +1,88 @@
+"""The spatial system: assembly and float64 solve (SPEC section 6)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import to_numpy
+from .errors import SolutionError
+from .linalg import solve_symmetric
+
+log = logging.getLogger("gpumatch")
+
+__all__ = ["assemble_spatial_system", "solve_spatial_system", "SpatialSolution"]
+
+
+def assemble_spatial_system(M, b, P, xp=np):
+    """Sum the candidates' normal equations into the spatial system.
+
+    Unknowns: ``a0`` (constant coefficient of basis 0), then ``n_terms``
+    coefficients for each basis ``1 .. nb-1``.
+
+    Parameters
+    ----------
+    M : array (n_cand, nb, nb)
+    b : array (n_cand, nb)
+    P : array (n_cand, n_terms)
+        Spatial functions at each candidate's position.
+
+    Returns
+    -------
+    A : array (nt, nt), rhs : array (nt,) with ``nt = (nb - 1) n_terms + 1``.
+    """
+    nc, nb, _ = M.shape
+    nkt = P.shape[1]
+    nt = (nb - 1) * nkt + 1
+    A = xp.empty((nt, nt), dtype=xp.float64)
+    rhs = xp.empty(nt, dtype=xp.float64)
+    A[0, 0] = M[:, 0, 0].sum()
+    row0 = xp.einsum("na,nj->aj", M[:, 0, 1:], P).reshape(-1)
+    A[0, 1:] = row0
+    A[1:, 0] = row0
+    # Block (m1, m2) = sum_n M[n, m1, m2] P_n P_n^T: one GEMM over candidates.
+    PP = (P[:, :, None] * P[:, None, :]).reshape(nc, nkt * nkt)
+    blocks = (M[:, 1:, 1:].reshape(nc, -1).T @ PP).reshape(nb - 1, nb - 1, nkt, nkt)
+    A[1:, 1:] = blocks.transpose(0, 2, 1, 3).reshape(nt - 1, nt - 1)
+    rhs[0] = b[:, 0].sum()
+    rhs[1:] = (b[:, 1:].T @ P).reshape(-1)
+    return A, rhs
+
+
+@dataclass
+class SpatialSolution:
+    """Spatial coefficients and solve diagnostics."""
+
+    coefficients: np.ndarray  # (nb, n_terms); row 0 is [kernelSum, 0, ...]
+    condition_number: float
+    method: str
+    rank: int
+    n_unknowns: int
+
+
+def solve_spatial_system(A, rhs, nb, nkt, kernel_sum, condition_type="EIGENVALUE"):
+    """Solve the spatial system in float64 and put ``kernel_sum`` in for ``a0``.
+
+    Raises
+    ------
+    SolutionError
+        If any coefficient is NaN or infinite.
+    """
+    A = to_numpy(A)
+    rhs = to_numpy(rhs)
+    sol = solve_symmetric(A, rhs, condition_type)
+    bad = np.flatnonzero(~np.isfinite(sol.x))
+    if bad.size:
+        i = int(bad[0])
+        where = "a0 (basis 0)" if i == 0 else f"basis {(i - 1) // nkt + 1}, spatial term {(i - 1) % nkt}"
+        raise SolutionError(
+            f"the spatial kernel solution has a non-finite coefficient ({sol.x[i]}) at index {i} "
+            f"[{where}]; spatial condition number {sol.condition_number:.3g} "
+            f"({sol.method}). Check the PSF models for NaNs, or lower spatialKernelOrder"
+        )
+    coeffs = np.zeros((nb, nkt))
+    coeffs[0, 0] = kernel_sum
+    coeffs[1:] = sol.x[1:].reshape(nb - 1, nkt)
+    return SpatialSolution(coeffs, sol.condition_number, sol.method, sol.rank, len(rhs))

@@ -1,0 +1,268 @@
+"""The task facade: ``ModelPsfMatchTask`` with LSST's names.
+
+The data path is exposure -> cell set -> per-candidate normal equations ->
+spatial solve -> spatial kernel -> application; each stage lives in its own
+module and the backend object supplies the array-specific pieces.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from .backend import resolve_backend, to_numpy
+from .basis import alard_lupton_basis, basis_widths
+from .cellset import build_cell_set
+from .config import ModelPsfMatchConfig
+from .errors import MissingPsfError, PsfEvaluationError
+from .kernel import SpatialKernel
+from .moments import SIGMA_TO_FWHM
+from .spatial import SpatialFunctions
+from .spatial_solve import assemble_spatial_system, solve_spatial_system
+
+log = logging.getLogger("gpumatch")
+
+__all__ = ["ModelPsfMatchTask", "ModelPsfMatchResult", "CellSetResult"]
+
+
+@dataclass
+class ModelPsfMatchResult:
+    """What :meth:`ModelPsfMatchTask.run` returns (names as in LSST)."""
+
+    psfMatchedExposure: object
+    psfMatchingKernel: SpatialKernel
+    kernelCellSet: object
+    referencePsfModel: object
+    metadata: dict = field(default_factory=dict)
+
+
+class CellSetResult(NamedTuple):
+    """What :meth:`ModelPsfMatchTask.buildCellSet` returns."""
+
+    kernelCellSet: object
+    referencePsfModel: object
+
+
+def _backend_stages(name):
+    if name == "cupy":
+        from .cuda.stages import CupyStages
+
+        return CupyStages()
+    from .stages import NumpyStages
+
+    return NumpyStages()
+
+
+def _psf_sigma(psf, x, y, label, tries=4, jitter=2.0, seed=0):
+    """Determinant radius of ``psf`` near ``(x, y)``, retrying at jittered positions."""
+    rng = np.random.default_rng(seed)
+    positions = [(x, y)] + [(x + dx, y + dy) for dx, dy in rng.uniform(-jitter, jitter, (tries, 2))]
+    last = None
+    for px, py in positions:
+        try:
+            sigma = float(psf.determinant_radius(px, py))
+            if math.isfinite(sigma) and sigma > 0:
+                return sigma
+            last = ValueError(f"size {sigma}")
+        except Exception as exc:  # model-specific failures: retry nearby
+            last = exc
+    raise PsfEvaluationError(
+        f"could not measure the FWHM of the {label} {psf!r} at parent position "
+        f"(x={x:.2f}, y={y:.2f}) or {tries} positions within {jitter} px of it: {last}"
+    )
+
+
+class ModelPsfMatchTask:
+    """Match an exposure's PSF to a reference PSF model (SPEC section 1).
+
+    Parameters
+    ----------
+    config : ModelPsfMatchConfig, optional
+    backend : {"auto", "numpy", "cupy"}
+        ``"auto"`` uses the GPU when CuPy and a device are usable.
+    """
+
+    ConfigClass = ModelPsfMatchConfig
+    _DefaultName = "modelPsfMatch"
+
+    def __init__(self, config=None, backend="auto"):
+        self.config = ModelPsfMatchConfig() if config is None else config
+        if not isinstance(self.config, ModelPsfMatchConfig):
+            raise TypeError(f"config must be a ModelPsfMatchConfig, got {type(self.config).__name__}")
+        self.config.validate()
+        self.backend = resolve_backend(backend)
+        self._stages = _backend_stages(self.backend)
+        self.metadata = {}
+
+    # -- stages ---------------------------------------------------------------
+
+    def _check_inputs(self, exposure, referencePsfModel, kernelSum=1.0):
+        self.config.validate()
+        if not hasattr(exposure, "image") or not hasattr(exposure, "bbox"):
+            raise TypeError(f"exposure must be a gpumatch.Exposure, got {type(exposure).__name__}")
+        if exposure.psf is None:
+            raise MissingPsfError(
+                "the exposure has no PSF; attach one (Exposure(..., psf=...) or exposure.psf = ...) "
+                "before PSF matching"
+            )
+        if not hasattr(referencePsfModel, "compute_kernel_image"):
+            raise TypeError(
+                f"referencePsfModel must be a gpumatch PSF model (a Psf with compute_kernel_image), "
+                f"got {type(referencePsfModel).__name__}"
+            )
+        try:
+            ks = float(kernelSum)
+        except (TypeError, ValueError):
+            raise ValueError(f"kernelSum must be a number, got {kernelSum!r}") from None
+        if not math.isfinite(ks) or ks == 0:
+            raise ValueError(
+                f"kernelSum={kernelSum!r} is invalid: the kernel is normalised by its sum when "
+                "applied, so it must be finite and non-zero (usually 1.0)"
+            )
+        return ks
+
+    def _basis_choice(self, exposure, referencePsfModel):
+        cfg = self.config
+        if not cfg.scaleByFwhm:
+            return basis_widths(cfg)
+        bbox = exposure.bbox
+        pos = exposure.psf.average_position or bbox.center
+        t = _psf_sigma(exposure.psf, pos[0], pos[1], "exposure PSF")
+        rpos = referencePsfModel.average_position or bbox.center
+        r = _psf_sigma(referencePsfModel, rpos[0], rpos[1], "reference PSF")
+        log.info("PSF FWHM: exposure %.3f px, reference %.3f px", t * SIGMA_TO_FWHM, r * SIGMA_TO_FWHM)
+        return basis_widths(cfg, t, r)
+
+    def buildCellSet(self, exposure, referencePsfModel):
+        """Cells, candidates and stamps for ``exposure`` (SPEC section 3).
+
+        Returns
+        -------
+        CellSetResult
+            ``(kernelCellSet, referencePsfModel)``, the latter resized to the
+            stamp size when needed.
+        """
+        self._check_inputs(exposure, referencePsfModel)
+        choice = self._basis_choice(exposure, referencePsfModel)
+        return CellSetResult(*build_cell_set(exposure, referencePsfModel, self.config,
+                                             choice.kernel_size, xp=self._stages.xp))
+
+    def run(self, exposure, referencePsfModel, kernelSum=1.0):
+        """PSF-match ``exposure`` to ``referencePsfModel``.
+
+        Parameters
+        ----------
+        exposure : Exposure
+            Must carry a PSF; not modified.
+        referencePsfModel : Psf
+            The PSF to match to.
+        kernelSum : float
+            Sum imposed on the kernel (the output is normalised regardless).
+
+        Returns
+        -------
+        ModelPsfMatchResult
+        """
+        cfg = self.config
+        kernel_sum = self._check_inputs(exposure, referencePsfModel, kernelSum)
+        stages = self._stages
+        times = {}
+        t0 = time.perf_counter()
+
+        choice = self._basis_choice(exposure, referencePsfModel)
+        cell_set, reference = build_cell_set(exposure, referencePsfModel, cfg,
+                                             choice.kernel_size, xp=stages.xp)
+        basis = alard_lupton_basis(choice.kernel_size, choice.sigmas, choice.degrees)
+        stages.sync()
+        t1 = time.perf_counter()
+        times["cellSet"] = t1 - t0
+
+        M, b = stages.normal_equations(cell_set.templates, cell_set.targets, basis, 2.0)
+        cell_set.normal_matrices, cell_set.normal_vectors = M, b
+        cell_set.kernel_solutions = stages.solve_candidates(M, b)
+        cell_set.status = ["GOOD"] * len(cell_set)
+        stages.sync()
+        t2 = time.perf_counter()
+        times["normalEquations"] = t2 - t1
+
+        sf = SpatialFunctions(cfg.spatialModelType, cfg.spatialKernelOrder, cell_set.region)
+        P = sf.evaluate(stages.xp.asarray(cell_set.xs), stages.xp.asarray(cell_set.ys), xp=stages.xp)
+        A, rhs = assemble_spatial_system(M, b, P, xp=stages.xp)
+        solution = solve_spatial_system(A, rhs, len(basis), sf.n_terms, kernel_sum,
+                                        cfg.conditionNumberType)
+        kernel = SpatialKernel(basis, sf, solution.coefficients)
+        t3 = time.perf_counter()
+        times["spatialSolve"] = t3 - t2
+
+        matched = stages.apply(exposure, kernel, reference)
+        stages.sync()
+        t4 = time.perf_counter()
+        times["apply"] = t4 - t3
+
+        cx, cy = cell_set.region.center
+        n = len(cell_set)
+        md = {
+            "spatialConditionNum": solution.condition_number,
+            "spatialKernelSum": float(kernel.sum_at(cx, cy)),
+            "ALBasisNGauss": len(choice.sigmas),
+            "ALBasisDegGauss": list(choice.degrees),
+            "ALBasisSigGauss": [float(s) for s in choice.sigmas],
+            "ALKernelSize": int(choice.kernel_size),
+            "ALBasisMode": choice.mode,
+            "numKernelCandidates": n,
+            "numUsedCandidates": n,
+            "numRejectedCandidates": 0,
+            "numSpatialTerms": sf.n_terms,
+            "numSpatialUnknowns": solution.n_unknowns,
+            "spatialSolveMethod": solution.method,
+            "spatialSolveRank": solution.rank,
+            "psfSize": cell_set.psf_size,
+            "psfPadding": cell_set.pad,
+            "backend": self.backend,
+            "timings": times,
+        }
+        self.metadata = md
+        self._log_solution(md, sf.n_terms)
+        return ModelPsfMatchResult(matched, kernel, cell_set, reference, md)
+
+    def _log_solution(self, md, n_terms):
+        cfg = self.config
+        log.info("spatial kernel sum %.6g, condition number %.4g (%s, rank %d of %d)",
+                 md["spatialKernelSum"], md["spatialConditionNum"], md["spatialSolveMethod"],
+                 md["spatialSolveRank"], md["numSpatialUnknowns"])
+        if md["spatialConditionNum"] > cfg.maxSpatialConditionNumber:
+            log.warning("spatial condition number %.4g exceeds maxSpatialConditionNumber=%.4g; "
+                        "the kernel may be poorly determined (lower spatialKernelOrder or "
+                        "the number of basis functions)",
+                        md["spatialConditionNum"], cfg.maxSpatialConditionNumber)
+        used = md["numUsedCandidates"]
+        if used < n_terms:
+            log.warning("spatial model under-constrained: %d candidates for %d spatial terms "
+                        "per basis; lower spatialKernelOrder or use smaller cells", used, n_terms)
+        elif used <= 2 * n_terms:
+            log.warning("spatial model poorly constrained: %d candidates for %d spatial terms "
+                        "per basis", used, n_terms)
+
+    def diagnostic(self, kernelCellSet, spatialKernel):
+        """Matched-PSF residuals of every candidate, logged and returned.
+
+        For each candidate the template stamp is convolved with the normalised
+        spatial kernel at its position and compared with the target on the good
+        region.
+
+        Returns
+        -------
+        dict with arrays ``relative_l2`` and ``max_abs`` (one entry per
+        candidate) and their summaries.
+        """
+        from .quality import candidate_residuals
+
+        res = candidate_residuals(kernelCellSet, spatialKernel)
+        log.info("matched-PSF residual over %d candidates: relative L2 median %.3g, max %.3g",
+                 len(res["relative_l2"]), res["relative_l2_median"], res["relative_l2_max"])
+        return res

@@ -129,14 +129,16 @@ def _monomial_grid(exponents, X, Y):
     return [(X ** a, Y ** c) for a, c in exponents]
 
 
-def _tiled_weighted_correlation(plane, kernels, weights_x, weights_y, k):
-    """``sum_k wy_k[y] wx_k[x] (plane (*) kernels[k])`` on the interior.
+def _tiled_weighted_correlation(plane, kernels, terms, X, Y, k):
+    """``sum_m Y^c_m X^a_m (plane (*) kernels[m])`` on the interior.
 
     Parameters
     ----------
     plane : float64 array (ny, nx), finite
     kernels : array (m, k, k)
-    weights_x : list of arrays (nx - 2h,), weights_y : list of arrays (ny - 2h,)
+    terms : list of (a, c) exponents, one per kernel
+    X : array (nx - 2h,), Y : array (ny - 2h,)
+        Scaled output coordinates.
 
     Returns
     -------
@@ -150,23 +152,44 @@ def _tiled_weighted_correlation(plane, kernels, weights_x, weights_y, k):
     nty, ntx = -(-oy // b), -(-ox // b)
     pad = np.zeros(((nty - 1) * b + t, (ntx - 1) * b + t))
     pad[:ny, :nx] = plane
+    workers = _workers()
     # Correlation = convolution with the flipped kernel; the valid part of the
     # circular result starts at 2h.
-    spectra = scipy.fft.rfft2(kernels[:, ::-1, ::-1], s=(t, t), workers=_workers())
+    spectra = scipy.fft.rfft2(kernels[:, ::-1, ::-1], s=(t, t), workers=workers)
+    # X weights laid out like the tiles, so accumulation needs no reshuffling.
+    xt = np.zeros(ntx * b)
+    xt[:ox] = X
+    xt = xt.reshape(ntx, 1, b)
+    by_c = {}
+    for m, (a, c) in enumerate(terms):
+        by_c.setdefault(c, []).append((m, a))
     out = np.empty((oy, ox))
     s0, s1 = pad.strides
     for r in range(nty):
         band = pad[r * b:r * b + t]
         tiles = np.lib.stride_tricks.as_strided(band, shape=(ntx, t, t), strides=(b * s1, s0, s1))
-        ft = scipy.fft.rfft2(tiles, workers=_workers())
+        ft = scipy.fft.rfft2(tiles, workers=workers)
         rows = slice(r * b, min(oy, (r + 1) * b))
         nrow = rows.stop - rows.start
-        acc = np.zeros((nrow, ox))
-        for spec, wx, wy in zip(spectra, weights_x, weights_y):
-            conv = scipy.fft.irfft2(ft * spec, s=(t, t), workers=_workers())
-            conv = conv[:, 2 * h:2 * h + nrow, 2 * h:].transpose(1, 0, 2).reshape(nrow, ntx * b)
-            acc += conv[:, :ox] * wx[None, :] * wy[rows, None]
-        out[rows] = acc
+        prod = np.empty_like(ft)
+        tmp = np.empty((ntx, nrow, b))
+        acc = np.zeros((ntx, nrow, b))
+        for c, members in by_c.items():
+            acc_c = np.zeros((ntx, nrow, b)) if len(by_c) > 1 else acc
+            for m, a in members:
+                np.multiply(ft, spectra[m], out=prod)
+                conv = scipy.fft.irfft2(prod, s=(t, t), workers=workers, overwrite_x=True)
+                crop = conv[:, 2 * h:2 * h + nrow, 2 * h:]
+                if a == 0:
+                    acc_c += crop
+                else:
+                    np.multiply(crop, xt ** a, out=tmp)
+                    acc_c += tmp
+            if acc_c is not acc:
+                if c:
+                    acc_c *= (Y[rows] ** c)[None, :, None]
+                acc += acc_c
+        out[rows] = acc.transpose(1, 0, 2).reshape(nrow, ntx * b)[:, :ox]
     return out
 
 
@@ -244,8 +267,7 @@ def convolve_planes(image, variance, mask, kernel, box, no_data_bit):
         all_finite = bool(finite.all())
         if not all_finite:
             data = np.where(finite, data, 0.0)
-        result = _tiled_weighted_correlation(
-            data, kernels, [X ** a for a, c in terms], [Y ** c for a, c in terms], k)
+        result = _tiled_weighted_correlation(data, kernels, terms, X, Y, k)
         result /= norm * norm if square else norm
         if not all_finite:
             nan_out = _dilate(np.isnan(plane), k)

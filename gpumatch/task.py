@@ -22,6 +22,7 @@ from .config import ModelPsfMatchConfig
 from .errors import MissingPsfError, PsfEvaluationError
 from .kernel import SpatialKernel
 from .moments import SIGMA_TO_FWHM
+from .quality import candidate_residuals
 from .spatial import SpatialFunctions
 from .spatial_solve import assemble_spatial_system, solve_spatial_system
 
@@ -204,6 +205,9 @@ class ModelPsfMatchTask:
         t4 = time.perf_counter()
         times["apply"] = t4 - t3
 
+        quality = candidate_residuals(cell_set, kernel)
+        times["quality"] = time.perf_counter() - t4
+
         cx, cy = cell_set.region.center
         n = len(cell_set)
         md = {
@@ -224,6 +228,15 @@ class ModelPsfMatchTask:
             "psfSize": cell_set.psf_size,
             "psfPadding": cell_set.pad,
             "backend": self.backend,
+            "matchedPsfRelL2Median": quality["relative_l2_median"],
+            "matchedPsfRelL2Max": quality["relative_l2_max"],
+            "matchedPsfMaxAbs": quality["max_abs_max"],
+            "matchedPsfFwhmRatioMedian": quality["fwhm_ratio_median"],
+            "matchedPsfFwhmRatioWorst": quality["fwhm_ratio_worst"],
+            "candidateRelL2": quality["relative_l2"].tolist(),
+            "candidateMaxAbs": quality["max_abs"].tolist(),
+            "candidateFwhmMatched": quality["fwhm_matched"].tolist(),
+            "candidateFwhmReference": quality["fwhm_reference"].tolist(),
             "timings": times,
         }
         self.metadata = md
@@ -251,17 +264,17 @@ class ModelPsfMatchTask:
     def diagnostic(self, kernelCellSet, spatialKernel):
         """Matched-PSF residuals of every candidate, logged and returned.
 
-        For each candidate the template stamp is convolved with the normalised
+        For each candidate the template stamp is correlated with the normalised
         spatial kernel at its position and compared with the target on the good
-        region.
+        region; the FWHM of the matched and reference stamps are measured with
+        adaptive moments.
 
         Returns
         -------
-        dict with arrays ``relative_l2`` and ``max_abs`` (one entry per
-        candidate) and their summaries.
+        dict
+            Arrays ``relative_l2``, ``max_abs``, ``fwhm_matched`` and
+            ``fwhm_reference`` (one entry per candidate) and their summaries.
         """
-        from .quality import candidate_residuals
-
         res = candidate_residuals(kernelCellSet, spatialKernel)
         log.info("matched-PSF residual over %d candidates: relative L2 median %.3g, max %.3g",
                  len(res["relative_l2"]), res["relative_l2_median"], res["relative_l2_max"])

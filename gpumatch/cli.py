@@ -1,0 +1,184 @@
+"""The ``gpumatch`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+__all__ = ["main"]
+
+log = logging.getLogger("gpumatch")
+
+
+def _setup_logging(verbose, quiet):
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else
+                                           logging.INFO if verbose else logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("gpumatch")
+    root.handlers[:] = [h for h in root.handlers if isinstance(h, logging.NullHandler)]
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _cmd_example(args):
+    from .example import run_example
+
+    if args.science or args.template:
+        from .example import run_fits_example
+
+        if not (args.science and args.template):
+            raise SystemExit("gpumatch example: give both --science and --template FITS files")
+        result, lines = run_fits_example(args.science, args.template, backend=args.backend)
+    else:
+        result, lines = run_example(backend=args.backend)
+    print("\n".join(lines))
+    if args.debug:
+        from .plots import save_diagnostic_figures
+
+        paths = save_diagnostic_figures(result, args.debug)
+        print(f"  figures       : {len(paths)} saved in {args.debug}")
+    if args.output:
+        result.psfMatchedExposure.write_fits(args.output, overwrite=args.overwrite)
+        print(f"  output        : {args.output}")
+    return 0
+
+
+def _progress(total, enabled):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # a plain counter on stderr instead
+        tqdm = None
+    if tqdm is None or not enabled:
+        return None
+    return tqdm(total=total, unit="file", dynamic_ncols=True, file=sys.stderr)
+
+
+def _summary_table(rows):
+    head = ("input", "status", "kernel sum", "cond", "resid L2 max", "FWHM ratio", "s")
+    lines = []
+    data = []
+    for r in rows:
+        if r["status"] == "ok":
+            data.append((os.path.basename(r["input"]), "ok", f"{r['kernel_sum']:.5f}",
+                         f"{r['condition_number']:.3g}", f"{r['residual_l2_max']:.2e}",
+                         f"{r['fwhm_ratio_median']:.4f}", f"{r['seconds']:.2f}"))
+        else:
+            data.append((os.path.basename(r["input"]), "FAILED", "", "", "", "", ""))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *data)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    lines.append(fmt.format(*head))
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend(fmt.format(*d) for d in data)
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"FAILED {r['input']}: {r['error']}")
+    return "\n".join(lines)
+
+
+def _cmd_match(args):
+    from .pipeline import check_output, load_config, match_file, output_path_for, parse_overrides
+    from .task import ModelPsfMatchTask
+
+    if args.output and len(args.exposures) > 1:
+        raise ValueError("-o/--output takes one input; use --output-dir DIR for several")
+    if not args.output and not args.output_dir:
+        raise ValueError("give --output-dir DIR (or -o FILE for a single input)")
+    if args.output_dir and not os.path.isdir(args.output_dir):
+        os.makedirs(args.output_dir, exist_ok=True)
+    config = load_config(args.config, parse_overrides(args.set))
+    from .pipeline import resolve_psf
+
+    reference = resolve_psf(args.reference)
+    psf = resolve_psf(args.psf) if args.psf else None
+    task = ModelPsfMatchTask(config, backend=args.backend)
+    rows = []
+    bar = _progress(len(args.exposures), not args.quiet and len(args.exposures) > 1)
+    for path in args.exposures:
+        out = output_path_for(path, args.output_dir, args.output)
+        if bar is not None:
+            bar.set_postfix_str(os.path.basename(path))
+        try:
+            check_output(path, out, args.overwrite)
+            row = match_file(path, reference, out, psf=psf, kernel_sum=args.kernel_sum,
+                             save_kernel=args.save_kernel, plots_dir=args.plots,
+                             overwrite=args.overwrite, task=task)
+        except Exception as exc:  # one bad input must not stop the others
+            row = {"input": path, "output": out, "status": "failed",
+                   "error": f"{exc.__class__.__name__}: {exc}"}
+            log.debug("failure on %s", path, exc_info=True)
+            if bar is None:
+                print(f"gpumatch: {path}: failed: {exc}", file=sys.stderr)
+        rows.append(row)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if not args.quiet or any(r["status"] != "ok" for r in rows):
+        print(_summary_table(rows))
+    n_bad = sum(r["status"] != "ok" for r in rows)
+    if n_bad:
+        print(f"gpumatch: {n_bad} of {len(rows)} inputs failed", file=sys.stderr)
+    return 1 if n_bad else 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="gpumatch",
+        description="PSF-match astronomical exposures to a reference PSF model "
+                    "(Alard-Lupton spatial kernels, GPU or CPU).",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("example", parents=[common], help="run the documented example on built-in fake data")
+    ex.add_argument("--backend", default="auto", choices=("auto", "numpy", "cupy"))
+    ex.add_argument("--science", help="science exposure FITS (its PSF is matched)")
+    ex.add_argument("--template", help="template exposure FITS (its PSF is the reference)")
+    ex.add_argument("--debug", metavar="DIR", help="save diagnostic figures in DIR")
+    ex.add_argument("--output", metavar="FILE", help="write the matched exposure (FITS)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    ex.set_defaults(func=_cmd_example)
+
+    m = sub.add_parser("match", parents=[common], help="PSF-match FITS exposures to a reference PSF model")
+    m.add_argument("exposures", nargs="+", metavar="EXPOSURE.fits", help="input exposures")
+    m.add_argument("--reference", required=True, metavar="MODEL",
+                   help="reference PSF: e.g. 'gaussian:fwhm=7.7,size=23', "
+                        "'doublegaussian:sigma1=3.27,sigma2=8.175,b=0.1,size=23', "
+                        "'psfex:FILE.psf' or a PSF file")
+    m.add_argument("--psf", metavar="MODEL",
+                   help="PSF of the exposures (same forms); default: the file named by the "
+                        "header card PSF_FILE or lying next to each exposure (<stem>.psf)")
+    m.add_argument("--output-dir", metavar="DIR", help="write outputs here (same file names)")
+    m.add_argument("-o", "--output", metavar="FILE", help="output file for a single input")
+    m.add_argument("--config", metavar="FILE.toml", help="configuration (SPEC field names)")
+    m.add_argument("--set", action="append", metavar="FIELD=VALUE", default=[],
+                   help="override one configuration field (repeatable)")
+    m.add_argument("--backend", default="auto", choices=("auto", "numpy", "cupy"))
+    m.add_argument("--kernel-sum", type=float, default=1.0, help="kernel sum (default 1)")
+    m.add_argument("--save-kernel", action="store_true",
+                   help="also write each solved kernel as <output>.kernel.fits")
+    m.add_argument("--plots", metavar="DIR", help="save diagnostic figures in DIR")
+    m.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    m.set_defaults(func=_cmd_match)
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    from .errors import GpumatchError
+
+    try:
+        return args.func(args)
+    except (GpumatchError, OSError, ValueError, ImportError) as exc:
+        print(f"gpumatch: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""File-level matching: read, match, write (used by the command line)."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import time
+
+from .config import ModelPsfMatchConfig
+from .errors import ConfigError, GpumatchError
+
+log = logging.getLogger("gpumatch")
+
+__all__ = ["load_config", "parse_overrides", "find_psf", "resolve_psf", "match_file",
+           "output_path_for"]
+
+#: Header cards that may name an exposure's PSF file (relative to the exposure).
+PSF_HEADER_KEYS = ("PSF_FILE", "PSFFILE", "PSFMODEL")
+#: File names next to ``<stem>.fits`` that are taken as its PSF model.
+PSF_SIDECARS = ("{stem}.psf", "{stem}_psfcat.psf", "{stem}_psf.fits", "{stem}.psf.fits")
+
+
+def _parse_value(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_overrides(items):
+    """``["field=value", ...]`` to a dict; values are Python literals or strings."""
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set kernelSize=25")
+        key, value = item.split("=", 1)
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def load_config(path=None, overrides=None):
+    """A validated config from an optional TOML file plus ``field=value`` overrides.
+
+    The TOML file holds SPEC section 2 field names at top level or in a
+    ``[config]`` table.
+    """
+    values = {}
+    if path is not None:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path}: not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: not valid TOML ({exc})") from None
+        values.update(data.get("config", data))
+    values.update(overrides or {})
+    try:
+        return ModelPsfMatchConfig.from_dict(values)
+    except ConfigError as exc:
+        where = f"config file {path}" if path else "configuration"
+        raise ConfigError(f"{where}: {exc}") from None
+    except TypeError as exc:
+        raise ConfigError(f"configuration: {exc}") from None
+
+
+def resolve_psf(spec):
+    """A PSF model from a string (``gaussian:...``, ``psfex:PATH``, a path) or a model."""
+    if not isinstance(spec, str):
+        return spec
+    from .psf import parse_psf
+
+    return parse_psf(spec)
+
+
+def find_psf(exposure_path, header=None):
+    """The PSF model file named in the exposure's header or lying next to it.
+
+    Returns the path, or None.
+    """
+    directory = os.path.dirname(os.path.abspath(exposure_path))
+    for key in PSF_HEADER_KEYS:
+        if header is not None and key in header:
+            candidate = os.path.join(directory, str(header[key]))
+            if not os.path.exists(candidate):
+                raise FileNotFoundError(
+                    f"{exposure_path}: header card {key} names PSF file {header[key]!r}, which "
+                    f"does not exist in {directory}; fix the card or give --psf")
+            return candidate
+    stem = os.path.basename(exposure_path)
+    for ext in (".fits.fz", ".fits.gz", ".fits", ".fit"):
+        if stem.lower().endswith(ext):
+            stem = stem[:-len(ext)]
+            break
+    for pattern in PSF_SIDECARS:
+        candidate = os.path.join(directory, pattern.format(stem=stem))
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def _psf_from_file(path):
+    if path.lower().endswith(".psf"):
+        return resolve_psf(f"psfex:{path}")
+    return resolve_psf(f"image:{path}")
+
+
+def output_path_for(path, output_dir=None, output=None):
+    """Where the matched exposure of ``path`` goes."""
+    if output is not None:
+        return output
+    if output_dir is None:
+        raise ValueError("give --output-dir DIR (or -o FILE for a single input)")
+    return os.path.join(output_dir, os.path.basename(path))
+
+
+def check_output(path, output, overwrite):
+    """Refuse outputs that would replace an input or an existing file (unless asked)."""
+    if os.path.exists(output):
+        if os.path.samefile(path, output):
+            raise FileExistsError(
+                f"{output}: is the input itself; choose another --output-dir or -o so the input "
+                "is kept")
+        if not overwrite:
+            raise FileExistsError(f"{output}: already exists; use --overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"{output}: output directory {parent} does not exist")
+
+
+def match_file(path, reference, output, psf=None, config=None, backend="auto", kernel_sum=1.0,
+               save_kernel=False, plots_dir=None, overwrite=False, task=None):
+    """Read one exposure, PSF-match it and write the result atomically.
+
+    Parameters
+    ----------
+    path : str
+        Input exposure (FITS).
+    reference : Psf or str
+        Reference PSF model or its string form.
+    output : str
+        Output FITS path.
+    psf : Psf or str, optional
+        The exposure's PSF; otherwise read from the header/sidecar file.
+
+    Returns
+    -------
+    dict
+        Summary: input, output, status, kernel sum, condition number,
+        residuals, timings.
+    """
+    from .exposure import Exposure
+    from .task import ModelPsfMatchTask
+
+    t0 = time.perf_counter()
+    check_output(path, output, overwrite)
+    exposure = Exposure.read_fits(path)
+    if psf is not None:
+        exposure.psf = resolve_psf(psf)
+    elif exposure.psf is None:
+        found = find_psf(path, exposure.meta)
+        if found is None:
+            raise GpumatchError(
+                f"{path}: no PSF model; give --psf MODEL, put a PSF_FILE card in the header, or "
+                f"place a PSFEx file next to it ({', '.join(p.format(stem='<stem>') for p in PSF_SIDECARS)})")
+        exposure.psf = _psf_from_file(found)
+    task = task or ModelPsfMatchTask(config, backend=backend)
+    result = task.run(exposure, resolve_psf(reference), kernelSum=kernel_sum)
+    md = result.metadata
+    result.psfMatchedExposure.meta.update({
+        "GPM_KSUM": (md["spatialKernelSum"], "gpumatch kernel sum at region centre"),
+        "GPM_COND": (md["spatialConditionNum"], "gpumatch spatial condition number"),
+        "GPM_RESL2": (md["matchedPsfRelL2Max"], "worst matched-PSF relative L2 residual"),
+    })
+    summary = {
+        "input": path, "output": output, "status": "ok",
+        "kernel_sum": md["spatialKernelSum"], "condition_number": md["spatialConditionNum"],
+        "residual_l2_median": md["matchedPsfRelL2Median"], "residual_l2_max": md["matchedPsfRelL2Max"],
+        "fwhm_ratio_median": md["matchedPsfFwhmRatioMedian"],
+        "fwhm_ratio_worst": md["matchedPsfFwhmRatioWorst"],
+        "candidates": md["numUsedCandidates"],
+    }
+    written = []
+    try:
+        if save_kernel:
+            kpath = os.path.splitext(output)[0] + ".kernel.fits"
+            result.psfMatchingKernel.write_fits(kpath, overwrite=overwrite,
+                                                config=task.config.to_dict())
+            written.append(kpath)
+            summary["kernel"] = kpath
+        if plots_dir:
+            from .plots import save_diagnostic_figures
+
+            stem = os.path.splitext(os.path.basename(output))[0]
+            summary["plots"] = save_diagnostic_figures(result, plots_dir, exposure=exposure,
+                                                       prefix=f"{stem}_")
+            written.extend(summary["plots"])
+        # The exposure goes last: its presence means the whole job finished.
+        result.psfMatchedExposure.write_fits(output, overwrite=overwrite)
+    except BaseException:
+        for p in written:
+            if os.path.exists(p):
+                os.unlink(p)
+        raise
+    summary["seconds"] = time.perf_counter() - t0
+    return summary

@@ -1,0 +1,215 @@
+"""Diagnostic figures (the reference's debug displays, saved as files).
+
+Needs matplotlib (``pip install gpumatch[plots]``); imported only when used.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+from .backend import to_numpy
+from .quality import candidate_residuals
+
+__all__ = ["save_diagnostic_figures", "plot_cells", "plot_kernel_mosaic", "plot_residual_map",
+           "plot_basis", "plot_spatial_coefficients"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("diagnostic figures need matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path):
+    """Write a figure atomically (temporary file, then rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _grid(n):
+    cols = int(np.ceil(np.sqrt(n)))
+    return int(np.ceil(n / cols)), cols
+
+
+def plot_cells(exposure, cell_set, residuals=None):
+    """The exposure with the spatial cells and the candidates on it."""
+    plt = _pyplot()
+    img = to_numpy(exposure.image).astype(np.float64)
+    finite = img[np.isfinite(img)]
+    from matplotlib.colors import AsinhNorm
+
+    lo, med, hi = np.percentile(finite, [5, 50, 99.9]) if finite.size else (0, 0.5, 1)
+    bb, reg = exposure.bbox, cell_set.region
+    fig, ax = plt.subplots(figsize=(7, 7 * reg.height / reg.width + 0.5))
+    extent = (bb.x0 - 0.5, bb.x1 + 0.5, bb.y0 - 0.5, bb.y1 + 0.5)
+    # An asinh stretch shows both the sky noise and the stars.
+    norm = AsinhNorm(linear_width=max(med - lo, 1e-12), vmin=lo, vmax=hi)
+    im = ax.imshow(img, origin="lower", cmap="gray", norm=norm, extent=extent)
+    fig.colorbar(im, ax=ax, label="exposure image (counts, asinh stretch)", fraction=0.046,
+                 location="bottom", pad=0.08)
+    for i in range(cell_set.n_cells_x + 1):
+        ax.axvline(reg.x0 - 0.5 + i * cell_set.size_cell_x, color="tab:blue", lw=0.5)
+    for j in range(cell_set.n_cells_y + 1):
+        ax.axhline(reg.y0 - 0.5 + j * cell_set.size_cell_y, color="tab:blue", lw=0.5)
+    c = None if residuals is None else residuals["relative_l2"]
+    sc = ax.scatter(cell_set.xs, cell_set.ys, c=c, s=18, cmap="viridis", edgecolor="k", lw=0.3)
+    if c is not None:
+        cb = fig.colorbar(sc, ax=ax, label="matched-PSF relative L2 residual", fraction=0.046)
+        cb.formatter.set_useOffset(False)
+        cb.update_ticks()
+    ax.plot([bb.x0 - 0.5, bb.x1 + 0.5, bb.x1 + 0.5, bb.x0 - 0.5, bb.x0 - 0.5],
+            [bb.y0 - 0.5, bb.y0 - 0.5, bb.y1 + 0.5, bb.y1 + 0.5, bb.y0 - 0.5], "r-", lw=1,
+            label="exposure")
+    ax.set_xlim(reg.x0 - 0.5, reg.x1 + 0.5)
+    ax.set_ylim(reg.y0 - 0.5, reg.y1 + 0.5)
+    ax.set_xlabel("parent x (pixels)")
+    ax.set_ylabel("parent y (pixels)")
+    ax.set_title(f"{len(cell_set)} candidates in {cell_set.n_cells_x}x{cell_set.n_cells_y} cells "
+                 f"of {cell_set.size_cell_x}x{cell_set.size_cell_y} px")
+    ax.legend(loc="upper right", fontsize=8)
+    return fig
+
+
+def plot_kernel_mosaic(kernel, bbox, n=5):
+    """Normalised kernel images on an ``n x n`` grid across the exposure."""
+    plt = _pyplot()
+    xs = np.linspace(bbox.x0, bbox.x1, n)
+    ys = np.linspace(bbox.y0, bbox.y1, n)
+    gx, gy = np.meshgrid(xs, ys)
+    imgs = kernel.compute_images(gx.ravel(), gy.ravel(), normalize=True)
+    vmax = np.abs(imgs).max()
+    fig, axes = plt.subplots(n, n, figsize=(1.6 * n + 1, 1.6 * n), squeeze=False)
+    for idx, ax in enumerate(axes[::-1].ravel()):
+        # Rows run bottom-up so the mosaic has the detector's orientation.
+        r, c = divmod(idx, n)
+        im = ax.imshow(imgs[r * n + c], origin="lower", cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"({gx.ravel()[r * n + c]:.0f}, {gy.ravel()[r * n + c]:.0f})", fontsize=7)
+    fig.colorbar(im, ax=axes, label="normalised kernel value", shrink=0.8)
+    fig.suptitle(f"matching kernel across the exposure ({kernel.dimensions[0]} px, "
+                 "titles: parent x, y)")
+    return fig
+
+
+def plot_residual_map(cell_set, residuals):
+    """Matched-PSF residual of every candidate, as a map over the cells."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    reg = cell_set.region
+    extent = (reg.x0 - 0.5, reg.x0 - 0.5 + cell_set.n_cells_x * cell_set.size_cell_x,
+              reg.y0 - 0.5, reg.y0 - 0.5 + cell_set.n_cells_y * cell_set.size_cell_y)
+    shape = (cell_set.n_cells_y, cell_set.n_cells_x)
+    ratio = residuals["fwhm_matched"] / residuals["fwhm_reference"]
+    for ax, values, label in (
+        (axes[0], residuals["relative_l2"], "relative L2 residual"),
+        (axes[1], residuals["max_abs"], "max |matched - reference| (fraction of flux)"),
+        (axes[2], 100 * (ratio - 1), "FWHM matched / reference - 1 (%)"),
+    ):
+        im = ax.imshow(np.asarray(values).reshape(shape), origin="lower", extent=extent,
+                       cmap="magma" if ax is not axes[2] else "RdBu_r")
+        fig.colorbar(im, ax=ax, label=label, fraction=0.046)
+        ax.set_xlabel("parent x (pixels)")
+        ax.set_ylabel("parent y (pixels)")
+    axes[0].set_title("matched-PSF residual per candidate")
+    axes[1].set_title("largest pixel residual")
+    axes[2].set_title("matched-PSF FWHM")
+    fig.tight_layout()
+    return fig
+
+
+def plot_basis(kernel):
+    """Every basis image of the kernel."""
+    plt = _pyplot()
+    basis = kernel.basis_images
+    rows, cols = _grid(len(basis))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols + 1, 1.7 * rows), squeeze=False)
+    for i, ax in enumerate(axes.ravel()):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= len(basis):
+            ax.axis("off")
+            continue
+        v = np.abs(basis[i]).max()
+        im = ax.imshow(basis[i], origin="lower", cmap="RdBu_r", vmin=-v, vmax=v)
+        ax.set_title(f"basis {i}", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle("Alard-Lupton basis (basis 0 sums to 1, the others to 0)")
+    return fig
+
+
+def plot_spatial_coefficients(kernel, bbox, n=64):
+    """Each basis coefficient as a function of position on the exposure."""
+    plt = _pyplot()
+    xs = np.linspace(bbox.x0, bbox.x1, n)
+    ys = np.linspace(bbox.y0, bbox.y1, n)
+    gx, gy = np.meshgrid(xs, ys)
+    P = kernel.spatial_functions.evaluate(gx.ravel(), gy.ravel())
+    coef = (P @ kernel.spatial_coefficients.T).T.reshape(-1, n, n)
+    rows, cols = _grid(len(coef))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols + 1, 2 * rows), squeeze=False)
+    extent = (bbox.x0 - 0.5, bbox.x1 + 0.5, bbox.y0 - 0.5, bbox.y1 + 0.5)
+    for i, ax in enumerate(axes.ravel()):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= len(coef):
+            ax.axis("off")
+            continue
+        im = ax.imshow(coef[i], origin="lower", extent=extent, cmap="viridis")
+        ax.set_title(f"basis {i}", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046, format="%.2g")
+    fig.suptitle("spatial coefficient of each basis over the exposure (axes: parent x, y)")
+    return fig
+
+
+def save_diagnostic_figures(result, directory, exposure=None, prefix=""):
+    """Save every diagnostic figure of a run as PNG files in ``directory``.
+
+    Parameters
+    ----------
+    result : ModelPsfMatchResult
+    directory : str
+        Created if missing.
+    exposure : Exposure, optional
+        Shown under the cells (the matched exposure when omitted).
+
+    Returns
+    -------
+    list of str
+        Paths written.
+    """
+    plt = _pyplot()
+    os.makedirs(directory, exist_ok=True)
+    exposure = result.psfMatchedExposure if exposure is None else exposure
+    kernel = result.psfMatchingKernel
+    cells = result.kernelCellSet
+    residuals = candidate_residuals(cells, kernel)
+    bbox = exposure.bbox
+    figures = {
+        "cells": plot_cells(exposure, cells, residuals),
+        "kernel_mosaic": plot_kernel_mosaic(kernel, bbox),
+        "residual_map": plot_residual_map(cells, residuals),
+        "kernel_basis": plot_basis(kernel),
+        "spatial_coefficients": plot_spatial_coefficients(kernel, bbox),
+    }
+    paths = []
+    for name, fig in figures.items():
+        paths.append(_save(fig, os.path.join(directory, f"{prefix}{name}.png")))
+        plt.close(fig)
+    return paths

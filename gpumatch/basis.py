@@ -110,8 +110,9 @@ def basis_widths(config, template_sigma=None, reference_sigma=None):
         size += 1
     size = min(max(size, config.kernelSizeMin), config.kernelSizeMax)
     if size % 2 == 0:
-        # Clipping to an even bound would break the odd-size invariant.
-        size -= 1
+        # Clipping to an even bound would break the odd-size invariant; step
+        # inside [kernelSizeMin, kernelSizeMax] where possible.
+        size = size + 1 if size + 1 <= config.kernelSizeMax else size - 1
     log.info("scaleByFwhm: mode=%s widths=%s kernelSize=%d", mode,
              ", ".join(f"{s:.3f}" for s in sigmas), size)
     return BasisChoice(tuple(sigmas), degrees, size, mode)

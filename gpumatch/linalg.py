@@ -42,29 +42,39 @@ def solve_symmetric(A, b, condition_type="EIGENVALUE"):
     An exact factorisation (Cholesky, else LU) is used when ``A`` is
     numerically invertible; otherwise an eigen-decomposition pseudo-inverse
     inverts only the eigenvalues above ``n eps max|lambda|``.
+
+    Both the rank decision and the solve work on the Jacobi-equilibrated
+    matrix ``D A D`` (``D = diag(A)^-1/2``), so that unknowns of very
+    different scales (for example raw-pixel "polynomial" spatial terms, whose
+    columns span many orders of magnitude) do not make an invertible matrix
+    look singular. The reported condition number is that of ``A`` itself.
     """
     import scipy.linalg
 
     A = np.asarray(A, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     n = A.shape[0]
-    lam, vec = np.linalg.eigh(A)
+    cond = condition_number(A, condition_type)
+    diag = np.diag(A)
+    d = np.where(diag > 0, 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0)), 1.0)
+    As = A * d[:, None] * d[None, :]
+    bs = b * d
+    lam, vec = np.linalg.eigh(As)
     tol = _rank_tolerance(lam, n)
     keep = np.abs(lam) > tol
     rank = int(keep.sum())
-    cond = condition_number(A, condition_type, eigvals=lam)
     if rank == n:
         try:
-            x = scipy.linalg.cho_solve(scipy.linalg.cho_factor(A, lower=True), b)
+            y = scipy.linalg.cho_solve(scipy.linalg.cho_factor(As, lower=True), bs)
             method = "cholesky"
         except np.linalg.LinAlgError:
-            x = scipy.linalg.solve(A, b, assume_a="sym")
+            y = scipy.linalg.solve(As, bs, assume_a="sym")
             method = "lu"
-        if np.all(np.isfinite(x)):
-            return SymmetricSolution(x, method, cond, rank)
+        if np.all(np.isfinite(y)):
+            return SymmetricSolution(y * d, method, cond, rank)
     inv = np.where(keep, 1.0 / np.where(keep, lam, 1.0), 0.0)
-    x = vec @ (inv * (vec.T @ b))
-    return SymmetricSolution(x, "eigen-pseudo-inverse", cond, rank)
+    y = vec @ (inv * (vec.T @ bs))
+    return SymmetricSolution(y * d, "eigen-pseudo-inverse", cond, rank)
 
 
 def solve_symmetric_batch(M, b, xp=np):

@@ -65,6 +65,9 @@ class SpatialSolution:
 def solve_spatial_system(A, rhs, nb, nkt, kernel_sum, condition_type="EIGENVALUE"):
     """Solve the spatial system in float64 and put ``kernel_sum`` in for ``a0``.
 
+    The coefficients of bases ``1 .. nb-1`` are multiplied by ``kernel_sum``,
+    so the kernel is ``kernel_sum`` times the fitted kernel with ``a0 = 1``.
+
     Raises
     ------
     SolutionError
@@ -82,7 +85,11 @@ def solve_spatial_system(A, rhs, nb, nkt, kernel_sum, condition_type="EIGENVALUE
             f"[{where}]; spatial condition number {sol.condition_number:.3g} "
             f"({sol.method}). Check the PSF models for NaNs, or lower spatialKernelOrder"
         )
+    # kernelSum is a multiplicative factor on the whole kernel: a0 is replaced
+    # by it and the other coefficients are scaled by it, so the normalised
+    # kernel (and the matched image) does not depend on it (issue 2), and
+    # kernelSum = 1 is exactly "replace a0 by 1" (SPEC section 6).
     coeffs = np.zeros((nb, nkt))
     coeffs[0, 0] = kernel_sum
-    coeffs[1:] = sol.x[1:].reshape(nb - 1, nkt)
+    coeffs[1:] = kernel_sum * sol.x[1:].reshape(nb - 1, nkt)
     return SpatialSolution(coeffs, sol.condition_number, sol.method, sol.rank, len(rhs))

@@ -1,0 +1,368 @@
+"""Applying the kernel (SPEC section 7) against a brute-force per-pixel reference."""
+
+import numpy as np
+import pytest
+
+import gpumatch as gm
+from gpumatch.apply import convolve_planes
+from gpumatch.spatial import SpatialFunctions
+
+NO_DATA = 1 << 8
+
+
+def _brute_force(image, variance, mask, basis, coeffs, model_type, order, region, xy0,
+                 no_data, kernel_ref):
+    """Explicit loop over output pixels; the kernel is evaluated (from the raw
+    coefficients, with the test's own spatial functions) and normalised at every
+    pixel's parent position."""
+    ny, nx = image.shape
+    k = basis.shape[1]
+    h = k // 2
+    img = np.asarray(image, dtype=np.float64)
+    var = np.asarray(variance, dtype=np.float64)
+    out_i = np.full((ny, nx), np.nan)
+    out_v = np.full((ny, nx), np.inf)
+    out_m = np.full((ny, nx), no_data, dtype=np.int64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for y in range(h, ny - h):
+            for x in range(h, nx - h):
+                K = kernel_ref(basis, coeffs, model_type, order, region, x + xy0[0], y + xy0[1])
+                Kh = K / K.sum()
+                out_i[y, x] = (img[y - h:y + h + 1, x - h:x + h + 1] * Kh).sum()
+                out_v[y, x] = (var[y - h:y + h + 1, x - h:x + h + 1] * Kh * Kh).sum()
+                bits = 0
+                for j, i in zip(*np.nonzero(K)):
+                    bits |= int(mask[y - h + j, x - h + i])
+                out_m[y, x] = bits
+    return out_i, out_v, out_m
+
+
+def _brute_force_vectorised(image, basis, coeffs, model_type, order, region, xy0, ref):
+    """Same per-pixel definition, vectorised over pixels (for larger images)."""
+    ny, nx = image.shape
+    k = basis.shape[1]
+    h = k // 2
+    yy, xx = np.mgrid[h:ny - h, h:nx - h]
+    P = np.array([ref.spatial_terms(model_type, order, region, x + xy0[0], y + xy0[1])
+                  for x, y in zip(xx.ravel(), yy.ravel())])
+    K = np.einsum("nj,bj,bkl->nkl", P, coeffs, basis)
+    K /= K.sum(axis=(1, 2), keepdims=True)
+    out = np.full((ny, nx), np.nan)
+    acc = np.zeros(xx.size)
+    img = np.asarray(image, dtype=np.float64)
+    for j in range(k):
+        for i in range(k):
+            acc += K[:, j, i] * img[j:j + ny - 2 * h, i:i + nx - 2 * h].ravel()
+    out[h:ny - h, h:nx - h] = acc.reshape(xx.shape)
+    return out
+
+
+def _random_kernel(rng, k, model_type, order, region, support=None, scale=1.0):
+    """A strongly varying kernel whose basis images do not sum to zero, so the
+    kernel sum (and the normalisation) varies across the image too."""
+    nb = 4
+    h = k // 2
+    v, u = np.mgrid[-h:h + 1, -h:h + 1]
+    basis = np.empty((nb, k, k))
+    basis[0] = np.exp(-(u ** 2 + v ** 2) / (2 * 1.5 ** 2))
+    basis[0] /= basis[0].sum()
+    for b in range(1, nb):
+        basis[b] = rng.normal(0.0, 0.05, (k, k)) + 0.3 * np.exp(
+            -((u - rng.integers(-h, h + 1)) ** 2 + (v - rng.integers(-h, h + 1)) ** 2) / 2.0)
+    if support is not None:
+        basis *= support
+        basis[0] /= basis[0].sum()
+    nkt = (order + 1) * (order + 2) // 2
+    coeffs = rng.uniform(-0.5, 0.5, (nb, nkt))
+    coeffs[0] = 0.0
+    coeffs[0, 0] = 1.0
+    coeffs[1:, 0] = rng.uniform(0.2, 0.4, nb - 1)
+    if model_type == "polynomial":
+        # Raw pixel coordinates: scale each term so it is O(1) over the image.
+        expo = [(n - c, c) for n in range(order + 1) for c in range(n + 1)]
+        coeffs = coeffs / np.array([scale ** (a + c) for a, c in expo])
+    sf = SpatialFunctions(model_type, order, region)
+    return basis, coeffs, gm.SpatialKernel(basis, sf, coeffs)
+
+
+def _planes(rng, shape, nan_at=(), inf_at=(), var_nan_at=(), var_inf_at=()):
+    image = rng.normal(100.0, 10.0, shape).astype(np.float32)
+    variance = rng.uniform(5.0, 15.0, shape).astype(np.float32)
+    mask = np.zeros(shape, dtype=np.int32)
+    hit = rng.random(shape) < 0.03
+    mask[hit] = 1 << rng.integers(0, 8, hit.sum())
+    for y, x in nan_at:
+        image[y, x] = np.nan
+    for y, x in inf_at:
+        image[y, x] = np.inf
+    for y, x in var_nan_at:
+        variance[y, x] = np.nan
+    for y, x in var_inf_at:
+        variance[y, x] = np.inf
+    return image, variance, mask
+
+
+CASES = [
+    # model type, order, xy0, shape (ny, nx), kernel size
+    ("chebyshev1", 2, (-13, 27), (60, 75), 7),
+    ("polynomial", 3, (40, -7), (61, 58), 5),
+    ("chebyshev1", 0, (0, 0), (33, 40), 9),
+]
+
+
+@pytest.mark.parametrize("model_type, order, xy0, shape, k", CASES)
+def test_against_brute_force(model_type, order, xy0, shape, k, ref):
+    rng = np.random.default_rng(100 + 10 * order + k)
+    ny, nx = shape
+    box = gm.Box(xy0[0], xy0[1], nx, ny)
+    region = box.grown(17, 11)
+    basis, coeffs, kernel = _random_kernel(rng, k, model_type, order, region, scale=max(shape))
+    image, variance, mask = _planes(rng, shape)
+    out_i, out_v, out_m = convolve_planes(image, variance, mask, kernel, box, NO_DATA)
+    assert out_i.dtype == np.float32 and out_v.dtype == np.float32 and out_m.dtype == np.int32
+    bi, bv, bm = _brute_force(image, variance, mask, basis, coeffs, model_type, order, region,
+                              xy0, NO_DATA, ref.kernel_image)
+    h = k // 2
+    inner = (slice(h, ny - h), slice(h, nx - h))
+    np.testing.assert_allclose(out_i[inner], bi[inner], rtol=1e-5, atol=0)
+    np.testing.assert_allclose(out_v[inner], bv[inner], rtol=1e-5, atol=0)
+    np.testing.assert_array_equal(out_m, bm)
+    # Edges: NaN, +inf, NO_DATA only.
+    edge = np.ones(shape, bool)
+    edge[inner] = False
+    assert np.all(np.isnan(out_i[edge])) and np.all(out_v[edge] == np.inf)
+    assert np.all(out_m[edge] == NO_DATA)
+    assert np.all(np.isfinite(out_i[inner])) and np.all(np.isfinite(out_v[inner]))
+    # The kernel varies strongly, in shape and in sum, so a constant kernel fails.
+    if order > 0:
+        b = box
+        ka = kernel.compute_image(b.x0, b.y0, normalize=True)
+        kb = kernel.compute_image(b.x1, b.y1, normalize=True)
+        assert np.abs(ka - kb).max() > 0.2 * np.abs(ka).max()
+        sa, sb = kernel.sum_at(b.x0, b.y0), kernel.sum_at(b.x1, b.y1)
+        assert abs(sa - sb) > 0.05 * abs(sa)
+
+
+def test_kernel_evaluation_agrees_with_spec_formula(ref):
+    rng = np.random.default_rng(11)
+    region = gm.Box(-30, 17, 90, 70)
+    for model_type, order in [("chebyshev1", 2), ("polynomial", 3)]:
+        basis, coeffs, kernel = _random_kernel(rng, 7, model_type, order, region, scale=100.0)
+        for x, y in [(-30, 17), (59, 86), (10.5, 40.25)]:
+            mine = ref.kernel_image(basis, coeffs, model_type, order, region, x, y)
+            np.testing.assert_allclose(kernel.compute_image(x, y), mine, rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(kernel.compute_image(x, y, normalize=True),
+                                       mine / mine.sum(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape, k", [((150, 131), 21), ((97, 260), 7)])
+def test_large_multi_tile_against_brute_force(shape, k, ref):
+    rng = np.random.default_rng(12)
+    ny, nx = shape
+    xy0 = (250, 1000)
+    box = gm.Box(xy0[0], xy0[1], nx, ny)
+    region = box.grown(64, 64)
+    basis, coeffs, kernel = _random_kernel(rng, k, "chebyshev1", 2, region)
+    image, variance, mask = _planes(rng, shape)
+    out_i, _, _ = convolve_planes(image, variance, mask, kernel, box, NO_DATA)
+    bi = _brute_force_vectorised(image, basis, coeffs, "chebyshev1", 2, region, xy0, ref)
+    h = k // 2
+    inner = (slice(h, ny - h), slice(h, nx - h))
+    np.testing.assert_allclose(out_i[inner], bi[inner], rtol=1e-5, atol=0)
+
+
+# --- mask --------------------------------------------------------------------------
+
+def _holey_support(k):
+    """Corners cut off and a few interior holes: the footprint is not the box."""
+    h = k // 2
+    v, u = np.mgrid[-h:h + 1, -h:h + 1]
+    s = (u ** 2 + v ** 2 <= h * h + 1).astype(float)
+    s[h, h + 1] = 0
+    s[h - 2, h] = 0
+    s[h + 1, h - 1] = 0
+    return s
+
+
+def test_mask_or_over_partial_footprint(ref):
+    rng = np.random.default_rng(13)
+    k, shape, xy0 = 7, (40, 45), (5, -9)
+    box = gm.Box(xy0[0], xy0[1], shape[1], shape[0])
+    region = box.grown(10, 10)
+    support = _holey_support(k)
+    basis, coeffs, kernel = _random_kernel(rng, k, "chebyshev1", 1, region, support=support)
+    image, variance, mask = _planes(rng, shape)
+    out_i, out_v, out_m = convolve_planes(image, variance, mask, kernel, box, NO_DATA)
+    bi, bv, bm = _brute_force(image, variance, mask, basis, coeffs, "chebyshev1", 1, region,
+                              xy0, NO_DATA, ref.kernel_image)
+    np.testing.assert_array_equal(out_m, bm)
+    h = k // 2
+    inner = (slice(h, shape[0] - h), slice(h, shape[1] - h))
+    np.testing.assert_allclose(out_i[inner], bi[inner], rtol=1e-5)
+    # A single flagged pixel reaches exactly the outputs whose footprint holds it.
+    single = np.zeros(shape, np.int32)
+    py, px = 20, 22
+    single[py, px] = 1 << 5
+    _, _, m = convolve_planes(image, variance, single, kernel, box, NO_DATA)
+    expect = np.zeros(shape, bool)
+    for j, i in zip(*np.nonzero(support)):
+        expect[py + h - j, px + h - i] = True   # out[y, x] reads in[y - h + j, x - h + i]
+    got = m[inner] == (1 << 5)
+    np.testing.assert_array_equal(got, expect[inner])
+    assert expect.sum() == support.sum() < k * k
+
+
+def test_mask_bits_other_than_no_data_kept_and_custom_planes():
+    rng = np.random.default_rng(14)
+    planes = dict(gm.DEFAULT_MASK_PLANES)
+    planes["NO_DATA"] = 12
+    planes["MY_PLANE"] = 9
+    shape = (30, 30)
+    image = rng.normal(size=shape)
+    mask = np.zeros(shape, np.int32)
+    mask[15, 15] = (1 << 9) | (1 << 0)
+    mask[0, 0] = 1 << 3      # at the edge: must not survive there
+    exposure = gm.Exposure(image, mask=mask, mask_planes=planes, psf=gm.GaussianPsf(5, 5, 1.0))
+    kernel = gm.SpatialKernel.constant(np.ones((5, 5)))
+    out = gm.apply_kernel(exposure, kernel, backend="numpy")
+    assert out.mask_planes == planes
+    assert np.all(out.mask[:2] == 1 << 12) and np.all(out.mask[:, -2:] == 1 << 12)
+    assert np.all(out.mask[13:18, 13:18] == ((1 << 9) | 1))
+    assert out.mask[12, 15] == 0 and out.mask[15, 18] == 0
+
+
+# --- non-finite inputs ------------------------------------------------------------------
+
+def test_nan_spreads_over_the_box_and_inf_gives_brute_force(ref):
+    rng = np.random.default_rng(15)
+    k, shape, xy0 = 5, (36, 41), (-3, 8)
+    h = k // 2
+    box = gm.Box(xy0[0], xy0[1], shape[1], shape[0])
+    region = box.grown(9, 9)
+    for support in (None, _holey_support(k)):
+        basis, coeffs, kernel = _random_kernel(rng, k, "chebyshev1", 2, region, support=support)
+        image, variance, mask = _planes(
+            rng, shape, nan_at=[(10, 10), (0, 40), (35, 3), (20, 2)], inf_at=[(25, 30), (3, 3)],
+            var_nan_at=[(30, 12)], var_inf_at=[(12, 33), (10, 10)])
+        out_i, out_v, out_m = convolve_planes(image, variance, mask, kernel, box, NO_DATA)
+        bi, bv, bm = _brute_force(image, variance, mask, basis, coeffs, "chebyshev1", 2,
+                                  region, xy0, NO_DATA, ref.kernel_image)
+        inner = (slice(h, shape[0] - h), slice(h, shape[1] - h))
+        # NaN outputs: exactly those whose k x k box covers a NaN input.
+        nan_box = np.zeros(shape, bool)
+        for y, x in [(10, 10), (0, 40), (35, 3), (20, 2)]:
+            nan_box[max(0, y - h):y + h + 1, max(0, x - h):x + h + 1] = True
+        if support is None:
+            np.testing.assert_array_equal(np.isnan(out_i[inner]), nan_box[inner])
+        else:
+            # Also where the kernel is zero: NaN * 0 is NaN. (Here +inf * 0 adds more.)
+            assert np.all(np.isnan(out_i[inner][nan_box[inner]]))
+        np.testing.assert_array_equal(np.isnan(out_i[inner]), np.isnan(bi[inner]))
+        np.testing.assert_array_equal(np.isnan(out_v[inner]), np.isnan(bv[inner]))
+        # Infinite outputs (with their signs) and finite ones as the brute force.
+        np.testing.assert_array_equal(np.isinf(out_i[inner]), np.isinf(bi[inner]))
+        np.testing.assert_array_equal(np.isinf(out_v[inner]), np.isinf(bv[inner]))
+        assert np.isinf(bi[inner]).sum() > 0 and np.isinf(bv[inner]).sum() > 0
+        np.testing.assert_allclose(out_i[inner], bi[inner], rtol=1e-5, equal_nan=True)
+        np.testing.assert_allclose(out_v[inner], bv[inner], rtol=1e-5, equal_nan=True)
+        # Pixels far from every bad input are ordinary numbers.
+        assert np.isfinite(out_i[30, 12]) and np.isfinite(out_v[25, 30])
+        np.testing.assert_array_equal(out_m, bm)
+
+
+def test_exposure_smaller_than_kernel_is_all_edge():
+    image = np.ones((4, 6), np.float32)
+    kernel = gm.SpatialKernel.constant(np.ones((7, 7)))
+    out_i, out_v, out_m = convolve_planes(image, image.copy(), np.zeros((4, 6), np.int32),
+                                          kernel, gm.Box(0, 0, 6, 4), NO_DATA)
+    assert np.all(np.isnan(out_i)) and np.all(out_v == np.inf) and np.all(out_m == NO_DATA)
+
+
+# --- through the task ----------------------------------------------------------------------
+
+def test_task_output_is_brute_force_application(sec10, ref):
+    """The matched exposure equals the per-pixel normalised application of the
+    returned kernel (checked on a sub-grid of pixels, all edges, mask everywhere)."""
+    exp = sec10.exposure
+    res = gm.ModelPsfMatchTask(sec10.config(spatialKernelOrder=1), backend="numpy").run(
+        exp, sec10.reference)
+    out = res.psfMatchedExposure
+    k = res.psfMatchingKernel
+    h = 4
+    img = exp.image.astype(np.float64)
+    var = exp.variance.astype(np.float64)
+    for y in list(range(h, 256 - h, 37)) + [h, 255 - h]:
+        for x in list(range(h, 256 - h, 29)) + [h, 255 - h]:
+            K = k.compute_image(x, y, normalize=True)
+            patch = img[y - h:y + h + 1, x - h:x + h + 1]
+            assert out.image[y, x] == pytest.approx((patch * K).sum(), rel=1e-5)
+            vpatch = var[y - h:y + h + 1, x - h:x + h + 1]
+            assert out.variance[y, x] == pytest.approx((vpatch * K * K).sum(), rel=1e-5)
+    edge = np.ones((256, 256), bool)
+    edge[h:-h, h:-h] = False
+    assert np.all(np.isnan(out.image[edge])) and np.all(np.isposinf(out.variance[edge]))
+    assert np.all(out.mask[edge] == exp.get_plane_bitmask("NO_DATA"))
+    # Mask: the 9x9 AL kernel has no exact zeros, so the OR runs over the box.
+    support = k.compute_image(100, 100) != 0
+    assert support.all()
+    flagged = exp.mask != 0
+    dil = np.zeros_like(flagged)
+    for j in range(9):
+        for i in range(9):
+            dil[h:-h, h:-h] |= flagged[j:j + 248, i:i + 248]
+    expect = np.where(dil, 1 << 3, 0)
+    np.testing.assert_array_equal(out.mask[h:-h, h:-h], expect[h:-h, h:-h])
+
+
+def test_kernel_sum_does_not_change_normalised_output(sec10):
+    exp = sec10.exposure
+    results = {}
+    for ks in (0.5, 2.7):
+        task = gm.ModelPsfMatchTask(sec10.config(spatialKernelOrder=1), backend="numpy")
+        results[ks] = task.run(exp, sec10.reference, kernelSum=ks)
+    a, b = results[0.5], results[2.7]
+    assert a.psfMatchingKernel.compute_image(50, 70).sum() == pytest.approx(0.5, abs=1e-10)
+    assert b.psfMatchingKernel.compute_image(50, 70).sum() == pytest.approx(2.7, abs=1e-10)
+    for x, y in [(0, 0), (128, 200), (255, 255)]:
+        np.testing.assert_allclose(a.psfMatchingKernel.compute_image(x, y, normalize=True),
+                                   b.psfMatchingKernel.compute_image(x, y, normalize=True),
+                                   rtol=1e-9, atol=1e-12)
+    ia, ib = a.psfMatchedExposure.image, b.psfMatchedExposure.image
+    np.testing.assert_array_equal(np.isnan(ia), np.isnan(ib))
+    good = np.isfinite(ia)
+    np.testing.assert_allclose(ia[good], ib[good], rtol=1e-6)
+    va, vb = a.psfMatchedExposure.variance, b.psfMatchedExposure.variance
+    np.testing.assert_allclose(va[good], vb[good], rtol=1e-6)
+    np.testing.assert_array_equal(a.psfMatchedExposure.mask, b.psfMatchedExposure.mask)
+    # Flux is conserved by the normalised kernel: the mean level stays ~100.
+    assert abs(np.nanmean(ia) - np.mean(exp.image)) < 0.1
+
+
+def test_run_leaves_input_unchanged_and_carries_metadata(sec10, unchanged):
+    exp = sec10.exposure
+    snap = unchanged.snapshot(exp)
+    res = gm.ModelPsfMatchTask(sec10.config(), backend="numpy").run(exp, sec10.reference)
+    unchanged.check(exp, snap)
+    out = res.psfMatchedExposure
+    assert out is not exp and out.image is not exp.image
+    assert out.bbox == exp.bbox and out.xy0 == exp.xy0
+    assert out.wcs is exp.wcs and out.photo_calib is exp.photo_calib
+    assert out.filter == exp.filter and out.id == exp.id and out.visit_info is exp.visit_info
+    assert out.image.dtype == exp.image.dtype and out.mask.dtype == exp.mask.dtype
+    assert out.psf is res.referencePsfModel
+
+
+def test_apply_kernel_function(ref):
+    rng = np.random.default_rng(16)
+    image = rng.normal(size=(40, 50))
+    psf = gm.GaussianPsf(5, 5, 1.0)
+    exposure = gm.Exposure(image, xy0=(3, 4), psf=psf, filter="g", id=7)
+    K = ref.gaussian_stamp(5, 5, 1.2)
+    out = gm.apply_kernel(exposure, gm.SpatialKernel.constant(3.0 * K), backend="numpy")
+    assert out.psf is psf and out.filter == "g" and out.id == 7 and out.xy0 == (3, 4)
+    np.testing.assert_allclose(out.image[2:-2, 2:-2], ref.correlate_valid(image, K), rtol=1e-10)
+    np.testing.assert_allclose(out.variance[2:-2, 2:-2], np.full((36, 46), (K ** 2).sum()),
+                               rtol=1e-10)
+    other = gm.GaussianPsf(5, 5, 2.0)
+    assert gm.apply_kernel(exposure, gm.SpatialKernel.constant(K), psf=other,
+                           backend="numpy").psf is other

@@ -14,7 +14,8 @@ from .errors import (ConfigError, GpumatchError, InsufficientAreaError, KernelTo
                      MissingPsfError, PsfEvaluationError, SolutionError)
 from .exposure import DEFAULT_MASK_PLANES, Box, Exposure
 from .kernel import SpatialKernel
-from .psf import DoubleGaussianPsf, GaussianPsf, ImagePsf, Psf, VaryingGaussianPsf
+from .psf import (DoubleGaussianPsf, GalSimPsf, GaussianPsf, GriddedPsf, ImagePsf, PiffPsf, Psf,
+                  PsfexPsf, VaryingGaussianPsf, parse_psf)
 from .task import CellSetResult, ModelPsfMatchResult, ModelPsfMatchTask
 
 __version__ = "0.1.0"
@@ -24,7 +25,8 @@ _logging.getLogger("gpumatch").addHandler(_logging.NullHandler())
 __all__ = [
     "ModelPsfMatchTask", "ModelPsfMatchConfig", "ModelPsfMatchResult", "CellSetResult",
     "Exposure", "Box", "DEFAULT_MASK_PLANES", "Psf", "GaussianPsf", "DoubleGaussianPsf",
-    "ImagePsf", "VaryingGaussianPsf", "SpatialKernel", "apply_kernel", "cupy_usable",
+    "ImagePsf", "VaryingGaussianPsf", "PsfexPsf", "GriddedPsf", "GalSimPsf", "PiffPsf",
+    "parse_psf", "SpatialKernel", "apply_kernel", "cupy_usable",
     "GpumatchError", "ConfigError", "MissingPsfError", "InsufficientAreaError",
     "KernelTooLargeError", "PsfEvaluationError", "SolutionError",
 ]

@@ -167,6 +167,48 @@ class Exposure:
             id=self.id, meta=copy.deepcopy(self.meta), mask_planes=self.mask_planes,
         )
 
+    # -- files and astropy (gpumatch.io) ----------------------------------------
+
+    @classmethod
+    def read_fits(cls, path, **kwargs):
+        """Read an exposure from a FITS file (LSST layout or a plain image).
+
+        See :func:`gpumatch.io.fits.read_exposure` for the layout and the
+        keyword arguments (``psf``, ``variance``, ``mask``, ``mask_planes``, ``hdu``).
+        """
+        from .io.fits import read_exposure
+
+        return read_exposure(path, **kwargs)
+
+    def write_fits(self, path, overwrite=False):
+        """Write this exposure to ``path`` in the LSST multi-extension layout.
+
+        The write is atomic; an existing file raises :class:`FileExistsError`
+        unless ``overwrite`` is True. Returns the path.
+        """
+        from .io.fits import write_exposure
+
+        return write_exposure(self, path, overwrite=overwrite)
+
+    @classmethod
+    def from_nddata(cls, obj, psf=None, **kwargs):
+        """An exposure from an astropy ``NDData``/``CCDData``.
+
+        See :func:`gpumatch.io.nddata.exposure_from_nddata`.
+        """
+        from .io.nddata import exposure_from_nddata
+
+        return exposure_from_nddata(obj, psf=psf, **kwargs)
+
+    def to_ccddata(self, unit=None, **kwargs):
+        """This exposure as an astropy ``CCDData`` (variance as ``VarianceUncertainty``).
+
+        See :func:`gpumatch.io.nddata.exposure_to_ccddata`.
+        """
+        from .io.nddata import exposure_to_ccddata
+
+        return exposure_to_ccddata(self, unit=unit, **kwargs)
+
     def __repr__(self):
         ny, nx = self.image.shape
         return (f"Exposure({nx}x{ny} at xy0={self.xy0}, dtype={self.image.dtype}, "

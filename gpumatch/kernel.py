@@ -96,6 +96,28 @@ class SpatialKernel:
         Q = np.einsum("jk,jab->kab", T, self.term_kernels())
         return Q, polynomial_exponents(self.spatial_order), scale
 
+    #: Configuration the kernel was solved with (a dict), when known; set by
+    #: :meth:`read_fits` and written by :meth:`write_fits`.
+    config = None
+
+    def write_fits(self, path, overwrite=False, config=None):
+        """Write the kernel (basis, coefficients, spatial model, region, config) to FITS.
+
+        Atomic; an existing ``path`` raises :class:`FileExistsError` unless
+        ``overwrite``. ``config`` (a dict or ``ModelPsfMatchConfig``) defaults to
+        :attr:`config`. See :mod:`gpumatch.io.kernel_fits` for the layout.
+        """
+        from .io.kernel_fits import write_kernel
+
+        return write_kernel(self, path, overwrite=overwrite, config=config)
+
+    @classmethod
+    def read_fits(cls, path):
+        """Read a kernel written by :meth:`write_fits`; bit-identical to the original."""
+        from .io.kernel_fits import read_kernel
+
+        return read_kernel(path)
+
     @classmethod
     def constant(cls, image):
         """A spatially constant kernel from one image (sum kept as is)."""

@@ -173,9 +173,11 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
     result = task.run(exposure, resolve_psf(reference), kernelSum=kernel_sum)
     md = result.metadata
     result.psfMatchedExposure.meta.update({
-        "GPM_KSUM": (md["spatialKernelSum"], "gpumatch kernel sum at region centre"),
-        "GPM_COND": (md["spatialConditionNum"], "gpumatch spatial condition number"),
-        "GPM_RESL2": (md["matchedPsfRelL2Max"], "worst matched-PSF relative L2 residual"),
+        # Kernel sum at the region centre, spatial condition number, worst
+        # matched-PSF relative L2 residual.
+        "GPM_KSUM": md["spatialKernelSum"],
+        "GPM_COND": md["spatialConditionNum"],
+        "GPM_RESL2": md["matchedPsfRelL2Max"],
     })
     summary = {
         "input": path, "output": output, "status": "ok",

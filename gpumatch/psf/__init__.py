@@ -1,10 +1,19 @@
-"""PSF models: the :class:`Psf` interface and the built-in models."""
+"""PSF models: the :class:`Psf` interface and the built-in models.
 
+Models backed by files or other packages (:class:`PsfexPsf`, :class:`GriddedPsf`,
+:class:`GalSimPsf`, :class:`PiffPsf`) import what they need only when used.
+"""
+
+from .adapters import GalSimPsf, PiffPsf
 from .analytic import DoubleGaussianPsf, GaussianPsf, VaryingGaussianPsf
 from .base import Psf, ResizedPsf, pad_or_crop
+from .gridded import GriddedPsf
 from .image import ImagePsf
+from .parse import parse_psf
+from .psfex import PsfexPsf, PsfStamp
 
 __all__ = [
     "Psf", "ResizedPsf", "pad_or_crop", "GaussianPsf", "DoubleGaussianPsf",
-    "VaryingGaussianPsf", "ImagePsf",
+    "VaryingGaussianPsf", "ImagePsf", "PsfexPsf", "PsfStamp", "GriddedPsf", "GalSimPsf",
+    "PiffPsf", "parse_psf",
 ]

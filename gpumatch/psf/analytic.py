@@ -52,6 +52,10 @@ class GaussianPsf(Psf):
         Gaussian width in pixels.
     """
 
+    #: Renders stamps with any array module (``xp``), so a CuPy backend realises all
+    #: candidates on the device in one batch (see :func:`gpumatch.cellset.realize_stamps`).
+    supports_device = True
+
     def __init__(self, width, height, sigma):
         self.width, self.height = _check_size(width, height)
         if not sigma > 0:
@@ -93,6 +97,10 @@ class DoubleGaussianPsf(Psf):
     b : float
         Peak amplitude of the wing relative to the core.
     """
+
+    #: Renders stamps with any array module (``xp``), so a CuPy backend realises all
+    #: candidates on the device in one batch (see :func:`gpumatch.cellset.realize_stamps`).
+    supports_device = True
 
     def __init__(self, width, height, sigma1, sigma2=0.0, b=0.0):
         self.width, self.height = _check_size(width, height)
@@ -166,6 +174,10 @@ class VaryingGaussianPsf(Psf):
     sigma, g1, g2 : sequence of float
         Polynomial coefficients.
     """
+
+    #: Renders stamps with any array module (``xp``), so a CuPy backend realises all
+    #: candidates on the device in one batch (see :func:`gpumatch.cellset.realize_stamps`).
+    supports_device = True
 
     def __init__(self, width, height, bbox, sigma, g1=(0.0,), g2=(0.0,)):
         self.width, self.height = _check_size(width, height)

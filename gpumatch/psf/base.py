@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 
+from ..backend import array_namespace
 from ..moments import SIGMA_TO_FWHM, adaptive_moments, determinant_radius
 
 log = logging.getLogger("gpumatch")
@@ -18,9 +19,10 @@ def pad_or_crop(stamp, width, height):
 
     Works on a single stamp ``(h, w)`` or a batch ``(n, h, w)``.
     """
-    stamp = np.asarray(stamp)
+    xp = array_namespace(stamp)  # CuPy stamps are padded on the device
+    stamp = xp.asarray(stamp)
     h, w = stamp.shape[-2:]
-    out = np.zeros(stamp.shape[:-2] + (height, width), dtype=stamp.dtype)
+    out = xp.zeros(stamp.shape[:-2] + (height, width), dtype=stamp.dtype)
     # Offsets follow SPEC section 3: (new - old) // 2, negative meaning crop.
     oy, ox = (height - h) // 2, (width - w) // 2
     sy0, dy0 = max(0, -oy), max(0, oy)

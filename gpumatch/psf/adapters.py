@@ -1,0 +1,176 @@
+"""Adapters for PSF models from other packages: GalSim and Piff.
+
+Neither package is a dependency: each is imported only when an adapter needs
+it, and the adapters also work with any object offering the same methods.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from ..errors import PsfEvaluationError
+from .base import Psf
+
+log = logging.getLogger("gpumatch")
+
+__all__ = ["GalSimPsf", "PiffPsf"]
+
+
+def _check_size(size):
+    size = int(size)
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"stamp size must be odd and positive, got {size}")
+    return size
+
+
+def _normalised(arr, what, x, y):
+    arr = np.array(arr, dtype=np.float64)
+    s = arr.sum()
+    if arr.ndim != 2 or not np.all(np.isfinite(arr)) or not s > 0:
+        raise PsfEvaluationError(
+            f"{what} gave an unusable stamp at parent position (x={x:.2f}, y={y:.2f}) "
+            f"(shape {arr.shape}, sum {s:.3g})")
+    return arr / s
+
+
+class GalSimPsf(Psf):
+    """A GalSim profile (or a position-dependent source of them) as a gpumatch PSF.
+
+    Parameters
+    ----------
+    model : GSObject, object with ``getPSF(image_pos)``, or callable
+        - a ``galsim.GSObject``: the same PSF everywhere;
+        - an object with ``getPSF(galsim.PositionD)`` (``galsim.des.DES_PSFEx``,
+          ``DES_Shapelet``): evaluated at ``(x + offset[0], y + offset[1])``;
+        - a callable ``f(x, y) -> GSObject`` taking parent coordinates.
+    size : int
+        Odd stamp size in pixels.
+    scale : float
+        Pixel scale the profile is drawn with (1.0: the profile is in pixels).
+    method : str
+        GalSim ``drawImage`` method: ``"auto"`` convolves with the pixel (right for
+        an optical/atmospheric profile); ``"no_pixel"`` samples it (right for an
+        effective PSF, e.g. a PSFEx model).
+    offset : (float, float)
+        Added to parent coordinates for ``getPSF`` models (GalSim image
+        coordinates start at 1).
+    """
+
+    def __init__(self, model, size=25, scale=1.0, method="auto", offset=(1.0, 1.0)):
+        self.model = model
+        self.size = _check_size(size)
+        self.scale = float(scale)
+        self.method = str(method)
+        self.offset = tuple(float(v) for v in offset)
+        if hasattr(model, "drawImage"):
+            self._kind = "constant"
+        elif hasattr(model, "getPSF"):
+            self._kind = "getPSF"
+        elif callable(model):
+            self._kind = "callable"
+        else:
+            raise TypeError(f"GalSimPsf needs a GalSim GSObject, an object with getPSF(), or a "
+                            f"callable f(x, y) -> GSObject; got {type(model).__name__}")
+
+    def _profile(self, x, y):
+        if self._kind == "constant":
+            return self.model
+        if self._kind == "callable":
+            return self.model(x, y)
+        import galsim
+
+        return self.model.getPSF(galsim.PositionD(x + self.offset[0], y + self.offset[1]))
+
+    def compute_kernel_image(self, x, y):
+        x, y = float(x), float(y)
+        prof = self._profile(x, y)
+        image = prof.drawImage(nx=self.size, ny=self.size, scale=self.scale, method=self.method)
+        return _normalised(image.array, f"GalSim profile {prof!r}", x, y)
+
+    def compute_kernel_images(self, xs, ys):
+        xs = np.ravel(xs)
+        ys = np.ravel(ys)
+        if self._kind == "constant":
+            one = self.compute_kernel_image(float(xs[0]), float(ys[0])) if xs.size else None
+            return np.broadcast_to(one, (xs.size,) + one.shape).copy() if xs.size else \
+                np.zeros((0, self.size, self.size))
+        return super().compute_kernel_images(xs, ys)
+
+    def dimensions(self, x=None, y=None):
+        return self.size, self.size
+
+    def resized(self, width, height):
+        if width != height:
+            return super().resized(width, height)
+        return GalSimPsf(self.model, width, self.scale, self.method, self.offset)
+
+    def __repr__(self):
+        return f"GalSimPsf({self.model!r}, size={self.size}, method={self.method!r})"
+
+
+class PiffPsf(Psf):
+    """A Piff PSF model.
+
+    Parameters
+    ----------
+    model : piff.PSF
+        Or any object with ``draw(x, y, chipnum=..., center=True, stamp_size=...)``
+        returning an image with ``.array``.
+    size : int
+        Odd stamp size in pixels.
+    chipnum : int, optional
+        For multi-chip models.
+    offset : (float, float)
+        Added to parent coordinates to get the coordinates the model was fitted
+        in (1, 1 for catalogue positions in FITS/GalSim convention).
+    """
+
+    def __init__(self, model, size=25, chipnum=None, offset=(1.0, 1.0), path=None):
+        if not hasattr(model, "draw"):
+            raise TypeError(f"PiffPsf needs a piff.PSF (with draw()), got {type(model).__name__}")
+        self.model = model
+        self.size = _check_size(size)
+        self.chipnum = chipnum
+        self.offset = tuple(float(v) for v in offset)
+        self.path = path
+
+    @classmethod
+    def read(cls, path, **kwargs):
+        """Read a Piff model file (imports piff)."""
+        p = os.fspath(path)
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"Piff model {p}: no such file; check the path")
+        try:
+            import piff
+        except ImportError:
+            raise ImportError(f"reading the Piff model {p} needs the 'piff' package "
+                              "(pip install piff)") from None
+        try:
+            model = piff.read(p)
+        except Exception as exc:
+            raise ValueError(f"{p} is not a readable Piff model ({exc.__class__.__name__}: "
+                             f"{exc})") from None
+        return cls(model, path=p, **kwargs)
+
+    def compute_kernel_image(self, x, y):
+        x, y = float(x), float(y)
+        kwargs = {"center": True, "stamp_size": self.size}
+        if self.chipnum is not None:
+            kwargs["chipnum"] = self.chipnum
+        image = self.model.draw(x + self.offset[0], y + self.offset[1], **kwargs)
+        arr = getattr(image, "array", image)
+        return _normalised(arr, f"Piff model {self.path or self.model!r}", x, y)
+
+    def dimensions(self, x=None, y=None):
+        return self.size, self.size
+
+    def resized(self, width, height):
+        if width != height:
+            return super().resized(width, height)
+        return PiffPsf(self.model, width, self.chipnum, self.offset, self.path)
+
+    def __repr__(self):
+        return f"PiffPsf({self.path or type(self.model).__name__!r}, size={self.size})"

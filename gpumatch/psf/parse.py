@@ -1,0 +1,201 @@
+"""PSF models from short strings (command lines, configuration files) or foreign objects."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+
+import numpy as np
+
+__all__ = ["parse_psf", "FORMS"]
+
+#: The accepted string forms, as shown in error messages.
+FORMS = ("gaussian:fwhm=F[,size=N] | gaussian:sigma=S[,size=N] | "
+         "doublegaussian:sigma1=S1[,sigma2=S2,b=B][,size=N] | psfex:PATH.psf | "
+         "image:PATH.fits | piff:PATH")
+
+_NAME = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_\-]*)\s*:(.*)$", re.S)
+_SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+
+def _fail(spec, why):
+    return ValueError(f"cannot parse PSF model {spec!r}: {why}. Accepted forms: {FORMS}")
+
+
+def _params(spec, body, allowed):
+    out = {}
+    body = body.strip()
+    if not body:
+        return out
+    for item in body.split(","):
+        if "=" not in item:
+            raise _fail(spec, f"{item.strip()!r} is not NAME=VALUE")
+        key, value = (t.strip() for t in item.split("=", 1))
+        key = key.lower()
+        if key not in allowed:
+            raise _fail(spec, f"unknown parameter {key!r} (allowed: {', '.join(allowed)})")
+        if key in out:
+            raise _fail(spec, f"parameter {key!r} given twice")
+        try:
+            v = float(value)
+        except ValueError:
+            raise _fail(spec, f"{key}={value!r} is not a number") from None
+        if not math.isfinite(v):
+            raise _fail(spec, f"{key}={value!r} is not finite")
+        out[key] = v
+    return out
+
+
+def _size(spec, p, sigma_max):
+    """(width, height) from size/width/height or a default of ~6 sigma."""
+    if "size" in p and ("width" in p or "height" in p):
+        raise _fail(spec, "give size or width/height, not both")
+    default = max(3, int(math.ceil(6.0 * sigma_max)) | 1)
+    w = p.get("size", p.get("width", p.get("height", default)))
+    h = p.get("size", p.get("height", p.get("width", default)))
+    for v in (w, h):
+        if v != int(v) or int(v) < 1 or int(v) % 2 == 0:
+            raise _fail(spec, f"stamp size {v:g} must be an odd positive integer")
+    return int(w), int(h)
+
+
+def _positive(spec, p, *names):
+    for n in names:
+        if n in p and not p[n] > 0:
+            raise _fail(spec, f"{n}={p[n]:g} must be positive")
+
+
+def _gaussian(spec, body):
+    from .analytic import GaussianPsf
+
+    p = _params(spec, body, ("fwhm", "sigma", "size", "width", "height"))
+    if ("fwhm" in p) == ("sigma" in p):
+        raise _fail(spec, "give exactly one of fwhm= and sigma=")
+    _positive(spec, p, "fwhm", "sigma")
+    sigma = p["sigma"] if "sigma" in p else p["fwhm"] * _SIGMA_PER_FWHM
+    w, h = _size(spec, p, sigma)
+    return GaussianPsf(w, h, sigma)
+
+
+def _double_gaussian(spec, body):
+    from .analytic import DoubleGaussianPsf
+
+    p = _params(spec, body, ("sigma1", "sigma2", "b", "size", "width", "height"))
+    if "sigma1" not in p:
+        raise _fail(spec, "sigma1= is required")
+    _positive(spec, p, "sigma1", "sigma2")
+    b = p.get("b", 0.0)
+    if b < 0:
+        raise _fail(spec, f"b={b:g} must be >= 0")
+    if b != 0 and "sigma2" not in p:
+        raise _fail(spec, "sigma2= is required when b is not 0")
+    sigma2 = p.get("sigma2", 0.0)
+    w, h = _size(spec, p, max(p["sigma1"], sigma2 if b else 0.0))
+    return DoubleGaussianPsf(w, h, p["sigma1"], sigma2, b)
+
+
+def _path(spec, body):
+    path = body.strip()
+    if not path:
+        raise _fail(spec, "the file name is missing")
+    return os.path.expanduser(path)
+
+
+def read_image_psf(path):
+    """An :class:`ImagePsf` from the first 2-d image in a FITS file."""
+    from astropy.io import fits
+
+    from .image import ImagePsf
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"PSF image {path}: no such file; check the path")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fits.open(path, memmap=False) as hdul:
+                data = next((np.array(h.data, dtype=np.float64) for h in hdul
+                             if h.is_image and h.data is not None and np.ndim(h.data) == 2),
+                            None)
+    except OSError as exc:
+        raise ValueError(f"PSF image {path} is not a readable FITS file ({exc})") from None
+    if data is None:
+        raise ValueError(f"PSF image {path} has no 2-d image HDU")
+    try:
+        return ImagePsf(data)
+    except ValueError as exc:
+        raise ValueError(f"PSF image {path}: {exc}") from None
+
+
+def _from_object(obj):
+    from .base import Psf
+
+    if isinstance(obj, Psf):
+        return obj
+    if hasattr(obj, "grid_xypos") and hasattr(obj, "oversampling"):
+        from .gridded import GriddedPsf
+
+        return GriddedPsf.from_photutils(obj)
+    if hasattr(obj, "drawImage") or hasattr(obj, "getPSF"):
+        from .adapters import GalSimPsf
+
+        return GalSimPsf(obj)
+    if hasattr(obj, "draw") and hasattr(obj, "drawStar"):
+        from .adapters import PiffPsf
+
+        return PiffPsf(obj)
+    if hasattr(obj, "compute_kernel_image"):
+        return obj
+    raise TypeError(f"cannot use a {type(obj).__name__} as a PSF model; give a gpumatch Psf, "
+                    f"a photutils GriddedPSFModel, a GalSim GSObject, a Piff PSF or a string "
+                    f"({FORMS})")
+
+
+def parse_psf(spec):
+    """A PSF model from a string, or an object from another package.
+
+    Strings (names are case-insensitive; sizes default to the odd number
+    just above 6 sigma of the widest component)::
+
+        gaussian:fwhm=7.7,size=23
+        gaussian:sigma=3.27,size=23
+        doublegaussian:sigma1=3.27,sigma2=8.175,b=0.1,size=23
+        psfex:PATH.psf          (PsfexPsf.read)
+        image:PATH.fits         (ImagePsf of the first 2-d image)
+        piff:PATH               (PiffPsf.read; needs piff)
+
+    Objects: a gpumatch :class:`Psf` is returned as is; a photutils
+    ``GriddedPSFModel`` becomes a :class:`GriddedPsf`, a GalSim profile a
+    :class:`GalSimPsf`, a Piff PSF a :class:`PiffPsf`.
+
+    Raises
+    ------
+    ValueError
+        One line naming the string, what is wrong, and the accepted forms.
+    """
+    if not isinstance(spec, str):
+        if isinstance(spec, os.PathLike):
+            spec = os.fspath(spec)
+            raise _fail(spec, "a bare path needs a prefix saying what it holds")
+        return _from_object(spec)
+    m = _NAME.match(spec)
+    if m is None:
+        raise _fail(spec, "expected NAME:PARAMETERS")
+    name = m.group(1).lower().replace("-", "").replace("_", "")
+    body = m.group(2)
+    if name in ("gaussian", "gauss"):
+        return _gaussian(spec, body)
+    if name in ("doublegaussian", "dgauss", "doublegauss"):
+        return _double_gaussian(spec, body)
+    if name == "psfex":
+        from .psfex import PsfexPsf
+
+        return PsfexPsf.read(_path(spec, body))
+    if name == "image":
+        return read_image_psf(_path(spec, body))
+    if name == "piff":
+        from .adapters import PiffPsf
+
+        return PiffPsf.read(_path(spec, body))
+    raise _fail(spec, f"unknown model {m.group(1)!r}")

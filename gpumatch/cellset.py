@@ -103,7 +103,7 @@ def _place(stamps, size, xp):
     if hasattr(stamps, "ndim") and stamps.shape[-2:] == (size, size):
         return xp.asarray(stamps, dtype=xp.float64)
     if hasattr(stamps, "ndim"):
-        return xp.asarray(pad_or_crop(to_numpy(stamps), size, size))
+        return xp.asarray(pad_or_crop(stamps, size, size))
     return xp.asarray(np.stack([pad_or_crop(s, size, size) for s in stamps]))
 
 

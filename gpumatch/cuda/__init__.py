@@ -1,0 +1,32 @@
+"""The CUDA backend: CuPy arrays and the CUDA C++ kernels of ``kernels/``.
+
+Importing this package needs nothing beyond NumPy; CuPy is imported by the
+modules that launch kernels (:mod:`.stages`, :mod:`.apply`,
+:mod:`.normal_equations`) when they are used.
+
+* :class:`gpumatch.cuda.stages.CupyStages`: the stage object behind
+  ``ModelPsfMatchTask(backend="cupy")``.
+* :func:`gpumatch.cuda.apply.convolve_planes_cupy`: the fused application
+  kernel on image, variance and mask planes.
+* :func:`gpumatch.cuda.normal_equations.candidate_normal_equations_cupy`: the
+  fused per-candidate normal equations.
+* :mod:`gpumatch.cuda.module`: source lookup, NVRTC compilation and caching.
+"""
+
+__all__ = ["CupyStages", "convolve_planes_cupy", "candidate_normal_equations_cupy"]
+
+
+def __getattr__(name):  # lazy, so that importing the package does not import cupy
+    if name == "CupyStages":
+        from .stages import CupyStages
+
+        return CupyStages
+    if name == "convolve_planes_cupy":
+        from .apply import convolve_planes_cupy
+
+        return convolve_planes_cupy
+    if name == "candidate_normal_equations_cupy":
+        from .normal_equations import candidate_normal_equations_cupy
+
+        return candidate_normal_equations_cupy
+    raise AttributeError(f"module 'gpumatch.cuda' has no attribute {name!r}")

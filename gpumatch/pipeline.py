@@ -121,6 +121,10 @@ def output_path_for(path, output_dir=None, output=None):
 
 def check_output(path, output, overwrite):
     """Refuse outputs that would replace an input or an existing file (unless asked)."""
+    if not os.path.exists(path):
+        # Said before the output checks, which would otherwise hide it (and
+        # os.path.samefile would fail with a bare errno message).
+        raise FileNotFoundError(f"{path}: no such file; check the path")
     if os.path.exists(output):
         if os.path.samefile(path, output):
             raise FileExistsError(

@@ -42,6 +42,35 @@ def _save(fig, path):
     return path
 
 
+def _limits(values, min_rel_span=1e-2):
+    """Colour limits of ``values``, widened to at least ``min_rel_span`` of their size.
+
+    A nearly constant map (a spatially constant PSF, say) would otherwise get a
+    colour bar whose ticks all read the same number.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(v.min()), float(v.max())
+    scale = max(abs(lo), abs(hi))
+    span = min_rel_span * scale if scale > 0 else 1.0
+    if hi - lo < span:
+        mid = 0.5 * (lo + hi)
+        lo, hi = mid - 0.5 * span, mid + 0.5 * span
+    return lo, hi
+
+
+def _colorbar(fig, mappable, ax, **kw):
+    """A colour bar with plain tick labels (no offset text over the titles)."""
+    cb = fig.colorbar(mappable, ax=ax, **kw)
+    fmt = cb.formatter
+    if hasattr(fmt, "set_useOffset"):
+        fmt.set_useOffset(False)
+        cb.update_ticks()
+    return cb
+
+
 def _grid(n):
     cols = int(np.ceil(np.sqrt(n)))
     return int(np.ceil(n / cols)), cols
@@ -52,27 +81,40 @@ def plot_cells(exposure, cell_set, residuals=None):
     plt = _pyplot()
     img = to_numpy(exposure.image).astype(np.float64)
     finite = img[np.isfinite(img)]
-    from matplotlib.colors import AsinhNorm
-
     lo, med, hi = np.percentile(finite, [5, 50, 99.9]) if finite.size else (0, 0.5, 1)
     bb, reg = exposure.bbox, cell_set.region
     fig, ax = plt.subplots(figsize=(7, 7 * reg.height / reg.width + 0.5))
     extent = (bb.x0 - 0.5, bb.x1 + 0.5, bb.y0 - 0.5, bb.y1 + 0.5)
-    # An asinh stretch shows both the sky noise and the stars.
-    norm = AsinhNorm(linear_width=max(med - lo, 1e-12), vmin=lo, vmax=hi)
-    im = ax.imshow(img, origin="lower", cmap="gray", norm=norm, extent=extent)
-    fig.colorbar(im, ax=ax, label="exposure image (counts, asinh stretch)", fraction=0.046,
-                 location="bottom", pad=0.08)
+    # An asinh stretch about the median (the sky) shows both the sky noise and
+    # the stars, whatever the sky level.
+    vmin, vmax = lo - med, max(hi - med, 1e-12)
+    try:
+        from matplotlib.colors import AsinhNorm
+
+        norm = AsinhNorm(linear_width=max(med - lo, 1e-12), vmin=vmin, vmax=vmax)
+        stretch = "asinh stretch"
+    except ImportError:  # matplotlib < 3.6
+        from matplotlib.colors import Normalize
+
+        norm = Normalize(vmin=vmin, vmax=vmax)
+        stretch = "linear"
+    im = ax.imshow(img - med, origin="lower", cmap="gray", norm=norm, extent=extent)
+    cb = fig.colorbar(im, ax=ax, label=f"exposure image - median {med:.4g} (counts, {stretch})",
+                      fraction=0.046, location="bottom", pad=0.08)
+    # Ticks evenly spaced along the bar, so their labels never overlap.
+    ticks = norm.inverse(np.linspace(0.0, 1.0, 6))
+    cb.set_ticks(np.asarray(ticks, dtype=np.float64))
+    cb.set_ticklabels([f"{t:.3g}" for t in np.asarray(ticks, dtype=np.float64)])
     for i in range(cell_set.n_cells_x + 1):
         ax.axvline(reg.x0 - 0.5 + i * cell_set.size_cell_x, color="tab:blue", lw=0.5)
     for j in range(cell_set.n_cells_y + 1):
         ax.axhline(reg.y0 - 0.5 + j * cell_set.size_cell_y, color="tab:blue", lw=0.5)
     c = None if residuals is None else residuals["relative_l2"]
-    sc = ax.scatter(cell_set.xs, cell_set.ys, c=c, s=18, cmap="viridis", edgecolor="k", lw=0.3)
+    lim = (None, None) if c is None else _limits(c)
+    sc = ax.scatter(cell_set.xs, cell_set.ys, c=c, s=18, cmap="viridis", edgecolor="k", lw=0.3,
+                    vmin=lim[0], vmax=lim[1])
     if c is not None:
-        cb = fig.colorbar(sc, ax=ax, label="matched-PSF relative L2 residual", fraction=0.046)
-        cb.formatter.set_useOffset(False)
-        cb.update_ticks()
+        _colorbar(fig, sc, ax, label="matched-PSF relative L2 residual", fraction=0.046)
     ax.plot([bb.x0 - 0.5, bb.x1 + 0.5, bb.x1 + 0.5, bb.x0 - 0.5, bb.x0 - 0.5],
             [bb.y0 - 0.5, bb.y0 - 0.5, bb.y1 + 0.5, bb.y1 + 0.5, bb.y0 - 0.5], "r-", lw=1,
             label="exposure")
@@ -117,14 +159,20 @@ def plot_residual_map(cell_set, residuals):
               reg.y0 - 0.5, reg.y0 - 0.5 + cell_set.n_cells_y * cell_set.size_cell_y)
     shape = (cell_set.n_cells_y, cell_set.n_cells_x)
     ratio = residuals["fwhm_matched"] / residuals["fwhm_reference"]
-    for ax, values, label in (
-        (axes[0], residuals["relative_l2"], "relative L2 residual"),
-        (axes[1], residuals["max_abs"], "max |matched - reference| (fraction of flux)"),
-        (axes[2], 100 * (ratio - 1), "FWHM matched / reference - 1 (%)"),
+    percent = 100 * (np.asarray(ratio) - 1)
+    finite = percent[np.isfinite(percent)]
+    # The FWHM offset is signed: a diverging map centred on 0, at least +-0.01%.
+    m = max(float(np.abs(finite).max()) if finite.size else 0.0, 0.01)
+    for ax, values, label, cmap, (lo, hi) in (
+        (axes[0], residuals["relative_l2"], "relative L2 residual", "magma",
+         _limits(residuals["relative_l2"])),
+        (axes[1], residuals["max_abs"], "max |matched - reference| (fraction of flux)", "magma",
+         _limits(residuals["max_abs"])),
+        (axes[2], percent, "FWHM matched / reference - 1 (%)", "RdBu_r", (-m, m)),
     ):
         im = ax.imshow(np.asarray(values).reshape(shape), origin="lower", extent=extent,
-                       cmap="magma" if ax is not axes[2] else "RdBu_r")
-        fig.colorbar(im, ax=ax, label=label, fraction=0.046)
+                       cmap=cmap, vmin=lo, vmax=hi)
+        _colorbar(fig, im, ax, label=label, fraction=0.046)
         ax.set_xlabel("parent x (pixels)")
         ax.set_ylabel("parent y (pixels)")
     axes[0].set_title("matched-PSF residual per candidate")
@@ -171,9 +219,10 @@ def plot_spatial_coefficients(kernel, bbox, n=64):
         if i >= len(coef):
             ax.axis("off")
             continue
-        im = ax.imshow(coef[i], origin="lower", extent=extent, cmap="viridis")
+        lo, hi = _limits(coef[i])
+        im = ax.imshow(coef[i], origin="lower", extent=extent, cmap="viridis", vmin=lo, vmax=hi)
         ax.set_title(f"basis {i}", fontsize=8)
-        fig.colorbar(im, ax=ax, fraction=0.046, format="%.2g")
+        _colorbar(fig, im, ax, fraction=0.046, format="%.4g")
     fig.suptitle("spatial coefficient of each basis over the exposure (axes: parent x, y)")
     return fig
 
@@ -201,15 +250,26 @@ def save_diagnostic_figures(result, directory, exposure=None, prefix=""):
     cells = result.kernelCellSet
     residuals = candidate_residuals(cells, kernel)
     bbox = exposure.bbox
-    figures = {
-        "cells": plot_cells(exposure, cells, residuals),
-        "kernel_mosaic": plot_kernel_mosaic(kernel, bbox),
-        "residual_map": plot_residual_map(cells, residuals),
-        "kernel_basis": plot_basis(kernel),
-        "spatial_coefficients": plot_spatial_coefficients(kernel, bbox),
-    }
+    makers = (
+        ("cells", lambda: plot_cells(exposure, cells, residuals)),
+        ("kernel_mosaic", lambda: plot_kernel_mosaic(kernel, bbox)),
+        ("residual_map", lambda: plot_residual_map(cells, residuals)),
+        ("kernel_basis", lambda: plot_basis(kernel)),
+        ("spatial_coefficients", lambda: plot_spatial_coefficients(kernel, bbox)),
+    )
     paths = []
-    for name, fig in figures.items():
-        paths.append(_save(fig, os.path.join(directory, f"{prefix}{name}.png")))
-        plt.close(fig)
+    try:
+        # One figure at a time, closed as soon as it is saved.
+        for name, make in makers:
+            fig = make()
+            try:
+                paths.append(_save(fig, os.path.join(directory, f"{prefix}{name}.png")))
+            finally:
+                plt.close(fig)
+    except BaseException:
+        # All five or none: a failure removes the figures already saved.
+        for p in paths:
+            if os.path.exists(p):
+                os.unlink(p)
+        raise
     return paths

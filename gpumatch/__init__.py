@@ -14,6 +14,7 @@ from .errors import (ConfigError, GpumatchError, InsufficientAreaError, KernelTo
                      MissingPsfError, PsfEvaluationError, SolutionError)
 from .exposure import DEFAULT_MASK_PLANES, Box, Exposure
 from .kernel import SpatialKernel
+from .many import match_many
 from .psf import (DoubleGaussianPsf, GalSimPsf, GaussianPsf, GriddedPsf, ImagePsf, PiffPsf, Psf,
                   PsfexPsf, VaryingGaussianPsf, parse_psf)
 from .task import CellSetResult, ModelPsfMatchResult, ModelPsfMatchTask
@@ -26,7 +27,7 @@ __all__ = [
     "ModelPsfMatchTask", "ModelPsfMatchConfig", "ModelPsfMatchResult", "CellSetResult",
     "Exposure", "Box", "DEFAULT_MASK_PLANES", "Psf", "GaussianPsf", "DoubleGaussianPsf",
     "ImagePsf", "VaryingGaussianPsf", "PsfexPsf", "GriddedPsf", "GalSimPsf", "PiffPsf",
-    "parse_psf", "SpatialKernel", "apply_kernel", "cupy_usable",
+    "parse_psf", "SpatialKernel", "apply_kernel", "cupy_usable", "match_many",
     "GpumatchError", "ConfigError", "MissingPsfError", "InsufficientAreaError",
     "KernelTooLargeError", "PsfEvaluationError", "SolutionError",
 ]

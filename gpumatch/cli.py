@@ -26,6 +26,15 @@ def _setup_logging(verbose, quiet):
 def _cmd_example(args):
     from .example import run_example
 
+    if args.output:
+        from .io._atomic import check_output_path
+
+        # Refuse an existing --output before the work, not after it.
+        check_output_path(args.output, args.overwrite, "exposure")
+        for given in (args.science, args.template):
+            if given and os.path.exists(given) and os.path.exists(args.output) \
+                    and os.path.samefile(given, args.output):
+                raise FileExistsError(f"{args.output}: is an input; choose another --output")
     if args.science or args.template:
         from .example import run_fits_example
 
@@ -46,13 +55,18 @@ def _cmd_example(args):
     return 0
 
 
+def _one_line(exc):
+    """An exception as one line: its class and its message with whitespace collapsed."""
+    text = " ".join(str(exc).split())
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
+
+
 def _progress(total, enabled):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # a plain counter on stderr instead
-        tqdm = None
-    if tqdm is None or not enabled:
+    """A tqdm bar on stderr, or None when disabled."""
+    if not enabled:
         return None
+    from tqdm import tqdm  # a dependency of gpumatch
+
     return tqdm(total=total, unit="file", dynamic_ncols=True, file=sys.stderr)
 
 
@@ -78,44 +92,94 @@ def _summary_table(rows):
     return "\n".join(lines)
 
 
+def _cmd_match_distributed(args):
+    """``gpumatch match --scheduler ADDRESS`` / ``--workers N``: one Dask task per file."""
+    from .distributed import SUMMARY_NAME, format_summary, match_files
+    from .pipeline import load_config, parse_overrides
+
+    if args.output or not args.output_dir:
+        raise ValueError("--scheduler/--workers write to --output-dir DIR (not -o FILE)")
+    if args.scheduler and args.workers is not None:
+        raise ValueError("give --scheduler ADDRESS (an existing cluster) or --workers N (a local "
+                         "one), not both")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: give a positive number of worker processes")
+    config = load_config(args.config, parse_overrides(args.set))
+    rows = match_files(args.exposures, args.reference, args.output_dir,
+                       client=args.scheduler, psf=args.psf, config=config, backend=args.backend,
+                       kernel_sum=args.kernel_sum, overwrite=args.overwrite,
+                       n_workers=args.workers, progress=not args.quiet,
+                       save_kernel=args.save_kernel, plots_dir=args.plots)
+    n_bad = sum(r["status"] == "failed" for r in rows)
+    if not args.quiet or n_bad:
+        print(format_summary(rows))
+        print(f"summary: {os.path.join(args.output_dir, SUMMARY_NAME)}")
+    if n_bad:
+        print(f"gpumatch: {n_bad} of {len(rows)} inputs failed", file=sys.stderr)
+    return 1 if n_bad else 0
+
+
 def _cmd_match(args):
+    if getattr(args, "scheduler", None) or getattr(args, "workers", None) is not None:
+        return _cmd_match_distributed(args)
+    import contextlib
+
     from .pipeline import check_output, load_config, match_file, output_path_for, parse_overrides
+    from .pipeline import resolve_psf
     from .task import ModelPsfMatchTask
 
     if args.output and len(args.exposures) > 1:
         raise ValueError("-o/--output takes one input; use --output-dir DIR for several")
     if not args.output and not args.output_dir:
         raise ValueError("give --output-dir DIR (or -o FILE for a single input)")
-    if args.output_dir and not os.path.isdir(args.output_dir):
-        os.makedirs(args.output_dir, exist_ok=True)
+    # Everything that can be checked before touching the disk is checked first,
+    # so a bad configuration or model string leaves nothing behind.
     config = load_config(args.config, parse_overrides(args.set))
-    from .pipeline import resolve_psf
-
     reference = resolve_psf(args.reference)
     psf = resolve_psf(args.psf) if args.psf else None
     task = ModelPsfMatchTask(config, backend=args.backend)
+    if args.output_dir and not os.path.isdir(args.output_dir):
+        os.makedirs(args.output_dir, exist_ok=True)
     rows = []
     bar = _progress(len(args.exposures), not args.quiet and len(args.exposures) > 1)
-    for path in args.exposures:
-        out = output_path_for(path, args.output_dir, args.output)
-        if bar is not None:
-            bar.set_postfix_str(os.path.basename(path))
-        try:
-            check_output(path, out, args.overwrite)
-            row = match_file(path, reference, out, psf=psf, kernel_sum=args.kernel_sum,
-                             save_kernel=args.save_kernel, plots_dir=args.plots,
-                             overwrite=args.overwrite, task=task)
-        except Exception as exc:  # one bad input must not stop the others
-            row = {"input": path, "output": out, "status": "failed",
-                   "error": f"{exc.__class__.__name__}: {exc}"}
-            log.debug("failure on %s", path, exc_info=True)
-            if bar is None:
-                print(f"gpumatch: {path}: failed: {exc}", file=sys.stderr)
-        rows.append(row)
-        if bar is not None:
-            bar.update(1)
     if bar is not None:
-        bar.close()
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        # Log lines go above the bar instead of through it.
+        redirect = logging_redirect_tqdm(loggers=[log])
+    else:
+        redirect = contextlib.nullcontext()
+
+    def report(line):
+        if bar is not None:
+            bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+
+    with redirect:
+        for path in args.exposures:
+            out = output_path_for(path, args.output_dir, args.output)
+            if bar is not None:
+                n_ok = sum(r["status"] == "ok" for r in rows)
+                bar.set_postfix_str(f"{os.path.basename(path)} (ok {n_ok}, "
+                                    f"failed {len(rows) - n_ok})")
+            try:
+                check_output(path, out, args.overwrite)
+                row = match_file(path, reference, out, psf=psf, kernel_sum=args.kernel_sum,
+                                 save_kernel=args.save_kernel, plots_dir=args.plots,
+                                 overwrite=args.overwrite, task=task)
+            except Exception as exc:  # one bad input must not stop the others
+                row = {"input": path, "output": out, "status": "failed",
+                       "error": _one_line(exc)}
+                log.debug("failure on %s", path, exc_info=True)
+                report(f"gpumatch: {path}: failed: {row['error']}")
+            rows.append(row)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            n_ok = sum(r["status"] == "ok" for r in rows)
+            bar.set_postfix_str(f"ok {n_ok}, failed {len(rows) - n_ok}")
+            bar.close()
     if not args.quiet or any(r["status"] != "ok" for r in rows):
         print(_summary_table(rows))
     n_bad = sum(r["status"] != "ok" for r in rows)
@@ -163,6 +227,11 @@ def build_parser():
                    help="also write each solved kernel as <output>.kernel.fits")
     m.add_argument("--plots", metavar="DIR", help="save diagnostic figures in DIR")
     m.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    m.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run one Dask task per file on this scheduler (e.g. tcp://host:8786); "
+                        "complete outputs are skipped, a JSON summary is written in --output-dir")
+    m.add_argument("--workers", type=int, metavar="N",
+                   help="run on a local Dask cluster of N worker processes (as --scheduler)")
     m.set_defaults(func=_cmd_match)
     return p
 
@@ -176,7 +245,7 @@ def main(argv=None):
     try:
         return args.func(args)
     except (GpumatchError, OSError, ValueError, ImportError) as exc:
-        print(f"gpumatch: error: {exc}", file=sys.stderr)
+        print(f"gpumatch: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
 

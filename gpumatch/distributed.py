@@ -1,0 +1,467 @@
+"""Many files on a Dask cluster: :func:`match_files`.
+
+One Dask task per file reads the exposure, matches it and writes the result
+atomically (:func:`gpumatch.pipeline.match_file`). The backend is resolved on
+the worker, so workers with a GPU use it (``backend="auto"``) and a
+``dask-cuda`` cluster, one worker per GPU, works unchanged.
+
+Resuming and failures
+---------------------
+An output is *complete* (see :func:`output_complete`) when it is a FITS file
+with the ``IMAGE``, ``MASK`` and ``VARIANCE`` extensions of one shape, the
+completion card ``GPM_KSUM`` in its primary header (written by gpumatch with
+the solved kernel) and, when ``verify_outputs`` is True, checksums that
+verify. Outputs are written to a temporary file in the output directory and
+renamed into place only when whole, so a file at an output path was finished
+by gpumatch; the checks above guard against files put there by anything else.
+
+- A complete output is skipped (``status "skipped"``) unless ``overwrite``, so
+  a run that was interrupted resumes where it stopped.
+- A worker killed mid-run loses only the file it was writing: Dask runs that
+  task again on another worker, and no partial file appears at the output
+  path. The killed writer's temporary file (``.NAME.*.tmp.fits`` beside the
+  output) is removed by the task that next handles that output, and by a sweep
+  at the end of the run.
+- A failing file is reported with its error (``status "failed"``) and does not
+  stop the others.
+
+The summary of every file (status, error, seconds, kernel sum, condition
+number, residual, worker, backend) is written atomically as JSON next to the
+outputs (:data:`SUMMARY_NAME`). The client and the workers must see the
+output directory at the same path (a shared file system). Run one
+``match_files`` per output directory at a time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+import traceback
+import warnings
+
+log = logging.getLogger("gpumatch")
+
+__all__ = ["match_files", "match_one", "output_complete", "stale_temporaries", "SUMMARY_NAME",
+           "COMPLETION_CARD", "format_summary"]
+
+#: File name of the JSON summary written in the output directory.
+SUMMARY_NAME = "gpumatch_summary.json"
+#: Primary-header card that gpumatch writes with every matched exposure.
+COMPLETION_CARD = "GPM_KSUM"
+_PLANES = ("IMAGE", "MASK", "VARIANCE")
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_malloc_tuned = False
+
+
+def _tune_malloc():
+    """Undo the cost of Dask's ``MALLOC_TRIM_THRESHOLD_`` in this worker process.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which
+    also freezes glibc's mmap threshold at 128 KiB: every large temporary array
+    is then a fresh ``mmap`` whose pages fault in one by one, and applying a
+    kernel to a 2048x2048 exposure takes 2.5x as long (measured: 7.0 s against
+    2.7 s, most of it system time). Fixed thresholds (mmap 32 MiB, the largest
+    glibc allows; trim 256 MiB) give the speed back and still return memory
+    to the system beyond 256 MiB of free heap. Linux/glibc only; once per process.
+    """
+    global _malloc_tuned
+    if _malloc_tuned or "MALLOC_TRIM_THRESHOLD_" not in os.environ \
+            or not sys.platform.startswith("linux"):
+        return
+    _malloc_tuned = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 * 1024 * 1024)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _require_dask():
+    try:
+        import distributed  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            "gpumatch.distributed needs Dask: pip install 'gpumatch[distributed]' "
+            f"(or pip install 'dask[distributed]') ({exc})") from None
+
+
+# -- outputs ------------------------------------------------------------------------
+
+
+def output_complete(path, verify_checksums=True):
+    """Whether ``path`` is a complete gpumatch output.
+
+    Returns
+    -------
+    (bool, str)
+        ``(True, "")``, or ``(False, reason)``.
+    """
+    from astropy.io import fits
+
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        return False, "no such file"
+    size = os.path.getsize(p)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with fits.open(p, memmap=False, checksum=verify_checksums,
+                           lazy_load_hdus=not verify_checksums) as hdul:
+                hdul.readall()
+                roles = {}
+                end = 0
+                for i, hdu in enumerate(hdul):
+                    info = hdul.fileinfo(i)
+                    end = max(end, info["datLoc"] + info["datSpan"])
+                    name = str(hdu.header.get("EXTTYPE", hdu.header.get("EXTNAME", ""))).upper()
+                    if name in _PLANES:
+                        roles[name] = tuple(hdu.header.get(f"NAXIS{j}", 0)
+                                            for j in range(1, hdu.header.get("NAXIS", 0) + 1))
+                primary = hdul[0].header
+                has_card = COMPLETION_CARD in primary
+    except Exception as exc:
+        return False, f"not a readable FITS file ({exc.__class__.__name__}: {exc})"
+    bad = [str(w.message).strip() for w in caught
+           if "verification failed" in str(w.message) or "truncated" in str(w.message)
+           or "Error validating header" in str(w.message)]
+    if bad:
+        return False, bad[0].splitlines()[0]
+    missing = [n for n in _PLANES if n not in roles]
+    if missing:
+        return False, f"no {', '.join(missing)} extension"
+    shapes = set(roles.values())
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        return False, f"planes of different or non-2-d shapes {roles}"
+    if end > size:
+        return False, f"truncated ({size} bytes, {end} expected)"
+    if not has_card:
+        return False, f"no {COMPLETION_CARD} card (not written by gpumatch match)"
+    return True, ""
+
+
+def stale_temporaries(output):
+    """Temporary files that an interrupted atomic write of ``output`` left behind."""
+    directory = os.path.dirname(os.path.abspath(output))
+    stem = glob.escape(os.path.basename(output))
+    found = glob.glob(os.path.join(directory, f".{stem}.*.tmp*"))
+    kernel = os.path.splitext(os.path.basename(output))[0] + ".kernel.fits"
+    found += glob.glob(os.path.join(directory, f".{glob.escape(kernel)}.*.tmp*"))
+    return sorted(found)
+
+
+def _remove_stale(output):
+    removed = []
+    for p in stale_temporaries(output):
+        try:
+            os.unlink(p)
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    if removed:
+        log.info("removed %d stale temporary file(s) of %s", len(removed), output)
+    return removed
+
+
+def _header_summary(output):
+    from astropy.io import fits
+
+    out = {}
+    with fits.open(output, memmap=False) as hdul:
+        h = hdul[0].header
+        for key, name in (("GPM_KSUM", "kernel_sum"), ("GPM_COND", "condition_number"),
+                          ("GPM_RESL2", "residual_l2_max")):
+            if key in h:
+                out[name] = float(h[key])
+    return out
+
+
+# -- one file (runs on a worker) -------------------------------------------------------
+
+
+def match_one(path, reference, output, psf=None, config=None, backend="auto", kernel_sum=1.0,
+              overwrite=False, save_kernel=False, plots_dir=None, verify_outputs=True,
+              tune_malloc=False):
+    """Match one file unless its output is complete; never raises.
+
+    This is the task :func:`match_files` runs on the workers.
+
+    Returns
+    -------
+    dict
+        ``input``, ``output``, ``status`` (``"ok"``, ``"skipped"`` or
+        ``"failed"``), ``error`` (None or one line), ``seconds``, ``worker``,
+        ``backend`` and, when known, ``kernel_sum``, ``condition_number``,
+        ``residual_l2_max`` and the other fields of
+        :func:`gpumatch.pipeline.match_file`'s summary.
+    """
+    from .pipeline import check_output, match_file
+
+    if tune_malloc:
+        _tune_malloc()
+    t0 = time.perf_counter()
+    row = {"input": path, "output": output, "status": "failed", "error": None,
+           "worker": f"{socket.gethostname()}:{os.getpid()}"}
+    try:
+        from .backend import resolve_backend
+
+        row["backend"] = resolve_backend(backend)
+        check_output(path, output, overwrite=True)  # not the input itself; directory exists
+        _remove_stale(output)
+        if os.path.lexists(output) and not overwrite:
+            complete, why = output_complete(output, verify_outputs)
+            if not complete:
+                raise FileExistsError(
+                    f"{output}: exists but is not a complete gpumatch output ({why}); remove it "
+                    "or pass overwrite=True (--overwrite) to replace it")
+            row.update(_header_summary(output))
+            row["status"] = "skipped"
+        else:
+            summary = match_file(path, reference, output, psf=psf, config=config,
+                                 backend=row["backend"], kernel_sum=kernel_sum,
+                                 save_kernel=save_kernel, plots_dir=plots_dir,
+                                 overwrite=overwrite)
+            row.update(summary)
+            row["status"] = "ok"
+    except Exception as exc:
+        row["status"] = "failed"
+        row["error"] = f"{exc.__class__.__name__}: {exc}"
+        row["traceback"] = traceback.format_exc(limit=8)
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+# -- many files ---------------------------------------------------------------------
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf", "nan": keep the JSON standard
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return _jsonable(value.item())
+    return value
+
+
+def _write_summary(path, document):
+    from .io._atomic import atomic_write
+
+    text = json.dumps(_jsonable(document), indent=2, allow_nan=False)
+
+    def writer(tmp):
+        with open(tmp, "w") as fh:
+            fh.write(text + "\n")
+
+    atomic_write(path, writer, overwrite=True, what="summary")
+    return path
+
+
+def format_summary(rows):
+    """A plain-text table of :func:`match_files` rows, then one line per failure."""
+    head = ("input", "status", "kernel sum", "cond", "resid L2 max", "s")
+    data = []
+    for r in rows:
+        def num(key, fmt):
+            v = r.get(key)
+            return format(v, fmt) if isinstance(v, (int, float)) else ""
+        data.append((os.path.basename(r["input"]), r["status"].upper() if r["status"] == "failed"
+                     else r["status"], num("kernel_sum", ".5f"), num("condition_number", ".3g"),
+                     num("residual_l2_max", ".2e"), num("seconds", ".2f")))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *data)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    lines = [fmt.format(*head), "  ".join("-" * w for w in widths)]
+    lines.extend(fmt.format(*d) for d in data)
+    lines.extend(f"FAILED {r['input']}: {r['error']}" for r in rows if r["status"] == "failed")
+    return "\n".join(lines)
+
+
+def _progress_bar(total, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="file", dynamic_ncols=True, file=sys.stderr)
+
+
+def _open_client(client, n_workers, threads_per_worker, memory_limit):
+    """``(client, owned)``: the given client, one for an address, or a new local cluster."""
+    from distributed import Client, LocalCluster
+
+    if client is None:
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                               processes=True, memory_limit=memory_limit)
+        log.info("local Dask cluster: %d workers, dashboard %s", len(cluster.workers),
+                 cluster.dashboard_link)
+        return Client(cluster), True
+    if isinstance(client, str):
+        return Client(client), True
+    return client, False
+
+
+def _close_client(client):
+    cluster = getattr(client, "cluster", None)
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+def match_files(paths, reference, output_dir, client=None, psf=None, config=None,
+                backend="auto", kernel_sum=1.0, overwrite=False, *, n_workers=None,
+                threads_per_worker=1, memory_limit="auto", progress=True, save_kernel=False,
+                plots_dir=None, verify_outputs=True, summary_name=SUMMARY_NAME,
+                tune_malloc=True):
+    """PSF-match many FITS files on a Dask cluster, one task per file.
+
+    Parameters
+    ----------
+    paths : sequence of path
+        Input exposures (FITS). Each output is ``output_dir/<file name>``.
+    reference : Psf or str
+        Reference PSF model or its string form (``"gaussian:fwhm=7.7,size=23"``).
+    output_dir : path
+        Created if needed; must be visible to the workers at the same path.
+    client : distributed.Client or str, optional
+        A client, or a scheduler address (``"tcp://host:8786"``). Default: a
+        ``LocalCluster`` of ``n_workers`` processes, closed afterwards.
+    psf : Psf or str, optional
+        PSF of every exposure; default: the file named by the header card
+        ``PSF_FILE`` or lying next to each exposure.
+    config : ModelPsfMatchConfig, optional
+    backend : {"auto", "numpy", "cupy"}
+        Resolved on each worker: ``"auto"`` uses the worker's GPU if it has one.
+    kernel_sum : float
+    overwrite : bool
+        Recompute and replace existing outputs. Default: complete outputs are
+        skipped; an existing incomplete or foreign file is reported as failed.
+    n_workers, threads_per_worker, memory_limit :
+        The local cluster's, when ``client`` is None (``n_workers`` None: one
+        per core).
+    progress : bool
+        Show a progress bar (tqdm, on stderr).
+    save_kernel, plots_dir :
+        As ``gpumatch match --save-kernel`` and ``--plots``.
+    verify_outputs : bool
+        Verify the checksums of existing outputs before skipping them (reads
+        them whole); False checks their headers and sizes only.
+    summary_name : str or None
+        JSON summary file in ``output_dir``; None writes none.
+    tune_malloc : bool
+        On workers started by a Dask nanny (Linux), raise glibc's mmap and trim
+        thresholds once per worker process: Dask's ``MALLOC_TRIM_THRESHOLD_``
+        otherwise makes matching 2.5x slower (see ``_tune_malloc``).
+
+    Returns
+    -------
+    list of dict
+        One row per input, in input order (see :func:`match_one`).
+    """
+    _require_dask()
+    from distributed import as_completed
+
+    from .config import ModelPsfMatchConfig
+    from .pipeline import output_path_for, resolve_psf
+
+    t_start = time.perf_counter()
+    paths = [os.fspath(p) for p in paths]
+    output_dir = os.fspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    if isinstance(config, dict):
+        config = ModelPsfMatchConfig.from_dict(config)
+    # Fail on the client, once, for a reference or PSF that cannot be parsed.
+    resolve_psf(reference)
+    if psf is not None:
+        resolve_psf(psf)
+
+    rows = [None] * len(paths)
+    outputs = [output_path_for(p, output_dir) for p in paths]
+    first = {}
+    jobs = []
+    for i, (path, out) in enumerate(zip(paths, outputs)):
+        key = os.path.abspath(out)
+        if key in first:
+            rows[i] = {"input": path, "output": out, "status": "failed", "seconds": 0.0,
+                       "error": f"ValueError: output {out} would also be written by input "
+                                f"{paths[first[key]]}; input file names must differ"}
+        else:
+            first[key] = i
+            jobs.append(i)
+
+    owned = False
+    if jobs:
+        client, owned = _open_client(client, n_workers, threads_per_worker, memory_limit)
+    bar = _progress_bar(len(paths), progress)
+    futures = {}
+    try:
+        if bar is not None:
+            bar.update(len(paths) - len(jobs))
+        for i in jobs:
+            fut = client.submit(match_one, paths[i], reference, outputs[i], psf=psf,
+                                config=config, backend=backend, kernel_sum=kernel_sum,
+                                overwrite=overwrite, save_kernel=save_kernel,
+                                plots_dir=plots_dir, verify_outputs=verify_outputs,
+                                tune_malloc=tune_malloc,
+                                pure=False, key=f"gpumatch-{os.path.basename(paths[i])}-{i}-"
+                                                f"{os.urandom(4).hex()}")
+            futures[fut] = i
+        for fut in as_completed(list(futures)):
+            i = futures[fut]
+            try:
+                row = fut.result()
+            except Exception as exc:  # KilledWorker, a lost scheduler, ...
+                row = {"input": paths[i], "output": outputs[i], "status": "failed",
+                       "error": f"{exc.__class__.__name__}: {exc}", "seconds": None}
+            rows[i] = row
+            if row["status"] == "failed":
+                log.warning("%s: failed: %s", paths[i], row["error"])
+            if bar is not None:
+                done = [r["status"] for r in rows if r is not None]
+                bar.set_postfix_str(f"{os.path.basename(paths[i])} (ok {done.count('ok')}, "
+                                    f"skipped {done.count('skipped')}, "
+                                    f"failed {done.count('failed')})")
+                bar.update(1)
+            fut.release()
+    except BaseException:
+        # Interrupted (Ctrl-C): do not leave tasks running on someone else's cluster.
+        if futures:
+            client.cancel(list(futures))
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if owned:
+            _close_client(client)
+    # Every task has ended: what temporary files remain belong to dead writers.
+    for i in jobs:
+        _remove_stale(outputs[i])
+
+    if summary_name:
+        counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+        _write_summary(os.path.join(output_dir, summary_name), {
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "reference": reference if isinstance(reference, str) else repr(reference),
+            "psf": None if psf is None else (psf if isinstance(psf, str) else repr(psf)),
+            "backend": backend,
+            "kernel_sum": kernel_sum,
+            "config": (config or ModelPsfMatchConfig()).to_dict(),
+            "files_total": len(rows),
+            "files_ok": counts["ok"], "files_skipped": counts["skipped"],
+            "files_failed": counts["failed"],
+            "seconds": time.perf_counter() - t_start,
+            "files": rows,
+        })
+    return rows

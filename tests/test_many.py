@@ -1,0 +1,299 @@
+"""gpumatch.match_many: batched matching equals ModelPsfMatchTask.run exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpumatch as gm
+from gpumatch import Box
+from gpumatch.many import solve_spatial_systems
+from gpumatch.spatial_solve import solve_spatial_system
+
+
+def small_config(**changes):
+    values = dict(kernelSize=11, alardNGauss=2, alardSigGauss=(1.0, 2.0), alardDegGauss=(2, 1),
+                  spatialKernelOrder=1, sizeCellX=32, sizeCellY=32)
+    values.update(changes)
+    return gm.ModelPsfMatchConfig(**values)
+
+
+def small_exposure(nx=160, ny=128, xy0=(0, 0), seed=0, scale=1.0):
+    x0, y0 = xy0
+    psf = gm.VaryingGaussianPsf(15, 15, Box(x0, y0, nx, ny),
+                                sigma=(1.6 * scale, 0.12, -0.08, 0.05, 0.03, -0.04),
+                                g1=(0.02, 0.03 * (seed % 3), -0.01), g2=(-0.01, 0.0, 0.02))
+    rng = np.random.default_rng(seed)
+    image = rng.normal(100.0, 10.0, (ny, nx)).astype(np.float32)
+    variance = np.full((ny, nx), 100.0, dtype=np.float32)
+    mask = (rng.random((ny, nx)) < 2e-3).astype(np.int32) << 3
+    image[5, 7] = np.nan
+    return gm.Exposure(image, variance, mask, xy0=xy0, psf=psf, meta={"SEED": seed})
+
+
+REFERENCE = gm.GaussianPsf(21, 21, 2.6)
+
+
+def mixed_exposures():
+    return [small_exposure(160, 128, seed=0), small_exposure(128, 96, (10, -4), seed=1),
+            small_exposure(160, 128, seed=2), small_exposure(96, 160, (300, 200), seed=3),
+            small_exposure(160, 128, seed=4)]
+
+
+def assert_same_result(got, want):
+    k1, k2 = got.psfMatchingKernel, want.psfMatchingKernel
+    assert np.array_equal(k1.spatial_coefficients, k2.spatial_coefficients)
+    assert np.array_equal(k1.basis_images, k2.basis_images)
+    assert k1.spatial_functions.region == k2.spatial_functions.region
+    e1, e2 = got.psfMatchedExposure, want.psfMatchedExposure
+    assert np.array_equal(e1.image, e2.image, equal_nan=True)
+    assert np.array_equal(e1.variance, e2.variance, equal_nan=True)
+    assert np.array_equal(e1.mask, e2.mask)
+    assert e1.xy0 == e2.xy0 and e1.meta == e2.meta and e1.psf.__class__ is e2.psf.__class__
+    c1, c2 = got.kernelCellSet, want.kernelCellSet
+    assert np.array_equal(c1.templates, c2.templates) and np.array_equal(c1.targets, c2.targets)
+    assert np.array_equal(c1.normal_matrices, c2.normal_matrices)
+    assert np.array_equal(c1.normal_vectors, c2.normal_vectors)
+    assert np.array_equal(c1.kernel_solutions, c2.kernel_solutions)
+    assert c1.status == c2.status
+    m1 = {k: v for k, v in got.metadata.items() if k != "timings"}
+    m2 = {k: v for k, v in want.metadata.items() if k != "timings"}
+    assert m1 == m2
+    assert set(got.metadata["timings"]) == set(want.metadata["timings"])
+    assert type(got.referencePsfModel) is type(want.referencePsfModel)
+
+
+def serial(exposures, config, reference=REFERENCE, kernel_sum=1.0):
+    task = gm.ModelPsfMatchTask(config, backend="numpy")
+    return [task.run(e, reference, kernelSum=kernel_sum) for e in exposures]
+
+
+@pytest.mark.parametrize("batch_size", [None, 1, 2, 5])
+def test_equals_run_exactly_mixed_sizes(batch_size):
+    cfg = small_config()
+    exposures = mixed_exposures()
+    want = serial(exposures, cfg)
+    got = gm.match_many(exposures, REFERENCE, cfg, backend="numpy", batch_size=batch_size)
+    got = list(got)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert_same_result(g, w)
+
+
+def test_candidates_of_several_exposures_cross_chunk_boundaries():
+    # 4 x 42 candidates > the 128-candidate chunk of the normal equations.
+    cfg = small_config()
+    exposures = [small_exposure(seed=s) for s in range(4)]
+    want = serial(exposures, cfg, kernel_sum=0.8)
+    got = list(gm.match_many(exposures, REFERENCE, cfg, backend="numpy", kernel_sum=0.8,
+                             batch_size=4))
+    assert sum(len(r.kernelCellSet) for r in got) > 128
+    for g, w in zip(got, want):
+        assert_same_result(g, w)
+
+
+def test_scale_by_fwhm_mixes_bases_in_one_batch():
+    cfg = small_config(scaleByFwhm=True, kernelSizeMin=9, kernelSizeMax=15)
+    exposures = [small_exposure(seed=0, scale=1.0), small_exposure(seed=1, scale=0.8),
+                 small_exposure(seed=2, scale=1.0), small_exposure(128, 96, seed=3, scale=1.2)]
+    want = serial(exposures, cfg)
+    assert len({w.metadata["ALKernelSize"] for w in want}) > 1  # several bases
+    got = list(gm.match_many(exposures, REFERENCE, cfg, backend="numpy"))
+    for g, w in zip(got, want):
+        assert_same_result(g, w)
+
+
+def test_shares_basis_and_reference_realisation(monkeypatch):
+    cfg = small_config()
+    calls = {"basis": 0, "ref": 0}
+    import gpumatch.many as many
+
+    real_basis = many.alard_lupton_basis
+
+    def counting_basis(*a, **k):
+        calls["basis"] += 1
+        return real_basis(*a, **k)
+
+    monkeypatch.setattr(many, "alard_lupton_basis", counting_basis)
+
+    class CountingReference(gm.GaussianPsf):
+        def compute_kernel_images(self, xs, ys, **kw):
+            calls["ref"] += 1
+            return super().compute_kernel_images(xs, ys, **kw)
+
+    ref = CountingReference(17, 17, 2.6)  # the stamp size: no resize
+    exposures = [small_exposure(seed=s) for s in range(4)] + [small_exposure(128, 96, seed=9)]
+    got = list(gm.match_many(exposures, ref, cfg, backend="numpy", batch_size=2))
+    assert calls["basis"] == 1
+    assert calls["ref"] == 2  # one cell grid for the four equal exposures, one for the other
+    want = serial(exposures, cfg, reference=gm.GaussianPsf(17, 17, 2.6))
+    for g, w in zip(got, want):
+        assert np.array_equal(g.psfMatchedExposure.image, w.psfMatchedExposure.image,
+                              equal_nan=True)
+
+
+def test_paths_in_order(tmp_path):
+    cfg = small_config()
+    psf = gm.GaussianPsf(15, 15, 1.7)
+    paths = []
+    exposures = []
+    for i, e in enumerate(mixed_exposures()):
+        e.psf = None
+        p = tmp_path / f"exp{i}.fits"
+        e.write_fits(p)
+        paths.append(str(p) if i % 2 else p)  # str and PathLike
+        back = gm.Exposure.read_fits(p)
+        back.psf = psf
+        exposures.append(back)
+    want = serial(exposures, cfg)
+    got = gm.match_many(iter(paths), REFERENCE, cfg, backend="numpy", psf=psf, batch_size=3)
+    results = list(got)
+    assert len(results) == len(want)
+    for g, w in zip(results, want):
+        assert_same_result(g, w)
+    assert [r.psfMatchedExposure.meta["SEED"] for r in results] == [0, 1, 2, 3, 4]
+
+
+def test_paths_and_exposures_mixed_psf_string(tmp_path):
+    cfg = small_config()
+    e0 = small_exposure(seed=0)
+    p = tmp_path / "one.fits"
+    e0.write_fits(p)
+    got = list(gm.match_many([p, small_exposure(seed=1)], REFERENCE, cfg, backend="numpy",
+                             psf="gaussian:sigma=1.7,size=15"))
+    back = gm.Exposure.read_fits(p)
+    back.psf = gm.parse_psf("gaussian:sigma=1.7,size=15")
+    want = serial([back, small_exposure(seed=1)], cfg)
+    for g, w in zip(got, want):
+        assert_same_result(g, w)
+
+
+def test_a_failing_exposure(tmp_path):
+    cfg = small_config()
+    bad = small_exposure(seed=1)
+    bad.psf = None
+    exposures = [small_exposure(seed=0), bad, small_exposure(seed=2)]
+    out = list(gm.match_many(exposures, REFERENCE, cfg, backend="numpy", on_error="yield"))
+    assert isinstance(out[1], gm.MissingPsfError)
+    want = serial([exposures[0], exposures[2]], cfg)
+    assert_same_result(out[0], want[0])
+    assert_same_result(out[2], want[1])
+
+    gen = gm.match_many(exposures, REFERENCE, cfg, backend="numpy")
+    first = next(gen)
+    assert_same_result(first, want[0])
+    with pytest.raises(gm.MissingPsfError):
+        next(gen)
+
+    missing = tmp_path / "missing.fits"
+    out = list(gm.match_many([missing], REFERENCE, cfg, backend="numpy", on_error="yield"))
+    assert isinstance(out[0], FileNotFoundError)
+
+
+def test_bad_arguments_fail_at_call():
+    with pytest.raises(ValueError, match="backend"):
+        gm.match_many([], REFERENCE, backend="tpu")
+    with pytest.raises(ValueError, match="batch_size"):
+        gm.match_many([], REFERENCE, batch_size=0)
+    with pytest.raises(ValueError, match="on_error"):
+        gm.match_many([], REFERENCE, on_error="ignore")
+    assert list(gm.match_many([], REFERENCE, backend="numpy")) == []
+
+
+@pytest.mark.parametrize("kind", ["EIGENVALUE", "SVD"])
+def test_batched_spatial_solve_equals_single(kind):
+    rng = np.random.default_rng(3)
+    nb, nkt = 4, 3
+    nt = (nb - 1) * nkt + 1
+    As, rhss = [], []
+    for i in range(6):
+        X = rng.normal(size=(40, nt)) * rng.uniform(0.1, 100.0, nt)
+        if i == 2:  # rank deficient: two equal columns
+            X[:, 3] = X[:, 4]
+        if i == 4:
+            X[:, :] = 0.0
+            X[:5, 0] = 1.0
+        As.append(X.T @ X)
+        rhss.append(X.T @ rng.normal(size=40))
+    got = solve_spatial_systems(As, rhss, nb, nkt, [1.0, 0.5, 1.0, 2.0, 1.0, 1.0], kind)
+    for A, rhs, ks, g in zip(As, rhss, [1.0, 0.5, 1.0, 2.0, 1.0, 1.0], got):
+        w = solve_spatial_system(A, rhs, nb, nkt, ks, kind)
+        assert np.array_equal(g.coefficients, w.coefficients)
+        assert (g.condition_number, g.method, g.rank, g.n_unknowns) == \
+            (w.condition_number, w.method, w.rank, w.n_unknowns)
+    assert {g.method for g in got} >= {"cholesky", "eigen-pseudo-inverse"}
+
+
+def test_batched_spatial_solve_reports_non_finite():
+    nb, nkt = 2, 1
+    A = np.array([[1.0, np.nan], [np.nan, 1.0]])
+    good = np.eye(2)
+    got = solve_spatial_systems([good, A], [np.ones(2), np.ones(2)], nb, nkt, [1.0, 1.0])
+    assert not isinstance(got[0], Exception)
+    assert isinstance(got[1], Exception)
+
+
+def test_out_of_memory_halves_the_batch_and_retries(monkeypatch):
+    """The device path's retry logic, driven on the CPU by a stand-in error."""
+    import gpumatch.many as many
+
+    cfg = small_config()
+    exposures = [small_exposure(seed=s) for s in range(5)]
+    want = serial(exposures, cfg)
+
+    class FakeOutOfMemory(Exception):
+        pass
+
+    task = gm.ModelPsfMatchTask(cfg, backend="numpy")
+    matcher = many._ManyMatcher(task, REFERENCE, 1.0, None, None)
+    matcher.oom = (FakeOutOfMemory,)
+    real = task._stages.normal_equations
+    sizes = []
+
+    def limited(templates, targets, basis, variance):
+        sizes.append(len(templates))
+        if len(templates) > 2 * 42:  # room for two exposures' candidates
+            raise FakeOutOfMemory()
+        return real(templates, targets, basis, variance)
+
+    monkeypatch.setattr(task._stages, "normal_equations", limited)
+    monkeypatch.setattr(many, "_free_device_memory", lambda: None)
+    monkeypatch.setattr(matcher, "_batch_limit", lambda first: matcher._device_limit or 5)
+    got = list(matcher.run(exposures, "raise"))
+    # 5 fail; halves of 2 (fit) and 3 (fail, then 1 and 2 fit); later batches stay small.
+    assert sizes == [5 * 42, 2 * 42, 3 * 42, 42, 2 * 42]
+    assert matcher._device_limit == 1
+    for g, w in zip(got, want):
+        assert_same_result(g, w)
+
+
+def test_device_batch_size_from_free_memory(monkeypatch):
+    """The device batch-size arithmetic, with a stand-in for CuPy's memory queries."""
+    import sys
+    import types
+
+    import gpumatch.many as many
+
+    free = {"bytes": 0}
+    fake = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(
+            runtime=types.SimpleNamespace(memGetInfo=lambda: (free["bytes"], 80 << 30)),
+            memory=types.SimpleNamespace(OutOfMemoryError=MemoryError)),
+        get_default_memory_pool=lambda: types.SimpleNamespace(free_bytes=lambda: 0))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    task = gm.ModelPsfMatchTask(many.ModelPsfMatchTask.ConfigClass(sizeCellX=128, sizeCellY=128),
+                                backend="numpy")
+    task.backend = "cupy"  # only _batch_limit looks at it here
+    matcher = many._ManyMatcher(task, REFERENCE, 1.0, None, None)
+    job = many._Job("visit", exposure=gm.Exposure(np.zeros((4000, 4096), np.float32)))
+    per = matcher._phase1_bytes(job.exposure)
+    assert 20e6 < per < 200e6  # ~34 x 33 candidates of 31 x 31 stamps and 27 x 27 systems
+    free["bytes"] = 40 << 30
+    limit = matcher._batch_limit(job)
+    expected = int((0.6 * (40 << 30) - 64 * 4000 * 4096) // per)
+    assert 1 <= limit <= expected and limit <= many.MAX_DEVICE_BATCH
+    free["bytes"] = 1 << 30  # less than one exposure needs: still one at a time
+    assert matcher._batch_limit(job) == 1
+    matcher._device_limit = 3  # after an out-of-memory error
+    assert matcher._batch_limit(job) == 3
+    assert many._ManyMatcher(task, REFERENCE, 1.0, None, 5)._batch_limit(job) == 5

@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import ConfigError
 

@@ -44,13 +44,11 @@ from .backend import to_numpy
 from .basis import alard_lupton_basis
 from .cellset import build_cell_set, next_odd
 from .errors import GpumatchError
-from .kernel import SpatialKernel
 from .linalg import SymmetricSolution
 from .psf.base import Psf
-from .quality import candidate_residuals
 from .spatial import SpatialFunctions
 from .spatial_solve import SpatialSolution, assemble_spatial_system, solve_spatial_system
-from .task import ModelPsfMatchResult, ModelPsfMatchTask
+from .task import ModelPsfMatchTask
 
 log = logging.getLogger("gpumatch")
 
@@ -526,53 +524,9 @@ class _ManyMatcher:
             return self.stages.apply(job.exposure, kernel, job.reference)
 
     def _finish(self, job):
-        task, cfg, stages = self.task, self.task.config, self.stages
-        times = job.times
-        cs, choice, solution, sf = job.cell_set, job.choice, job.solution, job.sf
-        kernel = SpatialKernel(job.basis, sf, solution.coefficients)
-        t3 = time.perf_counter()
-        matched = self._apply(job, kernel)
-        stages.sync()
-        t4 = time.perf_counter()
-        times["apply"] = t4 - t3
-        quality = candidate_residuals(cs, kernel)
-        times["quality"] = time.perf_counter() - t4
-        # The same metadata as ModelPsfMatchTask.run (keep the two in step;
-        # tests/test_many.py compares them).
-        cx, cy = cs.region.center
-        n = len(cs)
-        md = {
-            "spatialConditionNum": solution.condition_number,
-            "spatialKernelSum": float(kernel.sum_at(cx, cy)),
-            "ALBasisNGauss": len(choice.sigmas),
-            "ALBasisDegGauss": list(choice.degrees),
-            "ALBasisSigGauss": [float(s) for s in choice.sigmas],
-            "ALKernelSize": int(choice.kernel_size),
-            "ALBasisMode": choice.mode,
-            "numKernelCandidates": n,
-            "numUsedCandidates": n,
-            "numRejectedCandidates": 0,
-            "numSpatialTerms": sf.n_terms,
-            "numSpatialUnknowns": solution.n_unknowns,
-            "spatialSolveMethod": solution.method,
-            "spatialSolveRank": solution.rank,
-            "psfSize": cs.psf_size,
-            "psfPadding": cs.pad,
-            "backend": task.backend,
-            "matchedPsfRelL2Median": quality["relative_l2_median"],
-            "matchedPsfRelL2Max": quality["relative_l2_max"],
-            "matchedPsfMaxAbs": quality["max_abs_max"],
-            "matchedPsfFwhmRatioMedian": quality["fwhm_ratio_median"],
-            "matchedPsfFwhmRatioWorst": quality["fwhm_ratio_worst"],
-            "candidateRelL2": quality["relative_l2"].tolist(),
-            "candidateMaxAbs": quality["max_abs"].tolist(),
-            "candidateFwhmMatched": quality["fwhm_matched"].tolist(),
-            "candidateFwhmReference": quality["fwhm_reference"].tolist(),
-            "timings": dict(times),
-        }
-        task.metadata = md
-        task._log_solution(md, sf.n_terms)
-        return ModelPsfMatchResult(matched, kernel, cs, job.reference, md)
+        return self.task._finish(job.exposure, job.cell_set, job.choice, job.basis, job.sf,
+                                 job.solution, job.reference, dict(job.times),
+                                 apply=lambda exposure, kernel, psf: self._apply(job, kernel))
 
 
 def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel_sum=1.0, *,

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import resolve_backend, to_numpy
+from .backend import resolve_backend
 from .basis import alard_lupton_basis, basis_widths
 from .cellset import build_cell_set
 from .config import ModelPsfMatchConfig
@@ -196,11 +196,21 @@ class ModelPsfMatchTask:
         A, rhs = assemble_spatial_system(M, b, P, xp=stages.xp)
         solution = solve_spatial_system(A, rhs, len(basis), sf.n_terms, kernel_sum,
                                         cfg.conditionNumberType)
+        times["spatialSolve"] = time.perf_counter() - t2
+        return self._finish(exposure, cell_set, choice, basis, sf, solution, reference, times)
+
+    def _finish(self, exposure, cell_set, choice, basis, sf, solution, reference, times,
+                apply=None):
+        """Spatial kernel -> application -> quality -> metadata.
+
+        Shared by :meth:`run` and :func:`gpumatch.match_many`, so both give the
+        same results and metadata. ``apply(exposure, kernel, psf)`` defaults to
+        the backend's application.
+        """
+        stages = self._stages
         kernel = SpatialKernel(basis, sf, solution.coefficients)
         t3 = time.perf_counter()
-        times["spatialSolve"] = t3 - t2
-
-        matched = stages.apply(exposure, kernel, reference)
+        matched = (apply or stages.apply)(exposure, kernel, reference)
         stages.sync()
         t4 = time.perf_counter()
         times["apply"] = t4 - t3

@@ -1,6 +1,5 @@
 """The Alard-Lupton basis (SPEC section 4): images, renormalisation, widths, sizes."""
 
-import math
 
 import numpy as np
 import pytest

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 import gpumatch as gm
-from gpumatch.basis import alard_lupton_basis
 from gpumatch.linalg import condition_number, solve_symmetric
 from gpumatch.normal_equations import candidate_normal_equations
 from gpumatch.spatial import SpatialFunctions

@@ -24,7 +24,8 @@ from workloads import (machine_description, production_config, production_exposu
 from gpumatch import ModelPsfMatchTask  # noqa: E402
 
 STAGES = [("cellSet", "cell set (stamps)"), ("normalEquations", "normal equations"),
-          ("spatialSolve", "spatial solve"), ("apply", "apply (image+var+mask)")]
+          ("spatialSolve", "spatial solve"), ("apply", "apply (image+var+mask)"),
+          ("quality", "matched-PSF quality")]
 
 
 def main(argv=None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -9,7 +10,7 @@ import numpy as np
 
 log = logging.getLogger("gpumatch")
 
-__all__ = ["array_namespace", "resolve_backend", "cupy_usable", "to_numpy"]
+__all__ = ["array_namespace", "resolve_backend", "cupy_usable", "to_numpy", "single_threaded_blas"]
 
 BACKENDS = ("numpy", "cupy", "auto")
 
@@ -74,3 +75,21 @@ def to_numpy(a):
     if type(a).__module__.startswith("cupy"):
         return a.get()
     return np.asarray(a)
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Run the enclosed code with one BLAS thread.
+
+    gpumatch's matrix work is many small products, which one thread does
+    fastest; idle BLAS threads would otherwise spin and slow the multi-threaded
+    FFTs of the application, and the thread count would change the rounding
+    (so results would depend on the machine's core count).
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a declared dependency
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import to_numpy
+from .backend import single_threaded_blas, to_numpy
 from .basis import alard_lupton_basis
 from .cellset import build_cell_set, next_odd
 from .errors import GpumatchError
@@ -339,11 +339,14 @@ class _ManyMatcher:
                 if item is end:
                     break
                 jobs.append(self._load(item))
-            self._solve_with_retry(jobs)
+            # Not held across the yields: the caller's own code keeps its BLAS threads.
+            with single_threaded_blas():
+                self._solve_with_retry(jobs)
             for job in jobs:
                 if job.error is None:
                     try:
-                        result = self._finish(job)
+                        with single_threaded_blas():
+                            result = self._finish(job)
                     except self.oom:
                         raise
                     except Exception as exc:

@@ -59,11 +59,13 @@ def candidate_residuals(cell_set, kernel):
         ``fwhm_matched`` and ``fwhm_reference`` (per candidate, adaptive
         moments of the whole stamps, pixels), and summaries.
     """
-    matched, target = matched_psf_stamps(cell_set, kernel)
-    diff = matched - target
+    full_m, full_t = matched_psf_stamps(cell_set, kernel, full=True)
+    # The good region of the whole-stamp correlation is the good-region result.
+    good = good_region(full_m.shape[1], kernel.dimensions[0])
+    diff = full_m[:, good, good] - full_t[:, good, good]
+    target = full_t[:, good, good]
     rel = np.sqrt((diff ** 2).sum(axis=(1, 2)) / (target ** 2).sum(axis=(1, 2)))
     mx = np.abs(diff).max(axis=(1, 2))
-    full_m, full_t = matched_psf_stamps(cell_set, kernel, full=True)
     mom = adaptive_moments_batch(np.concatenate([full_m, full_t]))
     radius = (mom[:, 2] * mom[:, 3] - mom[:, 4] ** 2) ** 0.25 * SIGMA_TO_FWHM
     fm, ft = radius[:len(full_m)], radius[len(full_m):]

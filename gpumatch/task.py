@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import resolve_backend
+from .backend import resolve_backend, single_threaded_blas
 from .basis import alard_lupton_basis, basis_widths
 from .cellset import build_cell_set
 from .config import ModelPsfMatchConfig
@@ -169,6 +169,10 @@ class ModelPsfMatchTask:
         -------
         ModelPsfMatchResult
         """
+        with single_threaded_blas():
+            return self._run(exposure, referencePsfModel, kernelSum)
+
+    def _run(self, exposure, referencePsfModel, kernelSum):
         cfg = self.config
         kernel_sum = self._check_inputs(exposure, referencePsfModel, kernelSum)
         stages = self._stages

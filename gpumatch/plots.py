@@ -187,7 +187,8 @@ def plot_basis(kernel):
     plt = _pyplot()
     basis = kernel.basis_images
     rows, cols = _grid(len(basis))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols + 1, 1.7 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols + 1, 2.0 * rows), squeeze=False,
+                             constrained_layout=True)
     for i, ax in enumerate(axes.ravel()):
         ax.set_xticks([])
         ax.set_yticks([])
@@ -211,7 +212,8 @@ def plot_spatial_coefficients(kernel, bbox, n=64):
     P = kernel.spatial_functions.evaluate(gx.ravel(), gy.ravel())
     coef = (P @ kernel.spatial_coefficients.T).T.reshape(-1, n, n)
     rows, cols = _grid(len(coef))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols + 1, 2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols + 1, 2.2 * rows), squeeze=False,
+                             constrained_layout=True)
     extent = (bbox.x0 - 0.5, bbox.x1 + 0.5, bbox.y0 - 0.5, bbox.y1 + 0.5)
     for i, ax in enumerate(axes.ravel()):
         ax.set_xticks([])

@@ -66,9 +66,13 @@ def candidate_residuals(cell_set, kernel):
     target = full_t[:, good, good]
     rel = np.sqrt((diff ** 2).sum(axis=(1, 2)) / (target ** 2).sum(axis=(1, 2)))
     mx = np.abs(diff).max(axis=(1, 2))
-    mom = adaptive_moments_batch(np.concatenate([full_m, full_t]))
+    n = len(full_m)
+    # A spatially constant reference (the usual case) is measured once.
+    constant_ref = bool((full_t == full_t[:1]).all())
+    mom = adaptive_moments_batch(np.concatenate([full_m, full_t[:1] if constant_ref else full_t]))
     radius = (mom[:, 2] * mom[:, 3] - mom[:, 4] ** 2) ** 0.25 * SIGMA_TO_FWHM
-    fm, ft = radius[:len(full_m)], radius[len(full_m):]
+    fm = radius[:n]
+    ft = np.full(n, radius[n]) if constant_ref else radius[n:]
     ratio = fm / ft
     worst = int(np.nanargmax(np.abs(ratio - 1))) if np.isfinite(ratio).any() else 0
     return {

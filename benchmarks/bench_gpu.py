@@ -203,7 +203,7 @@ def naive_convolve_planes(cp, image, variance, mask, kernel, box, no_data):
     """Application by cupyx.scipy.ndimage: one correlation per spatial term."""
     from cupyx.scipy import ndimage
 
-    from gpumatch.basis import polynomial_exponents
+    from gpumatch.apply import variance_terms
 
     ny, nx = image.shape
     k = kernel.dimensions[0]
@@ -220,12 +220,7 @@ def naive_convolve_planes(cp, image, variance, mask, kernel, box, no_data):
         num += (w * ndimage.correlate(img, cp.asarray(q, cp.float32), mode="constant")).astype(
             cp.float32)
         norm += w * float(q.sum())
-    exps2 = polynomial_exponents(2 * kernel.spatial_order)
-    index2 = {e: m for m, e in enumerate(exps2)}
-    V = np.zeros((len(exps2), k, k))
-    for i, (a1, c1) in enumerate(exps):
-        for j, (a2, c2) in enumerate(exps):
-            V[index2[(a1 + a2, c1 + c2)]] += Q[i] * Q[j]
+    exps2, V = variance_terms(Q, exps, kernel.spatial_order)
     vnum = cp.zeros((ny, nx), cp.float32)
     for (a, c), v in zip(exps2, V):
         w = cp.outer(Y ** c, X ** a)

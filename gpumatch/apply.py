@@ -20,13 +20,13 @@ import logging
 import os
 
 import numpy as np
-import scipy.fft
 
 from .basis import polynomial_exponents
 
 log = logging.getLogger("gpumatch")
 
-__all__ = ["apply_kernel", "convolve_planes", "footprint_or", "direct_convolve_pixels"]
+__all__ = ["apply_kernel", "convolve_planes", "footprint_or", "direct_convolve_pixels",
+           "edge_planes", "variance_terms"]
 
 _FAST_TILES = (64, 96, 128, 160, 192, 256, 320, 384, 512)
 
@@ -124,11 +124,6 @@ def _dilate(bad, k):
                         np.ones((k, k), dtype=bool)).astype(bool)
 
 
-def _monomial_grid(exponents, X, Y):
-    """Per-term (column factor, row factor) pairs."""
-    return [(X ** a, Y ** c) for a, c in exponents]
-
-
 def _tiled_weighted_correlation(plane, kernels, terms, X, Y, k):
     """``sum_m Y^c_m X^a_m (plane (*) kernels[m])`` on the interior.
 
@@ -144,6 +139,8 @@ def _tiled_weighted_correlation(plane, kernels, terms, X, Y, k):
     -------
     float64 array (ny - 2h, nx - 2h)
     """
+    import scipy.fft  # not at import time: `import gpumatch` stays light
+
     ny, nx = plane.shape
     h = k // 2
     oy, ox = ny - 2 * h, nx - 2 * h
@@ -193,6 +190,34 @@ def _tiled_weighted_correlation(plane, kernels, terms, X, Y, k):
     return out
 
 
+def edge_planes(shape, dtypes, no_data_bit, xp=np):
+    """Image, variance and mask planes holding the edge values everywhere.
+
+    NaN, +inf and only the NO_DATA bit (SPEC section 7); the application fills
+    the interior.
+    """
+    image = xp.full(shape, np.nan, dtype=dtypes[0])
+    variance = xp.full(shape, np.inf, dtype=dtypes[1])
+    mask = xp.full(shape, np.array(int(no_data_bit)).astype(dtypes[2])[()], dtype=dtypes[2])
+    return image, variance, mask
+
+
+def variance_terms(Q, exponents, order):
+    """Kernels of ``K^2 = sum_m X^A Y^C V_m`` from ``K = sum_k X^a Y^c Q_k``.
+
+    Returns the exponents ``(A, C)`` (all of total degree ``<= 2 order``) and
+    ``V`` ``(len, k, k)``: pair products ``Q_k Q_k'`` grouped by the product
+    monomial.
+    """
+    exps2 = polynomial_exponents(2 * order)
+    index2 = {e: m for m, e in enumerate(exps2)}
+    V = np.zeros((len(exps2),) + Q.shape[1:])
+    for i, (a1, c1) in enumerate(exponents):
+        for j, (a2, c2) in enumerate(exponents):
+            V[index2[(a1 + a2, c1 + c2)]] += Q[i] * Q[j]
+    return exps2, V
+
+
 def direct_convolve_pixels(plane, kernel, box, ys, xs, square=False):
     """Brute-force output at array pixels ``(ys, xs)`` (all interior).
 
@@ -235,9 +260,8 @@ def convolve_planes(image, variance, mask, kernel, box, no_data_bit):
     ny, nx = image.shape
     k = kernel.dimensions[0]
     h = k // 2
-    image_out = np.full((ny, nx), np.nan, dtype=image.dtype)
-    var_out = np.full((ny, nx), np.inf, dtype=variance.dtype)
-    mask_out = np.full((ny, nx), no_data_bit, dtype=mask.dtype)
+    image_out, var_out, mask_out = edge_planes(
+        (ny, nx), (image.dtype, variance.dtype, mask.dtype), no_data_bit)
     oy, ox = ny - 2 * h, nx - 2 * h
     if oy <= 0 or ox <= 0:
         log.warning("exposure %dx%d is no larger than the %dx%d kernel: every pixel is edge",
@@ -250,13 +274,7 @@ def convolve_planes(image, variance, mask, kernel, box, no_data_bit):
     Y = (np.arange(h, ny - h) + box.y0 - cy) / hy
     norm = sum(np.outer(Y ** c, X ** a) * q.sum() for (a, c), q in zip(exps, Q))
 
-    # Pair products for the variance, grouped by the product monomial.
-    exps2 = polynomial_exponents(2 * kernel.spatial_order)
-    index2 = {e: m for m, e in enumerate(exps2)}
-    V = np.zeros((len(exps2), k, k))
-    for i, (a1, c1) in enumerate(exps):
-        for j, (a2, c2) in enumerate(exps):
-            V[index2[(a1 + a2, c1 + c2)]] += Q[i] * Q[j]
+    exps2, V = variance_terms(Q, exps, kernel.spatial_order)
 
     for plane, kernels, terms, square, out in (
         (image, Q, exps, False, image_out),

@@ -61,37 +61,6 @@ def _one_line(exc):
     return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
 
 
-def _progress(total, enabled):
-    """A tqdm bar on stderr, or None when disabled."""
-    if not enabled:
-        return None
-    from tqdm import tqdm  # a dependency of gpumatch
-
-    return tqdm(total=total, unit="file", dynamic_ncols=True, file=sys.stderr)
-
-
-def _summary_table(rows):
-    head = ("input", "status", "kernel sum", "cond", "resid L2 max", "FWHM ratio", "s")
-    lines = []
-    data = []
-    for r in rows:
-        if r["status"] == "ok":
-            data.append((os.path.basename(r["input"]), "ok", f"{r['kernel_sum']:.5f}",
-                         f"{r['condition_number']:.3g}", f"{r['residual_l2_max']:.2e}",
-                         f"{r['fwhm_ratio_median']:.4f}", f"{r['seconds']:.2f}"))
-        else:
-            data.append((os.path.basename(r["input"]), "FAILED", "", "", "", "", ""))
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *data)]
-    fmt = "  ".join("{:<%d}" % w for w in widths)
-    lines.append(fmt.format(*head))
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend(fmt.format(*d) for d in data)
-    for r in rows:
-        if r["status"] != "ok":
-            lines.append(f"FAILED {r['input']}: {r['error']}")
-    return "\n".join(lines)
-
-
 def _cmd_match_distributed(args):
     """``gpumatch match --scheduler ADDRESS`` / ``--workers N``: one Dask task per file."""
     from .distributed import SUMMARY_NAME, format_summary, match_files
@@ -124,8 +93,8 @@ def _cmd_match(args):
         return _cmd_match_distributed(args)
     import contextlib
 
-    from .pipeline import check_output, load_config, match_file, output_path_for, parse_overrides
-    from .pipeline import resolve_psf
+    from .distributed import _progress_bar, format_summary
+    from .pipeline import load_config, match_file, output_path_for, parse_overrides, resolve_psf
     from .task import ModelPsfMatchTask
 
     if args.output and len(args.exposures) > 1:
@@ -141,7 +110,7 @@ def _cmd_match(args):
     if args.output_dir and not os.path.isdir(args.output_dir):
         os.makedirs(args.output_dir, exist_ok=True)
     rows = []
-    bar = _progress(len(args.exposures), not args.quiet and len(args.exposures) > 1)
+    bar = _progress_bar(len(args.exposures), not args.quiet and len(args.exposures) > 1)
     if bar is not None:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -164,7 +133,7 @@ def _cmd_match(args):
                 bar.set_postfix_str(f"{os.path.basename(path)} (ok {n_ok}, "
                                     f"failed {len(rows) - n_ok})")
             try:
-                check_output(path, out, args.overwrite)
+                # match_file refuses a missing input or a bad output before any work.
                 row = match_file(path, reference, out, psf=psf, kernel_sum=args.kernel_sum,
                                  save_kernel=args.save_kernel, plots_dir=args.plots,
                                  overwrite=args.overwrite, task=task)
@@ -181,7 +150,7 @@ def _cmd_match(args):
             bar.set_postfix_str(f"ok {n_ok}, failed {len(rows) - n_ok}")
             bar.close()
     if not args.quiet or any(r["status"] != "ok" for r in rows):
-        print(_summary_table(rows))
+        print(format_summary(rows, fwhm_ratio=True))
     n_bad = sum(r["status"] != "ok" for r in rows)
     if n_bad:
         print(f"gpumatch: {n_bad} of {len(rows)} inputs failed", file=sys.stderr)

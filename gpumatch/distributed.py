@@ -39,7 +39,9 @@ import glob
 import json
 import logging
 import math
+import numbers
 import os
+import pickle
 import socket
 import sys
 import time
@@ -89,7 +91,9 @@ def _tune_malloc():
 
 def _require_dask():
     try:
-        import distributed  # noqa: F401
+        import importlib
+
+        importlib.import_module("distributed")
     except ImportError as exc:
         raise ImportError(
             "gpumatch.distributed needs Dask: pip install 'gpumatch[distributed]' "
@@ -107,17 +111,30 @@ def output_complete(path, verify_checksums=True):
     (bool, str)
         ``(True, "")``, or ``(False, reason)``.
     """
+    ok, why, _ = _inspect_output(path, verify_checksums)
+    return ok, why
+
+
+def _inspect_output(path, verify):
+    """:func:`output_complete` of ``path`` (checksums when ``verify``), reading it once.
+
+    Returns
+    -------
+    (bool, str, astropy.io.fits.Header or None)
+        As :func:`output_complete`, and the primary header when the file
+        could be read.
+    """
     from astropy.io import fits
 
     p = os.fspath(path)
     if not os.path.isfile(p):
-        return False, "no such file"
+        return False, "no such file", None
     size = os.path.getsize(p)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            with fits.open(p, memmap=False, checksum=verify_checksums,
-                           lazy_load_hdus=not verify_checksums) as hdul:
+            with fits.open(p, memmap=False, checksum=verify,
+                           lazy_load_hdus=not verify) as hdul:
                 hdul.readall()
                 roles = {}
                 end = 0
@@ -131,23 +148,23 @@ def output_complete(path, verify_checksums=True):
                 primary = hdul[0].header
                 has_card = COMPLETION_CARD in primary
     except Exception as exc:
-        return False, f"not a readable FITS file ({exc.__class__.__name__}: {exc})"
+        return False, f"not a readable FITS file ({exc.__class__.__name__}: {exc})", None
     bad = [str(w.message).strip() for w in caught
            if "verification failed" in str(w.message) or "truncated" in str(w.message)
            or "Error validating header" in str(w.message)]
     if bad:
-        return False, bad[0].splitlines()[0]
+        return False, bad[0].splitlines()[0], primary
     missing = [n for n in _PLANES if n not in roles]
     if missing:
-        return False, f"no {', '.join(missing)} extension"
+        return False, f"no {', '.join(missing)} extension", primary
     shapes = set(roles.values())
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-        return False, f"planes of different or non-2-d shapes {roles}"
+        return False, f"planes of different or non-2-d shapes {roles}", primary
     if end > size:
-        return False, f"truncated ({size} bytes, {end} expected)"
+        return False, f"truncated ({size} bytes, {end} expected)", primary
     if not has_card:
-        return False, f"no {COMPLETION_CARD} card (not written by gpumatch match)"
-    return True, ""
+        return False, f"no {COMPLETION_CARD} card (not written by gpumatch match)", primary
+    return True, "", primary
 
 
 def stale_temporaries(output):
@@ -173,16 +190,13 @@ def _remove_stale(output):
     return removed
 
 
-def _header_summary(output):
-    from astropy.io import fits
-
+def _header_summary(header):
+    """The summary fields gpumatch wrote in an output's primary ``header``."""
     out = {}
-    with fits.open(output, memmap=False) as hdul:
-        h = hdul[0].header
-        for key, name in (("GPM_KSUM", "kernel_sum"), ("GPM_COND", "condition_number"),
-                          ("GPM_RESL2", "residual_l2_max")):
-            if key in h:
-                out[name] = float(h[key])
+    for key, name in (("GPM_KSUM", "kernel_sum"), ("GPM_COND", "condition_number"),
+                      ("GPM_RESL2", "residual_l2_max")):
+        if key in header:
+            out[name] = float(header[key])
     return out
 
 
@@ -219,12 +233,12 @@ def match_one(path, reference, output, psf=None, config=None, backend="auto", ke
         check_output(path, output, overwrite=True)  # not the input itself; directory exists
         _remove_stale(output)
         if os.path.lexists(output) and not overwrite:
-            complete, why = output_complete(output, verify_outputs)
+            complete, why, header = _inspect_output(output, verify_outputs)
             if not complete:
                 raise FileExistsError(
                     f"{output}: exists but is not a complete gpumatch output ({why}); remove it "
                     "or pass overwrite=True (--overwrite) to replace it")
-            row.update(_header_summary(output))
+            row.update(_header_summary(header))
             row["status"] = "skipped"
         else:
             summary = match_file(path, reference, output, psf=psf, config=config,
@@ -269,17 +283,25 @@ def _write_summary(path, document):
     return path
 
 
-def format_summary(rows):
-    """A plain-text table of :func:`match_files` rows, then one line per failure."""
-    head = ("input", "status", "kernel sum", "cond", "resid L2 max", "s")
+def format_summary(rows, fwhm_ratio=False):
+    """A plain-text table of :func:`match_files` rows, then one line per failure.
+
+    ``fwhm_ratio`` adds a column of the median matched/reference FWHM ratio
+    (``fwhm_ratio_median``, known for files matched in this run).
+    """
+    head = ("input", "status", "kernel sum", "cond", "resid L2 max") \
+        + (("FWHM ratio",) if fwhm_ratio else ()) + ("s",)
     data = []
     for r in rows:
         def num(key, fmt):
             v = r.get(key)
-            return format(v, fmt) if isinstance(v, (int, float)) else ""
+            return format(v, fmt) if isinstance(v, numbers.Real) and not isinstance(v, bool) \
+                else ""
         data.append((os.path.basename(r["input"]), r["status"].upper() if r["status"] == "failed"
                      else r["status"], num("kernel_sum", ".5f"), num("condition_number", ".3g"),
-                     num("residual_l2_max", ".2e"), num("seconds", ".2f")))
+                     num("residual_l2_max", ".2e"))
+                    + ((num("fwhm_ratio_median", ".4f"),) if fwhm_ratio else ())
+                    + (num("seconds", ".2f"),))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *data)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
     lines = [fmt.format(*head), "  ".join("-" * w for w in widths)]
@@ -289,6 +311,7 @@ def format_summary(rows):
 
 
 def _progress_bar(total, enabled):
+    """A tqdm bar on stderr, or None when disabled (or tqdm is missing)."""
     if not enabled:
         return None
     try:
@@ -311,6 +334,26 @@ def _open_client(client, n_workers, threads_per_worker, memory_limit):
     if isinstance(client, str):
         return Client(client), True
     return client, False
+
+
+def _for_workers(spec):
+    """``spec`` parsed (a PSF model), to send to the workers instead of its string.
+
+    A string that names a file (``psfex:PATH``) is then read once, here, not
+    once per task. A model that does not pickle is sent as ``spec`` itself and
+    parsed again on each worker.
+    """
+    from .pipeline import resolve_psf
+
+    model = resolve_psf(spec)  # fails here, once, for a spec that cannot be parsed
+    if model is spec:
+        return spec
+    try:
+        pickle.dumps(model)
+    except Exception as exc:
+        log.debug("PSF model %r does not pickle (%s); each task parses it", spec, exc)
+        return spec
+    return model
 
 
 def _close_client(client):
@@ -374,7 +417,7 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
     from distributed import as_completed
 
     from .config import ModelPsfMatchConfig
-    from .pipeline import output_path_for, resolve_psf
+    from .pipeline import output_path_for
 
     t_start = time.perf_counter()
     paths = [os.fspath(p) for p in paths]
@@ -382,10 +425,10 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
     os.makedirs(output_dir, exist_ok=True)
     if isinstance(config, dict):
         config = ModelPsfMatchConfig.from_dict(config)
-    # Fail on the client, once, for a reference or PSF that cannot be parsed.
-    resolve_psf(reference)
-    if psf is not None:
-        resolve_psf(psf)
+    # Parsed on the client, once: a reference or PSF that cannot be parsed fails
+    # here, and the tasks get the models (the summary keeps the given strings).
+    reference_model = _for_workers(reference)
+    psf_model = None if psf is None else _for_workers(psf)
 
     rows = [None] * len(paths)
     outputs = [output_path_for(p, output_dir) for p in paths]
@@ -410,7 +453,7 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
         if bar is not None:
             bar.update(len(paths) - len(jobs))
         for i in jobs:
-            fut = client.submit(match_one, paths[i], reference, outputs[i], psf=psf,
+            fut = client.submit(match_one, paths[i], reference_model, outputs[i], psf=psf_model,
                                 config=config, backend=backend, kernel_sum=kernel_sum,
                                 overwrite=overwrite, save_kernel=save_kernel,
                                 plots_dir=plots_dir, verify_outputs=verify_outputs,

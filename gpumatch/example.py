@@ -90,7 +90,6 @@ def run_example(backend="auto", reference_sigma=3.0, exposure=None, reference_ps
     wall = time.perf_counter() - t0
     md = result.metadata
     tm = md["timings"]
-    diag = task.diagnostic(result.kernelCellSet, result.psfMatchingKernel)
     nx, ny = exposure.bbox.width, exposure.bbox.height
     lines = [
         f"gpumatch example: {nx}x{ny} exposure, backend {md['backend']}",
@@ -107,7 +106,7 @@ def run_example(backend="auto", reference_sigma=3.0, exposure=None, reference_ps
         f"  condition no. : {md['spatialConditionNum']:.4g} ({md['spatialSolveMethod']})",
         f"  candidates    : {md['numUsedCandidates']} used of {md['numKernelCandidates']}",
         f"  matched PSF vs reference (model stamps): relative L2 median "
-        f"{diag['relative_l2_median']:.2e}, worst {diag['relative_l2_max']:.2e}",
+        f"{md['matchedPsfRelL2Median']:.2e}, worst {md['matchedPsfRelL2Max']:.2e}",
     ]
     if positions is not None and len(positions):
         rel, sig = star_quality(result.psfMatchedExposure, positions, result.referencePsfModel,
@@ -121,23 +120,11 @@ def run_example(backend="auto", reference_sigma=3.0, exposure=None, reference_ps
     return result, lines
 
 
-def _read_with_psf(path):
-    from .exposure import Exposure
-    from .errors import GpumatchError
-    from .pipeline import _psf_from_file, find_psf
-
-    exposure = Exposure.read_fits(path)
-    if exposure.psf is None:
-        found = find_psf(path, exposure.meta)
-        if found is None:
-            raise GpumatchError(f"{path}: no PSF model found (header card PSF_FILE or a "
-                                "<stem>.psf file next to it)")
-        exposure.psf = _psf_from_file(found)
-    return exposure
-
-
 def run_fits_example(science, template, backend="auto", config=None):
     """The example on real files: match ``science`` to the PSF of ``template``."""
-    sci = _read_with_psf(science)
-    tmpl = _read_with_psf(template)
+    from .pipeline import read_exposure_with_psf
+
+    # Each PSF from the file itself, its PSF_FILE header card or the file next to it.
+    sci = read_exposure_with_psf(science, psf_hint=None)
+    tmpl = read_exposure_with_psf(template, psf_hint=None)
     return run_example(backend=backend, exposure=sci, reference_psf=tmpl.psf, config=config)

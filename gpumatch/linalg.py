@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SymmetricSolution", "solve_symmetric", "solve_symmetric_batch", "condition_number"]
+__all__ = ["SymmetricSolution", "solve_symmetric", "solve_symmetric_many", "solve_symmetric_batch",
+           "condition_number"]
 
 
 @dataclass
@@ -20,20 +21,26 @@ class SymmetricSolution:
 
 
 def _rank_tolerance(eigvals, n):
-    return np.abs(eigvals).max() * n * np.finfo(np.float64).eps
+    """``n eps max|lambda|`` of each eigenvalue set (last axis)."""
+    return np.abs(eigvals).max(axis=-1) * n * np.finfo(np.float64).eps
 
 
 def condition_number(A, kind="EIGENVALUE", eigvals=None):
-    """Ratio of largest to smallest |eigenvalue| ("EIGENVALUE") or singular value ("SVD")."""
+    """Ratio of largest to smallest |eigenvalue| ("EIGENVALUE") or singular value ("SVD").
+
+    ``A`` may be one matrix ``(m, m)`` (a float is returned) or a stack
+    ``(n, m, m)`` (an array of ``n`` floats; one stacked LAPACK call).
+    """
     A = np.asarray(A, dtype=np.float64)
     if kind == "SVD":
         s = np.linalg.svd(A, compute_uv=False)
     else:
         s = np.abs(np.linalg.eigvalsh(A) if eigvals is None else eigvals)
-    smax, smin = s.max(), s.min()
-    if smax == 0:
-        return float("inf")
-    return float(smax / smin) if smin > 0 else float("inf")
+    smax, smin = s.max(axis=-1), s.min(axis=-1)
+    # inf for a zero matrix and wherever the smallest value is not positive.
+    cond = np.divide(smax, smin, out=np.full(np.shape(smax), np.inf),
+                     where=(smax != 0) & (smin > 0))
+    return float(cond) if A.ndim == 2 else cond
 
 
 def solve_symmetric(A, b, condition_type="EIGENVALUE"):
@@ -49,32 +56,56 @@ def solve_symmetric(A, b, condition_type="EIGENVALUE"):
     columns span many orders of magnitude) do not make an invertible matrix
     look singular. The reported condition number is that of ``A`` itself.
     """
+    A = np.asarray(A, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return solve_symmetric_many(A[None], b[None], condition_type)[0]
+
+
+def solve_symmetric_many(A, b, condition_type="EIGENVALUE"):
+    """:func:`solve_symmetric` for a stack of systems ``A (n, m, m)``, ``b (n, m)``.
+
+    The condition numbers and eigen-decompositions (the cost) are one stacked
+    LAPACK call each, which NumPy makes matrix by matrix, so every system is
+    solved exactly (bitwise) as it would be alone.
+
+    Returns
+    -------
+    list of SymmetricSolution
+        One per system.
+    """
     import scipy.linalg
 
     A = np.asarray(A, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
-    n = A.shape[0]
-    cond = condition_number(A, condition_type)
-    diag = np.diag(A)
+    if not len(A):
+        return []
+    m = A.shape[-1]
+    conds = condition_number(A, condition_type)
+    diag = np.diagonal(A, axis1=1, axis2=2)
     d = np.where(diag > 0, 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0)), 1.0)
-    As = A * d[:, None] * d[None, :]
+    As = A * d[:, :, None] * d[:, None, :]
     bs = b * d
     lam, vec = np.linalg.eigh(As)
-    tol = _rank_tolerance(lam, n)
-    keep = np.abs(lam) > tol
-    rank = int(keep.sum())
-    if rank == n:
-        try:
-            y = scipy.linalg.cho_solve(scipy.linalg.cho_factor(As, lower=True), bs)
-            method = "cholesky"
-        except np.linalg.LinAlgError:
-            y = scipy.linalg.solve(As, bs, assume_a="sym")
-            method = "lu"
-        if np.all(np.isfinite(y)):
-            return SymmetricSolution(y * d, method, cond, rank)
-    inv = np.where(keep, 1.0 / np.where(keep, lam, 1.0), 0.0)
-    y = vec @ (inv * (vec.T @ bs))
-    return SymmetricSolution(y * d, "eigen-pseudo-inverse", cond, rank)
+    tol = _rank_tolerance(lam, m)
+    out = []
+    for i in range(len(A)):
+        cond = float(conds[i])
+        keep = np.abs(lam[i]) > tol[i]
+        rank = int(keep.sum())
+        if rank == m:
+            try:
+                y = scipy.linalg.cho_solve(scipy.linalg.cho_factor(As[i], lower=True), bs[i])
+                method = "cholesky"
+            except np.linalg.LinAlgError:
+                y = scipy.linalg.solve(As[i], bs[i], assume_a="sym")
+                method = "lu"
+            if np.all(np.isfinite(y)):
+                out.append(SymmetricSolution(y * d[i], method, cond, rank))
+                continue
+        inv = np.where(keep, 1.0 / np.where(keep, lam[i], 1.0), 0.0)
+        y = vec[i] @ (inv * (vec[i].T @ bs[i]))
+        out.append(SymmetricSolution(y * d[i], "eigen-pseudo-inverse", cond, rank))
+    return out
 
 
 def solve_symmetric_batch(M, b, xp=np):

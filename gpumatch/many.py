@@ -38,16 +38,11 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .backend import single_threaded_blas, to_numpy
 from .basis import alard_lupton_basis
-from .cellset import build_cell_set, next_odd
-from .errors import GpumatchError
-from .linalg import SymmetricSolution
+from .cellset import next_odd
 from .psf.base import Psf
-from .spatial import SpatialFunctions
-from .spatial_solve import SpatialSolution, assemble_spatial_system, solve_spatial_system
+from .spatial_solve import solve_spatial_systems
 from .task import ModelPsfMatchTask
 
 log = logging.getLogger("gpumatch")
@@ -138,101 +133,6 @@ def _unwrap(psf):
     return psf.model if isinstance(psf, _SharedReference) else psf
 
 
-# -- the batched spatial solve ----------------------------------------------------
-
-
-def _batched_symmetric_solves(A, b, condition_type):
-    """:func:`gpumatch.linalg.solve_symmetric` for a stack ``(n, m, m)``.
-
-    The eigen-decompositions (the cost) are one stacked LAPACK call each;
-    every matrix is treated exactly as ``solve_symmetric`` treats it alone,
-    so the solutions are bitwise the same.
-    """
-    import scipy.linalg
-
-    A = np.asarray(A, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    n = A.shape[-1]
-    if condition_type == "SVD":
-        s = np.linalg.svd(A, compute_uv=False)
-    else:
-        s = np.abs(np.linalg.eigvalsh(A))
-    smax, smin = s.max(axis=-1), s.min(axis=-1)
-    conds = []
-    for hi, lo in zip(smax, smin):
-        if hi == 0:
-            conds.append(float("inf"))
-        else:
-            conds.append(float(hi / lo) if lo > 0 else float("inf"))
-    diag = np.diagonal(A, axis1=1, axis2=2)
-    d = np.where(diag > 0, 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0)), 1.0)
-    As = A * d[:, :, None] * d[:, None, :]
-    bs = b * d
-    lam, vec = np.linalg.eigh(As)
-    tol = np.abs(lam).max(axis=-1) * n * np.finfo(np.float64).eps
-    out = []
-    for i in range(len(A)):
-        keep = np.abs(lam[i]) > tol[i]
-        rank = int(keep.sum())
-        if rank == n:
-            try:
-                y = scipy.linalg.cho_solve(scipy.linalg.cho_factor(As[i], lower=True), bs[i])
-                method = "cholesky"
-            except np.linalg.LinAlgError:
-                y = scipy.linalg.solve(As[i], bs[i], assume_a="sym")
-                method = "lu"
-            if np.all(np.isfinite(y)):
-                out.append(SymmetricSolution(y * d[i], method, conds[i], rank))
-                continue
-        inv = np.where(keep, 1.0 / np.where(keep, lam[i], 1.0), 0.0)
-        y = vec[i] @ (inv * (vec[i].T @ bs[i]))
-        out.append(SymmetricSolution(y * d[i], "eigen-pseudo-inverse", conds[i], rank))
-    return out
-
-
-def solve_spatial_systems(As, rhss, nb, nkt, kernel_sums, condition_type="EIGENVALUE"):
-    """Solve many spatial systems of one size in one batched float64 call.
-
-    The batched form of :func:`gpumatch.spatial_solve.solve_spatial_system`,
-    with the same results.
-
-    Parameters
-    ----------
-    As : sequence of arrays (nt, nt)
-    rhss : sequence of arrays (nt,)
-    nb, nkt : int
-        Basis images and spatial terms (``nt = (nb - 1) nkt + 1``).
-    kernel_sums : sequence of float
-        One per system.
-
-    Returns
-    -------
-    list
-        One :class:`SpatialSolution` per system, or the exception (a
-        :class:`~gpumatch.errors.SolutionError`) that the single solve raises.
-    """
-    if not len(As):
-        return []
-    A = np.stack([to_numpy(a) for a in As])
-    rhs = np.stack([to_numpy(r) for r in rhss])
-    out = []
-    for i, sol in enumerate(_batched_symmetric_solves(A, rhs, condition_type)):
-        if not np.all(np.isfinite(sol.x)):
-            # Rare: let the single solve build its error message.
-            try:
-                out.append(solve_spatial_system(A[i], rhs[i], nb, nkt, kernel_sums[i],
-                                                condition_type))
-            except Exception as exc:
-                out.append(exc)
-            continue
-        coeffs = np.zeros((nb, nkt))
-        coeffs[0, 0] = kernel_sums[i]
-        coeffs[1:] = kernel_sums[i] * sol.x[1:].reshape(nb - 1, nkt)
-        out.append(SpatialSolution(coeffs, sol.condition_number, sol.method, sol.rank,
-                                   len(rhs[i])))
-    return out
-
-
 # -- one exposure's state through a batch -----------------------------------------
 
 
@@ -243,7 +143,6 @@ class _Job:
     error: BaseException = None
     kernel_sum: float = 1.0
     choice: object = None
-    basis_key: tuple = None
     basis: object = None
     cell_set: object = None
     reference: object = None
@@ -371,22 +270,9 @@ class _ManyMatcher:
         return job
 
     def _read(self, path):
-        from .exposure import Exposure
-        from .pipeline import PSF_SIDECARS, _psf_from_file, find_psf
+        from .pipeline import read_exposure_with_psf
 
-        path = os.fspath(path)
-        exposure = Exposure.read_fits(path)
-        if self.psf is not None:
-            exposure.psf = self.psf
-        elif exposure.psf is None:
-            found = find_psf(path, exposure.meta)
-            if found is None:
-                raise GpumatchError(
-                    f"{path}: no PSF model; give psf=..., put a PSF_FILE card in the header, or "
-                    f"place a PSFEx file next to it "
-                    f"({', '.join(p.format(stem='<stem>') for p in PSF_SIDECARS)})")
-            exposure.psf = _psf_from_file(found)
-        return exposure
+        return read_exposure_with_psf(path, self.psf, psf_hint="give psf=...")
 
     def _solve_with_retry(self, jobs):
         try:
@@ -406,26 +292,24 @@ class _ManyMatcher:
 
     # -- the batched part: cell sets, normal equations, spatial solves ------------------
 
-    def _basis(self, choice):
-        key = (int(choice.kernel_size), tuple(float(s) for s in choice.sigmas),
-               tuple(int(d) for d in choice.degrees))
+    def _basis(self, kernel_size, sigmas, degrees):
+        """:func:`alard_lupton_basis`, built once per distinct basis (one object each)."""
+        key = (int(kernel_size), tuple(float(s) for s in sigmas), tuple(int(d) for d in degrees))
         basis = self._bases.get(key)
         if basis is None:
-            basis = self._bases[key] = alard_lupton_basis(choice.kernel_size, choice.sigmas,
-                                                          choice.degrees)
-        return key, basis
+            basis = self._bases[key] = alard_lupton_basis(kernel_size, sigmas, degrees)
+        return basis
 
     def _prepare(self, job):
-        task = self.task
         t0 = time.perf_counter()
-        job.kernel_sum = task._check_inputs(job.exposure, self.reference, self.kernel_sum)
-        job.choice = task._basis_choice(job.exposure, self.shared)
-        job.cell_set, reference = build_cell_set(job.exposure, self.shared, task.config,
-                                                 job.choice.kernel_size, xp=self.xp)
+        job.kernel_sum, job.choice, job.cell_set, reference, job.basis = self.task._prepare(
+            job.exposure, self.shared, self.kernel_sum, basis_for=self._basis)
         job.reference = _unwrap(reference)
-        job.basis_key, job.basis = self._basis(job.choice)
         self.stages.sync()
         job.times["cellSet"] = time.perf_counter() - t0
+
+    def _spatial_system(self, job, M, b, solutions):
+        job.sf, job.A, job.rhs = self.task._spatial_system(job.cell_set, M, b, solutions)
 
     def _guard(self, job, fn, *args):
         """Run ``fn``; a failure belongs to ``job`` (out-of-memory goes up)."""
@@ -443,11 +327,12 @@ class _ManyMatcher:
         for job in jobs:
             self._guard(job, self._prepare, job)
 
-        # Normal equations and single-candidate solves: one call per (basis, stamp size).
+        # Normal equations and single-candidate solves: one call per (basis, stamp size);
+        # equal bases are one cached object.
         groups = OrderedDict()
         for job in jobs:
             if job.error is None:
-                groups.setdefault((job.basis_key, job.cell_set.psf_size), []).append(job)
+                groups.setdefault((id(job.basis), job.cell_set.psf_size), []).append(job)
         for group in groups.values():
             t0 = time.perf_counter()
             try:
@@ -469,37 +354,20 @@ class _ManyMatcher:
             share = (time.perf_counter() - t0) / len(group)
             start = 0
             for job in group:
-                cs = job.cell_set
-                stop = start + len(cs)
-                if len(group) == 1:
-                    cs.normal_matrices, cs.normal_vectors = M, b
-                    cs.kernel_solutions = solutions
-                else:
-                    cs.normal_matrices = M[start:stop].copy()
-                    cs.normal_vectors = b[start:stop].copy()
-                    cs.kernel_solutions = solutions[start:stop].copy()
-                cs.status = ["GOOD"] * len(cs)
                 job.times["normalEquations"] = share
+                stop = start + len(job.cell_set)
+                parts = (M, b, solutions) if len(group) == 1 else \
+                    (M[start:stop].copy(), b[start:stop].copy(), solutions[start:stop].copy())
                 start = stop
-            del M, b, solutions
+                # Spatial system: assembled per exposure (sums over its own candidates).
+                t0 = time.perf_counter()
+                self._guard(job, self._spatial_system, job, *parts)
+                job.times["spatialSolve"] = time.perf_counter() - t0
+            del M, b, solutions, parts
 
-        # Spatial systems: assembled per exposure (sums over its own candidates),
-        # solved in one batched call per system size.
+        # Spatial solves: one batched call per system size.
         by_size = OrderedDict()
         for job in jobs:
-            if job.error is not None:
-                continue
-            t0 = time.perf_counter()
-
-            def assemble(job=job):
-                cs = job.cell_set
-                job.sf = SpatialFunctions(cfg.spatialModelType, cfg.spatialKernelOrder, cs.region)
-                P = job.sf.evaluate(xp.asarray(cs.xs), xp.asarray(cs.ys), xp=xp)
-                job.A, job.rhs = assemble_spatial_system(cs.normal_matrices, cs.normal_vectors,
-                                                         P, xp=xp)
-
-            self._guard(job, assemble)
-            job.times["spatialSolve"] = time.perf_counter() - t0
             if job.error is None:
                 by_size.setdefault((len(job.basis), job.sf.n_terms), []).append(job)
         for (nb, nkt), group in by_size.items():
@@ -516,20 +384,10 @@ class _ManyMatcher:
 
     # -- per exposure: application, quality, metadata ---------------------------------
 
-    def _apply(self, job, kernel):
-        try:
-            return self.stages.apply(job.exposure, kernel, job.reference)
-        except self.oom:
-            # The batch's stamps are small next to one exposure's planes, so
-            # shrinking the batch does not help here; free the pool and retry once.
-            _free_device_memory()
-            log.warning("device out of memory applying the kernel; retrying once")
-            return self.stages.apply(job.exposure, kernel, job.reference)
-
     def _finish(self, job):
+        # An out-of-memory error while applying is retried by the backend's apply.
         return self.task._finish(job.exposure, job.cell_set, job.choice, job.basis, job.sf,
-                                 job.solution, job.reference, dict(job.times),
-                                 apply=lambda exposure, kernel, psf: self._apply(job, kernel))
+                                 job.solution, job.reference, dict(job.times))
 
 
 def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel_sum=1.0, *,

@@ -34,49 +34,13 @@ def adaptive_moments(image, max_iter=200, rtol=1e-9):
     img = np.asarray(image, dtype=np.float64)
     if img.ndim != 2 or img.size == 0 or not np.all(np.isfinite(img)):
         raise ValueError("adaptive_moments needs a finite, non-empty 2-d image")
-    ny, nx = img.shape
-    y, x = np.mgrid[0:ny, 0:nx].astype(np.float64)
-    pos = np.clip(img, 0, None)
-    tot = pos.sum()
-    if tot <= 0:
+    if not np.clip(img, 0, None).sum() > 0:
         raise ValueError("adaptive_moments needs an image with positive flux")
-    xc = (pos * x).sum() / tot
-    yc = (pos * y).sum() / tot
-    wxx = wyy = max(1.0, min(nx, ny) / 8.0) ** 2
-    wxy = 0.0
-    for _ in range(max_iter):
-        det = wxx * wyy - wxy * wxy
-        dx = x - xc
-        dy = y - yc
-        q = (wyy * dx * dx - 2 * wxy * dx * dy + wxx * dy * dy) / det
-        w = np.exp(-0.5 * q) * img
-        s = w.sum()
-        if not s > 0:
-            raise ValueError("adaptive moments diverged (no weighted flux)")
-        nxc = xc + (w * dx).sum() / s
-        nyc = yc + (w * dy).sum() / s
-        qxx = (w * dx * dx).sum() / s
-        qyy = (w * dy * dy).sum() / s
-        qxy = (w * dx * dy).sum() / s
-        # Deconvolve the weight (exact for a Gaussian); fall back to 2Q, which
-        # shares the fixed point Q = W / 2 but converges more slowly.
-        qdet = qxx * qyy - qxy * qxy
-        ia = qyy / qdet - wyy / det
-        ib = qxx / qdet - wxx / det
-        ic = -qxy / qdet + wxy / det
-        idet = ia * ib - ic * ic
-        if qdet > 0 and ia > 0 and idet > 0:
-            nxx, nyy, nxy = ib / idet, ia / idet, -ic / idet
-        else:
-            nxx, nyy, nxy = 2 * qxx, 2 * qyy, 2 * qxy
-        change = max(abs(nxx - wxx), abs(nyy - wyy), abs(nxy - wxy)) / max(wxx, wyy)
-        change = max(change, abs(nxc - xc) + abs(nyc - yc))
-        wxx, wyy, wxy, xc, yc = nxx, nyy, nxy, nxc, nyc
-        if change < rtol:
-            break
-    else:
+    out = adaptive_moments_batch(img[None], max_iter, rtol)[0]
+    if not np.all(np.isfinite(out)):
         raise ValueError("adaptive moments did not converge")
-    return xc, yc, wxx, wyy, wxy
+    xc, yc, ixx, iyy, ixy = (float(v) for v in out)
+    return xc, yc, ixx, iyy, ixy
 
 
 def determinant_radius(ixx, iyy, ixy):

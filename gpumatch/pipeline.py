@@ -13,7 +13,7 @@ from .errors import ConfigError, GpumatchError
 log = logging.getLogger("gpumatch")
 
 __all__ = ["load_config", "parse_overrides", "find_psf", "resolve_psf", "match_file",
-           "output_path_for"]
+           "output_path_for", "read_exposure_with_psf"]
 
 #: Header cards that may name an exposure's PSF file (relative to the exposure).
 PSF_HEADER_KEYS = ("PSF_FILE", "PSFFILE", "PSFMODEL")
@@ -110,6 +110,38 @@ def _psf_from_file(path):
     return resolve_psf(f"image:{path}")
 
 
+def read_exposure_with_psf(path, psf=None, *, psf_hint="give --psf MODEL"):
+    """Read the exposure at ``path`` and give it a PSF model.
+
+    The PSF is ``psf`` (a model or its string form) when given, else the one
+    read with the exposure, else the file named by a ``PSF_FILE`` header card
+    or lying next to the exposure (:func:`find_psf`).
+
+    ``psf_hint`` is the first remedy the error for an exposure without a PSF
+    suggests (how the caller's user passes one); None leaves it out.
+
+    Raises
+    ------
+    GpumatchError
+        No PSF model was found.
+    """
+    from .exposure import Exposure
+
+    path = os.fspath(path)
+    exposure = Exposure.read_fits(path)
+    if psf is not None:
+        exposure.psf = resolve_psf(psf)
+    elif exposure.psf is None:
+        found = find_psf(path, exposure.meta)
+        if found is None:
+            hint = f"{psf_hint}, " if psf_hint else ""
+            raise GpumatchError(
+                f"{path}: no PSF model; {hint}put a PSF_FILE card in the header, or place a "
+                f"PSFEx file next to it ({', '.join(p.format(stem='<stem>') for p in PSF_SIDECARS)})")
+        exposure.psf = _psf_from_file(found)
+    return exposure
+
+
 def output_path_for(path, output_dir=None, output=None):
     """Where the matched exposure of ``path`` goes."""
     if output is not None:
@@ -120,21 +152,23 @@ def output_path_for(path, output_dir=None, output=None):
 
 
 def check_output(path, output, overwrite):
-    """Refuse outputs that would replace an input or an existing file (unless asked)."""
+    """Refuse outputs that would replace an input or an existing file (unless asked).
+
+    The input must exist and not be ``output`` itself; the rest (an existing
+    ``output`` without ``overwrite``, a missing directory, a directory at
+    ``output``) is :func:`gpumatch.io._atomic.check_output_path`'s.
+    """
+    from .io._atomic import check_output_path
+
     if not os.path.exists(path):
         # Said before the output checks, which would otherwise hide it (and
         # os.path.samefile would fail with a bare errno message).
         raise FileNotFoundError(f"{path}: no such file; check the path")
-    if os.path.exists(output):
-        if os.path.samefile(path, output):
-            raise FileExistsError(
-                f"{output}: is the input itself; choose another --output-dir or -o so the input "
-                "is kept")
-        if not overwrite:
-            raise FileExistsError(f"{output}: already exists; use --overwrite to replace it")
-    parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"{output}: output directory {parent} does not exist")
+    if os.path.exists(output) and os.path.samefile(path, output):
+        raise FileExistsError(
+            f"{output}: is the input itself; choose another --output-dir or -o so the input "
+            "is kept")
+    return check_output_path(output, overwrite, "exposure")
 
 
 def match_file(path, reference, output, psf=None, config=None, backend="auto", kernel_sum=1.0,
@@ -158,21 +192,13 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
         Summary: input, output, status, kernel sum, condition number,
         residuals, timings.
     """
-    from .exposure import Exposure
     from .task import ModelPsfMatchTask
 
     t0 = time.perf_counter()
+    # Refused before any work (the input missing or being the output, an
+    # existing output without overwrite, a missing directory).
     check_output(path, output, overwrite)
-    exposure = Exposure.read_fits(path)
-    if psf is not None:
-        exposure.psf = resolve_psf(psf)
-    elif exposure.psf is None:
-        found = find_psf(path, exposure.meta)
-        if found is None:
-            raise GpumatchError(
-                f"{path}: no PSF model; give --psf MODEL, put a PSF_FILE card in the header, or "
-                f"place a PSFEx file next to it ({', '.join(p.format(stem='<stem>') for p in PSF_SIDECARS)})")
-        exposure.psf = _psf_from_file(found)
+    exposure = read_exposure_with_psf(path, psf)
     task = task or ModelPsfMatchTask(config, backend=backend)
     result = task.run(exposure, resolve_psf(reference), kernelSum=kernel_sum)
     md = result.metadata
@@ -204,7 +230,7 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
 
             stem = os.path.splitext(os.path.basename(output))[0]
             summary["plots"] = save_diagnostic_figures(result, plots_dir, exposure=exposure,
-                                                       prefix=f"{stem}_")
+                                                       prefix=f"{stem}_", overwrite=overwrite)
             written.extend(summary["plots"])
         # The exposure goes last: its presence means the whole job finished.
         result.psfMatchedExposure.write_fits(output, overwrite=overwrite)

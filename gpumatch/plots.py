@@ -6,11 +6,11 @@ Needs matplotlib (``pip install gpumatch[plots]``); imported only when used.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 
 from .backend import to_numpy
+from .io._atomic import atomic_write
 from .quality import candidate_residuals
 
 __all__ = ["save_diagnostic_figures", "plot_cells", "plot_kernel_mosaic", "plot_residual_map",
@@ -28,18 +28,24 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path):
+def _save(fig, path, overwrite=True):
     """Write a figure atomically (temporary file, then rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"),
+                        overwrite=overwrite, what="figure")
+
+
+#: ``result.metadata`` keys of the per-candidate residuals, by ``candidate_residuals`` key.
+_RESIDUAL_KEYS = {"relative_l2": "candidateRelL2", "max_abs": "candidateMaxAbs",
+                  "fwhm_matched": "candidateFwhmMatched",
+                  "fwhm_reference": "candidateFwhmReference"}
+
+
+def _candidate_residuals(result):
+    """The per-candidate residuals the run measured (recomputed only when absent)."""
+    md = getattr(result, "metadata", None) or {}
+    if all(key in md for key in _RESIDUAL_KEYS.values()):
+        return {name: np.asarray(md[key]) for name, key in _RESIDUAL_KEYS.items()}
+    return candidate_residuals(result.kernelCellSet, result.psfMatchingKernel)
 
 
 def _limits(values, min_rel_span=1e-2):
@@ -229,7 +235,7 @@ def plot_spatial_coefficients(kernel, bbox, n=64):
     return fig
 
 
-def save_diagnostic_figures(result, directory, exposure=None, prefix=""):
+def save_diagnostic_figures(result, directory, exposure=None, prefix="", overwrite=True):
     """Save every diagnostic figure of a run as PNG files in ``directory``.
 
     Parameters
@@ -239,6 +245,11 @@ def save_diagnostic_figures(result, directory, exposure=None, prefix=""):
         Created if missing.
     exposure : Exposure, optional
         Shown under the cells (the matched exposure when omitted).
+    prefix : str
+        Put before every file name.
+    overwrite : bool
+        Replace existing figures (default); False refuses them
+        (:class:`FileExistsError`).
 
     Returns
     -------
@@ -250,7 +261,7 @@ def save_diagnostic_figures(result, directory, exposure=None, prefix=""):
     exposure = result.psfMatchedExposure if exposure is None else exposure
     kernel = result.psfMatchingKernel
     cells = result.kernelCellSet
-    residuals = candidate_residuals(cells, kernel)
+    residuals = _candidate_residuals(result)
     bbox = exposure.bbox
     makers = (
         ("cells", lambda: plot_cells(exposure, cells, residuals)),
@@ -265,7 +276,8 @@ def save_diagnostic_figures(result, directory, exposure=None, prefix=""):
         for name, make in makers:
             fig = make()
             try:
-                paths.append(_save(fig, os.path.join(directory, f"{prefix}{name}.png")))
+                paths.append(_save(fig, os.path.join(directory, f"{prefix}{name}.png"),
+                                   overwrite))
             finally:
                 plt.close(fig)
     except BaseException:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import scipy.fft
 
 from .backend import to_numpy
 from .moments import SIGMA_TO_FWHM, adaptive_moments_batch
@@ -11,12 +10,14 @@ from .normal_equations import good_region
 
 __all__ = ["candidate_residuals", "matched_psf_stamps"]
 
-def _correlate_each(stamps, kernels, full=False):
+def _correlate_each(stamps, kernels):
     """Correlate stamp ``i`` with kernel ``i`` (SPEC section 5 orientation).
 
-    ``full=False`` keeps the good region ``(n, g, g)``; ``full=True`` returns
-    the whole stamp ``(n, size, size)``, treating pixels outside as zero.
+    Returns the whole stamps ``(n, size, size)``, pixels outside the stamp
+    taken as zero.
     """
+    import scipy.fft  # not at import time: `import gpumatch` stays light
+
     n, size, _ = stamps.shape
     k = kernels.shape[1]
     h = k // 2
@@ -25,28 +26,21 @@ def _correlate_each(stamps, kernels, full=False):
     # convolution index t maps to output pixel t - h.
     conv = scipy.fft.irfft2(scipy.fft.rfft2(stamps, shape) * scipy.fft.rfft2(kernels[:, ::-1, ::-1], shape),
                             shape)
-    if full:
-        return conv[:, h:h + size, h:h + size]
-    return conv[:, 2 * h:size, 2 * h:size]
+    return conv[:, h:h + size, h:h + size]
 
 
-def matched_psf_stamps(cell_set, kernel, full=False):
+def matched_psf_stamps(cell_set, kernel):
     """Template stamps correlated with the normalised kernel at each candidate.
 
     Returns
     -------
-    matched, target : ndarray
-        ``(n, g, g)`` on the good region (``g = psf_size - k + 1``), or the
-        whole ``(n, psf_size, psf_size)`` stamps with ``full=True``.
+    matched, target : ndarray (n, psf_size, psf_size)
+        Whole stamps; their good region (``good_region(psf_size, k)``) is
+        where the kernel footprint stays inside the template stamp.
     """
     templates = to_numpy(cell_set.templates)
     K = kernel.compute_images(cell_set.xs, cell_set.ys, normalize=True)
-    matched = _correlate_each(templates, K, full)
-    target = to_numpy(cell_set.targets)
-    if not full:
-        good = good_region(templates.shape[1], K.shape[1])
-        target = target[:, good, good]
-    return matched, target
+    return _correlate_each(templates, K), to_numpy(cell_set.targets)
 
 
 def candidate_residuals(cell_set, kernel):
@@ -59,7 +53,7 @@ def candidate_residuals(cell_set, kernel):
         ``fwhm_matched`` and ``fwhm_reference`` (per candidate, adaptive
         moments of the whole stamps, pixels), and summaries.
     """
-    full_m, full_t = matched_psf_stamps(cell_set, kernel, full=True)
+    full_m, full_t = matched_psf_stamps(cell_set, kernel)
     # The good region of the whole-stamp correlation is the good-region result.
     good = good_region(full_m.shape[1], kernel.dimensions[0])
     diff = full_m[:, good, good] - full_t[:, good, good]

@@ -9,11 +9,12 @@ import numpy as np
 
 from .backend import to_numpy
 from .errors import SolutionError
-from .linalg import solve_symmetric
+from .linalg import solve_symmetric, solve_symmetric_many
 
 log = logging.getLogger("gpumatch")
 
-__all__ = ["assemble_spatial_system", "solve_spatial_system", "SpatialSolution"]
+__all__ = ["assemble_spatial_system", "solve_spatial_system", "solve_spatial_systems",
+           "SpatialSolution"]
 
 
 def assemble_spatial_system(M, b, P, xp=np):
@@ -62,20 +63,16 @@ class SpatialSolution:
     n_unknowns: int
 
 
-def solve_spatial_system(A, rhs, nb, nkt, kernel_sum, condition_type="EIGENVALUE"):
-    """Solve the spatial system in float64 and put ``kernel_sum`` in for ``a0``.
+def _to_solution(sol, nb, nkt, kernel_sum):
+    """The :class:`SpatialSolution` of the spatial system's solution ``sol``.
 
-    The coefficients of bases ``1 .. nb-1`` are multiplied by ``kernel_sum``,
-    so the kernel is ``kernel_sum`` times the fitted kernel with ``a0 = 1``.
+    ``kernel_sum`` is put in for ``a0`` and multiplies the other coefficients.
 
     Raises
     ------
     SolutionError
         If any coefficient is NaN or infinite.
     """
-    A = to_numpy(A)
-    rhs = to_numpy(rhs)
-    sol = solve_symmetric(A, rhs, condition_type)
     bad = np.flatnonzero(~np.isfinite(sol.x))
     if bad.size:
         i = int(bad[0])
@@ -92,4 +89,53 @@ def solve_spatial_system(A, rhs, nb, nkt, kernel_sum, condition_type="EIGENVALUE
     coeffs = np.zeros((nb, nkt))
     coeffs[0, 0] = kernel_sum
     coeffs[1:] = kernel_sum * sol.x[1:].reshape(nb - 1, nkt)
-    return SpatialSolution(coeffs, sol.condition_number, sol.method, sol.rank, len(rhs))
+    return SpatialSolution(coeffs, sol.condition_number, sol.method, sol.rank, len(sol.x))
+
+
+def solve_spatial_system(A, rhs, nb, nkt, kernel_sum, condition_type="EIGENVALUE"):
+    """Solve the spatial system in float64 and put ``kernel_sum`` in for ``a0``.
+
+    The coefficients of bases ``1 .. nb-1`` are multiplied by ``kernel_sum``,
+    so the kernel is ``kernel_sum`` times the fitted kernel with ``a0 = 1``.
+
+    Raises
+    ------
+    SolutionError
+        If any coefficient is NaN or infinite.
+    """
+    sol = solve_symmetric(to_numpy(A), to_numpy(rhs), condition_type)
+    return _to_solution(sol, nb, nkt, kernel_sum)
+
+
+def solve_spatial_systems(As, rhss, nb, nkt, kernel_sums, condition_type="EIGENVALUE"):
+    """Solve many spatial systems of one size in one batched float64 call.
+
+    The batched form of :func:`solve_spatial_system`, with the same results
+    (:func:`~gpumatch.linalg.solve_symmetric_many`).
+
+    Parameters
+    ----------
+    As : sequence of arrays (nt, nt)
+    rhss : sequence of arrays (nt,)
+    nb, nkt : int
+        Basis images and spatial terms (``nt = (nb - 1) nkt + 1``).
+    kernel_sums : sequence of float
+        One per system.
+
+    Returns
+    -------
+    list
+        One :class:`SpatialSolution` per system, or the
+        :class:`~gpumatch.errors.SolutionError` that the single solve raises.
+    """
+    if not len(As):
+        return []
+    A = np.stack([to_numpy(a) for a in As])
+    rhs = np.stack([to_numpy(r) for r in rhss])
+    out = []
+    for sol, kernel_sum in zip(solve_symmetric_many(A, rhs, condition_type), kernel_sums):
+        try:
+            out.append(_to_solution(sol, nb, nkt, kernel_sum))
+        except SolutionError as exc:
+            out.append(exc)
+    return out

@@ -148,10 +148,9 @@ class ModelPsfMatchTask:
             ``(kernelCellSet, referencePsfModel)``, the latter resized to the
             stamp size when needed.
         """
-        self._check_inputs(exposure, referencePsfModel)
-        choice = self._basis_choice(exposure, referencePsfModel)
-        return CellSetResult(*build_cell_set(exposure, referencePsfModel, self.config,
-                                             choice.kernel_size, xp=self._stages.xp))
+        _, _, cell_set, reference, _ = self._prepare(exposure, referencePsfModel, 1.0,
+                                                     basis_for=None)
+        return CellSetResult(cell_set, reference)
 
     def run(self, exposure, referencePsfModel, kernelSum=1.0):
         """PSF-match ``exposure`` to ``referencePsfModel``.
@@ -173,48 +172,76 @@ class ModelPsfMatchTask:
             return self._run(exposure, referencePsfModel, kernelSum)
 
     def _run(self, exposure, referencePsfModel, kernelSum):
-        cfg = self.config
-        kernel_sum = self._check_inputs(exposure, referencePsfModel, kernelSum)
         stages = self._stages
         times = {}
         t0 = time.perf_counter()
 
-        choice = self._basis_choice(exposure, referencePsfModel)
-        cell_set, reference = build_cell_set(exposure, referencePsfModel, cfg,
-                                             choice.kernel_size, xp=stages.xp)
-        basis = alard_lupton_basis(choice.kernel_size, choice.sigmas, choice.degrees)
+        kernel_sum, choice, cell_set, reference, basis = self._prepare(
+            exposure, referencePsfModel, kernelSum)
         stages.sync()
         t1 = time.perf_counter()
         times["cellSet"] = t1 - t0
 
         M, b = stages.normal_equations(cell_set.templates, cell_set.targets, basis, 2.0)
-        cell_set.normal_matrices, cell_set.normal_vectors = M, b
-        cell_set.kernel_solutions = stages.solve_candidates(M, b)
-        cell_set.status = ["GOOD"] * len(cell_set)
+        solutions = stages.solve_candidates(M, b)
         stages.sync()
         t2 = time.perf_counter()
         times["normalEquations"] = t2 - t1
 
-        sf = SpatialFunctions(cfg.spatialModelType, cfg.spatialKernelOrder, cell_set.region)
-        P = sf.evaluate(stages.xp.asarray(cell_set.xs), stages.xp.asarray(cell_set.ys), xp=stages.xp)
-        A, rhs = assemble_spatial_system(M, b, P, xp=stages.xp)
+        sf, A, rhs = self._spatial_system(cell_set, M, b, solutions)
         solution = solve_spatial_system(A, rhs, len(basis), sf.n_terms, kernel_sum,
-                                        cfg.conditionNumberType)
+                                        self.config.conditionNumberType)
         times["spatialSolve"] = time.perf_counter() - t2
         return self._finish(exposure, cell_set, choice, basis, sf, solution, reference, times)
 
-    def _finish(self, exposure, cell_set, choice, basis, sf, solution, reference, times,
-                apply=None):
+    def _prepare(self, exposure, referencePsfModel, kernelSum, basis_for=alard_lupton_basis):
+        """Input checks -> basis choice -> cell set -> basis.
+
+        Shared by :meth:`run`, :meth:`buildCellSet` and :func:`gpumatch.match_many`.
+        ``basis_for(kernel_size, sigmas, degrees)`` builds the basis (``None``:
+        no basis is built and ``None`` is returned for it).
+
+        Returns
+        -------
+        tuple
+            ``(kernel_sum, choice, cell_set, reference, basis)``.
+        """
+        kernel_sum = self._check_inputs(exposure, referencePsfModel, kernelSum)
+        choice = self._basis_choice(exposure, referencePsfModel)
+        cell_set, reference = build_cell_set(exposure, referencePsfModel, self.config,
+                                             choice.kernel_size, xp=self._stages.xp)
+        basis = None if basis_for is None else basis_for(choice.kernel_size, choice.sigmas,
+                                                         choice.degrees)
+        return kernel_sum, choice, cell_set, reference, basis
+
+    def _spatial_system(self, cell_set, M, b, solutions):
+        """Store the candidates' normal equations ``M``, ``b`` and kernels on
+        ``cell_set`` and assemble the spatial system from them.
+
+        Returns
+        -------
+        tuple
+            ``(sf, A, rhs)``: the spatial functions, the system and its right side.
+        """
+        cfg, xp = self.config, self._stages.xp
+        cell_set.normal_matrices, cell_set.normal_vectors = M, b
+        cell_set.kernel_solutions = solutions
+        cell_set.status = ["GOOD"] * len(cell_set)
+        sf = SpatialFunctions(cfg.spatialModelType, cfg.spatialKernelOrder, cell_set.region)
+        P = sf.evaluate(xp.asarray(cell_set.xs), xp.asarray(cell_set.ys), xp=xp)
+        A, rhs = assemble_spatial_system(M, b, P, xp=xp)
+        return sf, A, rhs
+
+    def _finish(self, exposure, cell_set, choice, basis, sf, solution, reference, times):
         """Spatial kernel -> application -> quality -> metadata.
 
         Shared by :meth:`run` and :func:`gpumatch.match_many`, so both give the
-        same results and metadata. ``apply(exposure, kernel, psf)`` defaults to
-        the backend's application.
+        same results and metadata.
         """
         stages = self._stages
         kernel = SpatialKernel(basis, sf, solution.coefficients)
         t3 = time.perf_counter()
-        matched = (apply or stages.apply)(exposure, kernel, reference)
+        matched = stages.apply(exposure, kernel, reference)
         stages.sync()
         t4 = time.perf_counter()
         times["apply"] = t4 - t3

@@ -28,6 +28,7 @@ import threading
 
 import numpy as np
 
+from ..apply import edge_planes
 from ..basis import polynomial_exponents
 
 log = logging.getLogger("gpumatch")
@@ -265,13 +266,6 @@ def _row_planes(a, dtype):
     return a
 
 
-def _edge_only(shape, dtypes, no_data, xp):
-    img = xp.full(shape, np.nan, dtype=dtypes[0])
-    var = xp.full(shape, np.inf, dtype=dtypes[1])
-    msk = xp.full(shape, np.array(int(no_data)).astype(dtypes[2])[()], dtype=dtypes[2])
-    return img, var, msk
-
-
 _pool = None
 _pool_lock = threading.Lock()
 
@@ -347,31 +341,37 @@ def _host_staged(host_planes, launcher, bands):
                 for p in range(3) if hi > lo]
 
     pending = stage(0)
-    for i, (r0, r1) in enumerate(band_rows):
+    try:
+        for i, (r0, r1) in enumerate(band_rows):
+            for f in pending:
+                f.result()
+            lo, hi = ranges[i]
+            for p in range(3):
+                if hi > lo:
+                    row_bytes = nx * in_dtypes[p].itemsize
+                    rt.memcpyAsync(d_in[p].data.ptr + lo * row_bytes, staging[i % 2][p].ctypes.data,
+                                   (hi - lo) * row_bytes, rt.memcpyHostToDevice, s_in.ptr)
+            ev_in[i] = s_in.record()
+            s_comp.wait_event(ev_in[i])
+            launcher.launch(d_in, d_out, r0, r1, stream=s_comp)
+            ev_c = s_comp.record()
+            s_out.wait_event(ev_c)
+            for p in range(3):
+                row_bytes = nx * d_out[p].itemsize
+                rt.memcpyAsync(h_out[p].ctypes.data + r0 * row_bytes, d_out[p].data.ptr + r0 * row_bytes,
+                               (r1 - r0) * row_bytes, rt.memcpyDeviceToHost, s_out.ptr)
+            if i + 1 < len(band_rows):
+                if i >= 1:
+                    ev_in[i - 1].synchronize()   # staging slot (i + 1) % 2 is free again
+                pending = stage(i + 1)
+    finally:
+        # Every copy must be done before the pinned staging buffers go back to
+        # the pool, also when a launch or copy raised part-way.
         for f in pending:
-            f.result()
-        lo, hi = ranges[i]
-        for p in range(3):
-            if hi > lo:
-                row_bytes = nx * in_dtypes[p].itemsize
-                rt.memcpyAsync(d_in[p].data.ptr + lo * row_bytes, staging[i % 2][p].ctypes.data,
-                               (hi - lo) * row_bytes, rt.memcpyHostToDevice, s_in.ptr)
-        ev_in[i] = s_in.record()
-        s_comp.wait_event(ev_in[i])
-        launcher.launch(d_in, d_out, r0, r1, stream=s_comp)
-        ev_c = s_comp.record()
-        s_out.wait_event(ev_c)
-        for p in range(3):
-            row_bytes = nx * d_out[p].itemsize
-            rt.memcpyAsync(h_out[p].ctypes.data + r0 * row_bytes, d_out[p].data.ptr + r0 * row_bytes,
-                           (r1 - r0) * row_bytes, rt.memcpyDeviceToHost, s_out.ptr)
-        if i + 1 < len(band_rows):
-            if i >= 1:
-                ev_in[i - 1].synchronize()   # staging slot (i + 1) % 2 is free again
-            pending = stage(i + 1)
-    s_out.synchronize()
-    s_comp.synchronize()
-    s_in.synchronize()   # every copy is done: the pinned staging buffers may go back to the pool
+            f.exception()
+        s_out.synchronize()
+        s_comp.synchronize()
+        s_in.synchronize()
     return tuple(h_out)
 
 
@@ -422,7 +422,7 @@ def convolve_planes_cupy(image, variance, mask, kernel, box, no_data_bit, *, tra
         log.warning("exposure %dx%d is no larger than the %dx%d kernel: every pixel is edge",
                     nx, ny, k, k)
         xp = cp if on_device else np
-        return finish(_edge_only(shape, dev_dtypes, no_data_bit, xp))
+        return finish(edge_planes(shape, dev_dtypes, no_data_bit, xp))
 
     try:
         launcher = _Launcher(kernel, box, shape, *dev_dtypes, no_data_bit)

@@ -90,9 +90,6 @@ def _function(filename, name, defines, device_id):
         return module.get_function(name)
 
 
-_shared_set = {}
-
-
 def get_kernel(filename, name, defines, shared_bytes=0):
     """The compiled kernel ``name`` of ``filename`` for macros ``defines``.
 
@@ -118,11 +115,11 @@ def get_kernel(filename, name, defines, shared_bytes=0):
     key = tuple(sorted((str(k), str(v)) for k, v in defines.items()))
     fn = _function(filename, name, key, dev)
     if shared_bytes > 48 * 1024:
-        ident = (filename, name, key, dev)
+        # Asked of the function itself, so a kernel recompiled after leaving
+        # the cache gets its limit raised again.
         with _lock:
-            if _shared_set.get(ident, 0) < shared_bytes:
+            if fn.max_dynamic_shared_size_bytes < shared_bytes:
                 fn.max_dynamic_shared_size_bytes = int(shared_bytes)
-                _shared_set[ident] = int(shared_bytes)
     return fn
 
 

@@ -11,11 +11,15 @@ launch sequence.
 
 from __future__ import annotations
 
+import logging
+
 import cupy
 
 from ..apply import apply_kernel
 from ..linalg import solve_symmetric_batch
 from .normal_equations import candidate_normal_equations_cupy
+
+log = logging.getLogger("gpumatch")
 
 __all__ = ["CupyStages"]
 
@@ -40,5 +44,16 @@ class CupyStages:
         return solve_symmetric_batch(cupy.asarray(M), cupy.asarray(b), cupy)
 
     def apply(self, exposure, kernel, psf):
-        """Exact per-pixel application; stays on the device for CuPy planes."""
-        return apply_kernel(exposure, kernel, psf=psf, backend="cupy")
+        """Exact per-pixel application; stays on the device for CuPy planes.
+
+        On a device out-of-memory error the memory pools' cached blocks (for
+        example those left by a batch of :func:`gpumatch.match_many`) are freed
+        and the application is retried once.
+        """
+        try:
+            return apply_kernel(exposure, kernel, psf=psf, backend="cupy")
+        except cupy.cuda.memory.OutOfMemoryError:
+            cupy.get_default_memory_pool().free_all_blocks()
+            cupy.get_default_pinned_memory_pool().free_all_blocks()
+            log.warning("device out of memory applying the kernel; retrying once")
+            return apply_kernel(exposure, kernel, psf=psf, backend="cupy")

@@ -5,16 +5,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import tempfile
+import secrets
 
 __all__ = ["atomic_write", "check_output_path"]
-
-
-def _umask():
-    # os.umask has no read-only form; read it once per call (cheap).
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _suffixes(name):
@@ -27,6 +20,27 @@ def _suffixes(name):
     if tail in ("gz", "bz2", "xz", "zip") and len(parts) > 2:
         return "." + ".".join(parts[-2:])
     return "." + parts[-1]
+
+
+def _create_temporary(path):
+    """Create an empty ``.{base}.{token}.tmp{suffix}`` beside ``path``; return its name.
+
+    Created with mode 0o666 so the kernel applies the process umask, as for any
+    new file: reading the umask (``os.umask``) would change it process-wide for
+    a moment, which races with other threads. The suffix keeps the target's
+    extension for writers that infer the format from it.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    base, suffix = os.path.basename(path), ".tmp" + _suffixes(path)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}{suffix}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"cannot create a temporary file for {path} in {directory}")
 
 
 def check_output_path(path, overwrite, what="file"):
@@ -65,13 +79,9 @@ def atomic_write(path, writer, overwrite=False, what="file"):
     temporary file is removed and an existing ``path`` is left untouched.
     """
     path = check_output_path(path, overwrite, what)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp" + _suffixes(path), dir=directory)
-    os.close(fd)
+    tmp = _create_temporary(path)
     try:
         writer(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         if overwrite:

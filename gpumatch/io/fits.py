@@ -44,7 +44,7 @@ import warnings
 import numpy as np
 
 from ..errors import GpumatchError
-from ._atomic import atomic_write, check_output_path
+from ._atomic import atomic_write
 
 log = logging.getLogger("gpumatch")
 
@@ -566,14 +566,14 @@ def write_exposure(exposure, path, overwrite=False):
     the same directory and renamed. An existing ``path`` raises
     :class:`FileExistsError` unless ``overwrite`` is True.
     """
-    p = check_output_path(path, overwrite, "exposure")
-    hdul = _exposure_hdul(exposure)
-
     def writer(tmp):
+        # Built here, after atomic_write has checked ``path``: a refused
+        # output costs no copy of the planes.
+        hdul = _exposure_hdul(exposure)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             hdul.writeto(tmp, overwrite=True, output_verify="silentfix", checksum=True)
 
-    atomic_write(p, writer, overwrite=overwrite, what="exposure")
+    p = atomic_write(path, writer, overwrite=overwrite, what="exposure")
     log.info("wrote %s", p)
     return p

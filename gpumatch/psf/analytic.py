@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..basis import polynomial_exponents
 from ..exposure import Box
 from .base import Psf
 
@@ -144,17 +145,12 @@ class DoubleGaussianPsf(Psf):
                 f"sigma2={self.sigma2}, b={self.b})")
 
 
-def _poly_terms(u, v, n_coeffs, xp=np):
+def _poly_terms(u, v, n_coeffs):
     """Monomials 1, u, v, u^2, uv, v^2, ... (first ``n_coeffs`` of them)."""
-    terms = []
     order = 0
-    while len(terms) < n_coeffs:
-        for i in range(order, -1, -1):
-            terms.append(u ** i * v ** (order - i))
-            if len(terms) == n_coeffs:
-                break
+    while (order + 1) * (order + 2) // 2 < n_coeffs:
         order += 1
-    return terms
+    return [u ** a * v ** c for a, c in polynomial_exponents(order)[:n_coeffs]]
 
 
 class VaryingGaussianPsf(Psf):
@@ -203,7 +199,7 @@ class VaryingGaussianPsf(Psf):
         u, v = self._uv(xs, ys, xp)
 
         def poly(coeffs):
-            return sum(c * t for c, t in zip(coeffs, _poly_terms(u, v, len(coeffs), xp)))
+            return sum(c * t for c, t in zip(coeffs, _poly_terms(u, v, len(coeffs))))
 
         s = poly(self.sigmacoeffs) + 0 * u
         g1 = poly(self.g1_coeffs) + 0 * u

@@ -45,6 +45,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..backend import to_numpy
 from ..errors import PsfEvaluationError
 from .base import Psf
 
@@ -343,8 +344,8 @@ class PsfexPsf(Psf):
         ``xp`` (NumPy or CuPy) is where the stamps are made; positions may be
         on either.
         """
-        xs = np.asarray(_host(xs), dtype=np.float64).ravel()
-        ys = np.asarray(_host(ys), dtype=np.float64).ravel()
+        xs = np.asarray(to_numpy(xs), dtype=np.float64).ravel()
+        ys = np.asarray(to_numpy(ys), dtype=np.float64).ravel()
         P = self.coefficients(xs, ys)
         terms, term_sums = self._centered_terms()
         sums = P @ term_sums
@@ -414,6 +415,3 @@ class PsfexPsf(Psf):
         return (f"PsfexPsf({where}{nx}x{ny} samples of {self.sampling:g} px, degree "
                 f"{self.degree}, stamps {self.size}x{self.size}, offset={self.offset})")
 
-
-def _host(a):
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else a

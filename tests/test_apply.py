@@ -5,7 +5,7 @@ import pytest
 
 import gpumatch as gm
 from gpumatch.apply import convolve_planes
-from gpumatch.spatial import SpatialFunctions
+from random_kernels import random_kernel
 
 NO_DATA = 1 << 8
 
@@ -57,34 +57,6 @@ def _brute_force_vectorised(image, basis, coeffs, model_type, order, region, xy0
     return out
 
 
-def _random_kernel(rng, k, model_type, order, region, support=None, scale=1.0):
-    """A strongly varying kernel whose basis images do not sum to zero, so the
-    kernel sum (and the normalisation) varies across the image too."""
-    nb = 4
-    h = k // 2
-    v, u = np.mgrid[-h:h + 1, -h:h + 1]
-    basis = np.empty((nb, k, k))
-    basis[0] = np.exp(-(u ** 2 + v ** 2) / (2 * 1.5 ** 2))
-    basis[0] /= basis[0].sum()
-    for b in range(1, nb):
-        basis[b] = rng.normal(0.0, 0.05, (k, k)) + 0.3 * np.exp(
-            -((u - rng.integers(-h, h + 1)) ** 2 + (v - rng.integers(-h, h + 1)) ** 2) / 2.0)
-    if support is not None:
-        basis *= support
-        basis[0] /= basis[0].sum()
-    nkt = (order + 1) * (order + 2) // 2
-    coeffs = rng.uniform(-0.5, 0.5, (nb, nkt))
-    coeffs[0] = 0.0
-    coeffs[0, 0] = 1.0
-    coeffs[1:, 0] = rng.uniform(0.2, 0.4, nb - 1)
-    if model_type == "polynomial":
-        # Raw pixel coordinates: scale each term so it is O(1) over the image.
-        expo = [(n - c, c) for n in range(order + 1) for c in range(n + 1)]
-        coeffs = coeffs / np.array([scale ** (a + c) for a, c in expo])
-    sf = SpatialFunctions(model_type, order, region)
-    return basis, coeffs, gm.SpatialKernel(basis, sf, coeffs)
-
-
 def _planes(rng, shape, nan_at=(), inf_at=(), var_nan_at=(), var_inf_at=()):
     image = rng.normal(100.0, 10.0, shape).astype(np.float32)
     variance = rng.uniform(5.0, 15.0, shape).astype(np.float32)
@@ -116,7 +88,8 @@ def test_against_brute_force(model_type, order, xy0, shape, k, ref):
     ny, nx = shape
     box = gm.Box(xy0[0], xy0[1], nx, ny)
     region = box.grown(17, 11)
-    basis, coeffs, kernel = _random_kernel(rng, k, model_type, order, region, scale=max(shape))
+    kernel = random_kernel(rng, k, model_type, order, region, scale=max(shape))
+    basis, coeffs = kernel.basis_images, kernel.spatial_coefficients
     image, variance, mask = _planes(rng, shape)
     out_i, out_v, out_m = convolve_planes(image, variance, mask, kernel, box, NO_DATA)
     assert out_i.dtype == np.float32 and out_v.dtype == np.float32 and out_m.dtype == np.int32
@@ -147,7 +120,8 @@ def test_kernel_evaluation_agrees_with_spec_formula(ref):
     rng = np.random.default_rng(11)
     region = gm.Box(-30, 17, 90, 70)
     for model_type, order in [("chebyshev1", 2), ("polynomial", 3)]:
-        basis, coeffs, kernel = _random_kernel(rng, 7, model_type, order, region, scale=100.0)
+        kernel = random_kernel(rng, 7, model_type, order, region, scale=100.0)
+        basis, coeffs = kernel.basis_images, kernel.spatial_coefficients
         for x, y in [(-30, 17), (59, 86), (10.5, 40.25)]:
             mine = ref.kernel_image(basis, coeffs, model_type, order, region, x, y)
             np.testing.assert_allclose(kernel.compute_image(x, y), mine, rtol=1e-12, atol=1e-14)
@@ -162,7 +136,8 @@ def test_large_multi_tile_against_brute_force(shape, k, ref):
     xy0 = (250, 1000)
     box = gm.Box(xy0[0], xy0[1], nx, ny)
     region = box.grown(64, 64)
-    basis, coeffs, kernel = _random_kernel(rng, k, "chebyshev1", 2, region)
+    kernel = random_kernel(rng, k, "chebyshev1", 2, region)
+    basis, coeffs = kernel.basis_images, kernel.spatial_coefficients
     image, variance, mask = _planes(rng, shape)
     out_i, _, _ = convolve_planes(image, variance, mask, kernel, box, NO_DATA)
     bi = _brute_force_vectorised(image, basis, coeffs, "chebyshev1", 2, region, xy0, ref)
@@ -190,7 +165,8 @@ def test_mask_or_over_partial_footprint(ref):
     box = gm.Box(xy0[0], xy0[1], shape[1], shape[0])
     region = box.grown(10, 10)
     support = _holey_support(k)
-    basis, coeffs, kernel = _random_kernel(rng, k, "chebyshev1", 1, region, support=support)
+    kernel = random_kernel(rng, k, "chebyshev1", 1, region, support=support)
+    basis, coeffs = kernel.basis_images, kernel.spatial_coefficients
     image, variance, mask = _planes(rng, shape)
     out_i, out_v, out_m = convolve_planes(image, variance, mask, kernel, box, NO_DATA)
     bi, bv, bm = _brute_force(image, variance, mask, basis, coeffs, "chebyshev1", 1, region,
@@ -240,7 +216,8 @@ def test_nan_spreads_over_the_box_and_inf_gives_brute_force(ref):
     box = gm.Box(xy0[0], xy0[1], shape[1], shape[0])
     region = box.grown(9, 9)
     for support in (None, _holey_support(k)):
-        basis, coeffs, kernel = _random_kernel(rng, k, "chebyshev1", 2, region, support=support)
+        kernel = random_kernel(rng, k, "chebyshev1", 2, region, support=support)
+        basis, coeffs = kernel.basis_images, kernel.spatial_coefficients
         image, variance, mask = _planes(
             rng, shape, nan_at=[(10, 10), (0, 40), (35, 3), (20, 2)], inf_at=[(25, 30), (3, 3)],
             var_nan_at=[(30, 12)], var_inf_at=[(12, 33), (10, 10)])

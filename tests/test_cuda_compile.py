@@ -33,7 +33,7 @@ from gpumatch.cuda.apply import (APPLY_BLOCK, TILE_W, apply_shared_bytes, band_p
                                  choose_rows_per_thread, n_slots, pack_terms, term_slot)
 from gpumatch.cuda.normal_equations import ne_launch_config, ne_shared_bytes
 from gpumatch.normal_equations import candidate_normal_equations
-from gpumatch.spatial import SpatialFunctions
+from random_kernels import random_kernel
 
 NVCC = shutil.which("nvcc")
 NO_DATA = 1 << 8
@@ -178,37 +178,12 @@ def test_band_plan_covers_rows(ny, tile_h, h, n):
 # ---------------------------------------------------------------------------
 
 
-def _random_kernel(rng, k, model_type, order, region, support=None):
-    """A strongly varying kernel whose sum also varies across the image."""
-    h = k // 2
-    v, u = np.mgrid[-h:h + 1, -h:h + 1]
-    nb = 4
-    basis = np.empty((nb, k, k))
-    basis[0] = np.exp(-(u ** 2 + v ** 2) / (2 * 1.5 ** 2))
-    for b in range(1, nb):
-        basis[b] = rng.normal(0.0, 0.05, (k, k)) + 0.3 * np.exp(
-            -((u - rng.integers(-h, h + 1)) ** 2 + (v - rng.integers(-h, h + 1)) ** 2) / 2.0)
-    if support is not None:
-        basis *= support
-    basis[0] /= basis[0].sum()
-    nkt = (order + 1) * (order + 2) // 2
-    coeffs = rng.uniform(-0.5, 0.5, (nb, nkt))
-    coeffs[0] = 0.0
-    coeffs[0, 0] = 1.0
-    coeffs[1:, 0] = rng.uniform(0.2, 0.4, nb - 1)
-    if model_type == "polynomial":
-        scale = max(region.width, region.height) + abs(region.x0) + abs(region.y0)
-        expo = [(n - c, c) for n in range(order + 1) for c in range(n + 1)]
-        coeffs = coeffs / np.array([float(scale) ** (a + c) for a, c in expo])
-    return gm.SpatialKernel(basis, SpatialFunctions(model_type, order, region), coeffs)
-
-
 @pytest.mark.parametrize("model_type", ["chebyshev1", "polynomial"])
 @pytest.mark.parametrize("order", [0, 1, 2, 3])
 def test_packed_terms_reproduce_the_kernel(model_type, order):
     rng = np.random.default_rng(order)
     box = gm.Box(-40, 17, 90, 70)
-    kernel = _random_kernel(rng, 7, model_type, order, box.grown(20, 20))
+    kernel = random_kernel(rng, 7, model_type, order, box.grown(20, 20))
     packed = pack_terms(kernel, box)
     assert packed.qpack.dtype == np.float32 and packed.qpack.flags.c_contiguous
     assert packed.qpack.shape == (49, n_slots(order))
@@ -227,7 +202,7 @@ def test_packed_support():
     support = np.ones((k, k))
     support[0, :3] = 0
     support[5, 6] = 0
-    kernel = _random_kernel(np.random.default_rng(1), k, "chebyshev1", 1, gm.Box(0, 0, 50, 50),
+    kernel = random_kernel(np.random.default_rng(1), k, "chebyshev1", 1, gm.Box(0, 0, 50, 50),
                             support=support)
     packed = pack_terms(kernel, gm.Box(0, 0, 40, 40))
     assert not packed.full_support
@@ -398,7 +373,7 @@ def test_emulated_apply_kernel_matches_numpy(model_type, order, xy0, shape, k, r
     rng = np.random.default_rng(k * 10 + order)
     ny, nx = shape
     box = gm.Box(xy0[0], xy0[1], nx, ny)
-    kernel = _random_kernel(rng, k, model_type, order, box.grown(17, 11))
+    kernel = random_kernel(rng, k, model_type, order, box.grown(17, 11))
     image, variance, mask = _planes(rng, shape, *dtypes)
     no_data = 1 << 5 if mask.dtype == np.uint8 else NO_DATA
     want = convolve_planes(image, variance, mask, kernel, box, no_data)
@@ -417,7 +392,7 @@ def test_emulated_apply_kernel_nonfinite_and_partial_support():
     support[0, :4] = 0
     support[3, 6] = 0
     support[6, 0] = 0
-    kernel = _random_kernel(rng, k, "chebyshev1", 2, box.grown(20, 20), support=support)
+    kernel = random_kernel(rng, k, "chebyshev1", 2, box.grown(20, 20), support=support)
     image, variance, mask = _planes(rng, shape)
     image[20, 30] = np.nan
     image[10, 100] = np.inf
@@ -448,7 +423,7 @@ def test_emulated_bands_read_only_their_rows(n_bands):
     k, rows = 9, 1
     shape = (75, 130)
     box = gm.Box(0, 0, shape[1], shape[0])
-    kernel = _random_kernel(rng, k, "chebyshev1", 2, box.grown(10, 10))
+    kernel = random_kernel(rng, k, "chebyshev1", 2, box.grown(10, 10))
     image, variance, mask = _planes(rng, shape)
     want = convolve_planes(image, variance, mask, kernel, box, NO_DATA)
     packed = pack_terms(kernel, box)

@@ -25,6 +25,7 @@ from gpumatch.cellset import build_cell_set
 from gpumatch.normal_equations import candidate_normal_equations, solve_candidates
 from gpumatch.spatial import SpatialFunctions
 from gpumatch.spatial_solve import assemble_spatial_system
+from random_kernels import random_kernel
 
 pytestmark = [
     pytest.mark.gpu,
@@ -77,31 +78,6 @@ def _exposure(nx=300, ny=260, xy0=(17, -40), seed=0, dtype=np.float32, xp=np):
 
 def _reference():
     return gm.DoubleGaussianPsf(13, 13, 2.6, 5.0, 0.1)
-
-
-def _random_kernel(rng, k, model_type, order, region, support=None):
-    """A strongly varying kernel whose sum also varies across the image."""
-    h = k // 2
-    v, u = np.mgrid[-h:h + 1, -h:h + 1]
-    nb = 4
-    basis = np.empty((nb, k, k))
-    basis[0] = np.exp(-(u ** 2 + v ** 2) / (2 * 1.5 ** 2))
-    for b in range(1, nb):
-        basis[b] = rng.normal(0.0, 0.05, (k, k)) + 0.3 * np.exp(
-            -((u - rng.integers(-h, h + 1)) ** 2 + (v - rng.integers(-h, h + 1)) ** 2) / 2.0)
-    if support is not None:
-        basis *= support
-    basis[0] /= basis[0].sum()
-    nkt = (order + 1) * (order + 2) // 2
-    coeffs = rng.uniform(-0.5, 0.5, (nb, nkt))
-    coeffs[0] = 0.0
-    coeffs[0, 0] = 1.0
-    coeffs[1:, 0] = rng.uniform(0.2, 0.4, nb - 1)
-    if model_type == "polynomial":
-        scale = max(region.width, region.height) + abs(region.x0) + abs(region.y0)
-        expo = [(n - c, c) for n in range(order + 1) for c in range(n + 1)]
-        coeffs = coeffs / np.array([float(scale) ** (a + c) for a, c in expo])
-    return gm.SpatialKernel(basis, SpatialFunctions(model_type, order, region), coeffs)
 
 
 def _planes(rng, shape, img_dtype=np.float32, var_dtype=np.float32, mask_dtype=np.int32):
@@ -223,7 +199,7 @@ def test_apply_matches_numpy(model_type, order, xy0, shape, k, dtypes, where):
     rng = np.random.default_rng(k + order)
     ny, nx = shape
     box = gm.Box(xy0[0], xy0[1], nx, ny)
-    kernel = _random_kernel(rng, k, model_type, order, box.grown(17, 11))
+    kernel = random_kernel(rng, k, model_type, order, box.grown(17, 11))
     image, variance, mask = _planes(rng, shape, *dtypes)
     no_data = 1 << 5 if mask.dtype == np.uint8 else NO_DATA
     want = convolve_planes(image, variance, mask, kernel, box, no_data)
@@ -250,7 +226,7 @@ def test_apply_nonfinite_inputs_and_partial_support():
     support[0, :4] = 0
     support[3, 8] = 0
     support[8, 0] = 0
-    kernel = _random_kernel(rng, k, "chebyshev1", 2, box.grown(20, 20), support=support)
+    kernel = random_kernel(rng, k, "chebyshev1", 2, box.grown(20, 20), support=support)
     image, variance, mask = _planes(rng, shape)
     image[20, 30] = np.nan
     variance[60, 70] = np.nan
@@ -291,7 +267,7 @@ def test_apply_non_contiguous_device_input_and_all_edge():
     big = _planes(rng, (120, 260))
     image, variance, mask = (a[10:110, 3:250] for a in big)   # row stride != width
     box = gm.Box(0, 0, image.shape[1], image.shape[0])
-    kernel = _random_kernel(rng, k, "chebyshev1", 2, box.grown(8, 8))
+    kernel = random_kernel(rng, k, "chebyshev1", 2, box.grown(8, 8))
     want = convolve_planes(np.ascontiguousarray(image), np.ascontiguousarray(variance),
                            np.ascontiguousarray(mask), kernel, box, NO_DATA)
     dev = [cp.asarray(a)[10:110, 3:250] for a in big]

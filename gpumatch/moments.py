@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -58,64 +59,78 @@ def shear_from_moments(ixx, iyy, ixy):
     return e1 * f, e2 * f
 
 
-def adaptive_moments_batch(stamps, max_iter=100, rtol=1e-8):
+def adaptive_moments_batch(stamps, max_iter=100, rtol=1e-8, xp=None):
     """:func:`adaptive_moments` of many same-sized stamps at once.
 
     Parameters
     ----------
     stamps : array (n, ny, nx)
+        NumPy or CuPy (then computed on the device).
+    xp : module, optional
+        Array namespace; default: that of ``stamps``.
 
     Returns
     -------
-    ndarray (n, 5)
+    array (n, 5)
         ``xc, yc, ixx, iyy, ixy`` per stamp; rows that fail to converge are NaN.
     """
-    img = np.asarray(stamps, dtype=np.float64)
+    if xp is None:
+        from .backend import array_namespace
+
+        xp = array_namespace(stamps)
+    img = xp.asarray(stamps, dtype=xp.float64)
     n, ny, nx = img.shape
-    y, x = np.mgrid[0:ny, 0:nx].astype(np.float64)
-    pos = np.clip(img, 0, None)
+    y, x = (xp.asarray(a) for a in np.mgrid[0:ny, 0:nx].astype(np.float64))
+    pos = xp.clip(img, 0, None)
     tot = pos.sum(axis=(1, 2))
-    ok = np.isfinite(img).all(axis=(1, 2)) & (tot > 0)
-    tot = np.where(ok, tot, 1.0)
-    img = np.where(ok[:, None, None], img, 0.0)
+    ok = xp.isfinite(img).all(axis=(1, 2)) & (tot > 0)
+    tot = xp.where(ok, tot, 1.0)
+    img = xp.where(ok[:, None, None], img, 0.0)
     xc = (pos * x).sum(axis=(1, 2)) / tot
     yc = (pos * y).sum(axis=(1, 2)) / tot
-    wxx = np.full(n, max(1.0, min(nx, ny) / 8.0) ** 2)
+    wxx = xp.full(n, max(1.0, min(nx, ny) / 8.0) ** 2)
     wyy = wxx.copy()
-    wxy = np.zeros(n)
+    wxy = xp.zeros(n)
     done = ~ok
-    for _ in range(max_iter):
+    # Converged rows are frozen, so testing for the end less often changes no
+    # result; on the device each test is a synchronisation.
+    check_every = 1 if xp is np else 8
+
+    def quiet():
+        return np.errstate(divide="ignore", invalid="ignore") if xp is np else contextlib.nullcontext()
+
+    for it in range(max_iter):
         det = wxx * wyy - wxy * wxy
         dx = x[None] - xc[:, None, None]
         dy = y[None] - yc[:, None, None]
         q = (wyy[:, None, None] * dx * dx - 2 * wxy[:, None, None] * dx * dy
              + wxx[:, None, None] * dy * dy) / det[:, None, None]
-        w = np.exp(-0.5 * q) * img
+        w = xp.exp(-0.5 * q) * img
         s = w.sum(axis=(1, 2))
-        s = np.where(s > 0, s, np.nan)
+        s = xp.where(s > 0, s, np.nan)
         nxc = xc + (w * dx).sum(axis=(1, 2)) / s
         nyc = yc + (w * dy).sum(axis=(1, 2)) / s
         qxx = (w * dx * dx).sum(axis=(1, 2)) / s
         qyy = (w * dy * dy).sum(axis=(1, 2)) / s
         qxy = (w * dx * dy).sum(axis=(1, 2)) / s
         qdet = qxx * qyy - qxy * qxy
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with quiet():
             ia = qyy / qdet - wyy / det
             ib = qxx / qdet - wxx / det
             ic = -qxy / qdet + wxy / det
             idet = ia * ib - ic * ic
             good = (qdet > 0) & (ia > 0) & (idet > 0)
-            nxx = np.where(good, ib / idet, 2 * qxx)
-            nyy = np.where(good, ia / idet, 2 * qyy)
-            nxy = np.where(good, -ic / idet, 2 * qxy)
-        change = np.maximum(np.abs(nxx - wxx), np.maximum(np.abs(nyy - wyy), np.abs(nxy - wxy)))
-        change = np.maximum(change / np.maximum(wxx, wyy), np.abs(nxc - xc) + np.abs(nyc - yc))
-        keep = done | ~np.isfinite(change)
-        wxx, wyy, wxy = np.where(keep, wxx, nxx), np.where(keep, wyy, nyy), np.where(keep, wxy, nxy)
-        xc, yc = np.where(keep, xc, nxc), np.where(keep, yc, nyc)
+            nxx = xp.where(good, ib / idet, 2 * qxx)
+            nyy = xp.where(good, ia / idet, 2 * qyy)
+            nxy = xp.where(good, -ic / idet, 2 * qxy)
+        change = xp.maximum(xp.abs(nxx - wxx), xp.maximum(xp.abs(nyy - wyy), xp.abs(nxy - wxy)))
+        change = xp.maximum(change / xp.maximum(wxx, wyy), xp.abs(nxc - xc) + xp.abs(nyc - yc))
+        keep = done | ~xp.isfinite(change)
+        wxx, wyy, wxy = xp.where(keep, wxx, nxx), xp.where(keep, wyy, nyy), xp.where(keep, wxy, nxy)
+        xc, yc = xp.where(keep, xc, nxc), xp.where(keep, yc, nyc)
         done = done | (change < rtol)
-        if done.all():
+        if (it + 1) % check_every == 0 and bool(done.all()):
             break
-    out = np.stack([xc, yc, wxx, wyy, wxy], axis=1)
+    out = xp.stack([xc, yc, wxx, wyy, wxy], axis=1)
     out[~(done & ok)] = np.nan
     return out

@@ -4,43 +4,51 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import to_numpy
+from .backend import array_namespace, to_numpy
 from .moments import SIGMA_TO_FWHM, adaptive_moments_batch
 from .normal_equations import good_region
 
 __all__ = ["candidate_residuals", "matched_psf_stamps"]
 
-def _correlate_each(stamps, kernels):
+
+def _correlate_each(stamps, kernels, xp=np):
     """Correlate stamp ``i`` with kernel ``i`` (SPEC section 5 orientation).
 
     Returns the whole stamps ``(n, size, size)``, pixels outside the stamp
-    taken as zero.
+    taken as zero. Batched FFTs on the arrays' own device.
     """
     import scipy.fft  # not at import time: `import gpumatch` stays light
 
+    fft = scipy.fft if xp is np else xp.fft
     n, size, _ = stamps.shape
     k = kernels.shape[1]
     h = k // 2
     shape = (scipy.fft.next_fast_len(size + k - 1),) * 2
     # Correlation is convolution with the flipped kernel; the linear
     # convolution index t maps to output pixel t - h.
-    conv = scipy.fft.irfft2(scipy.fft.rfft2(stamps, shape) * scipy.fft.rfft2(kernels[:, ::-1, ::-1], shape),
-                            shape)
+    conv = fft.irfft2(fft.rfft2(stamps, shape) * fft.rfft2(kernels[:, ::-1, ::-1], shape), shape)
     return conv[:, h:h + size, h:h + size]
 
 
-def matched_psf_stamps(cell_set, kernel):
+def matched_psf_stamps(cell_set, kernel, xp=np):
     """Template stamps correlated with the normalised kernel at each candidate.
+
+    Parameters
+    ----------
+    xp : module
+        ``numpy`` (default; NumPy arrays out) or ``cupy`` (the stamps stay on
+        the device).
 
     Returns
     -------
-    matched, target : ndarray (n, psf_size, psf_size)
+    matched, target : array (n, psf_size, psf_size)
         Whole stamps; their good region (``good_region(psf_size, k)``) is
         where the kernel footprint stays inside the template stamp.
     """
-    templates = to_numpy(cell_set.templates)
-    K = kernel.compute_images(cell_set.xs, cell_set.ys, normalize=True)
-    return _correlate_each(templates, K), to_numpy(cell_set.targets)
+    templates = xp.asarray(cell_set.templates) if xp is not np else to_numpy(cell_set.templates)
+    targets = xp.asarray(cell_set.targets) if xp is not np else to_numpy(cell_set.targets)
+    K = xp.asarray(kernel.compute_images(cell_set.xs, cell_set.ys, normalize=True))
+    return _correlate_each(templates, K, xp), targets
 
 
 def candidate_residuals(cell_set, kernel):
@@ -53,18 +61,21 @@ def candidate_residuals(cell_set, kernel):
         ``fwhm_matched`` and ``fwhm_reference`` (per candidate, adaptive
         moments of the whole stamps, pixels), and summaries.
     """
-    full_m, full_t = matched_psf_stamps(cell_set, kernel)
+    # On the device when the stamps are there: only per-candidate numbers come back.
+    xp = array_namespace(cell_set.templates)
+    full_m, full_t = matched_psf_stamps(cell_set, kernel, xp)
     # The good region of the whole-stamp correlation is the good-region result.
     good = good_region(full_m.shape[1], kernel.dimensions[0])
     diff = full_m[:, good, good] - full_t[:, good, good]
     target = full_t[:, good, good]
-    rel = np.sqrt((diff ** 2).sum(axis=(1, 2)) / (target ** 2).sum(axis=(1, 2)))
-    mx = np.abs(diff).max(axis=(1, 2))
+    rel = to_numpy(xp.sqrt((diff ** 2).sum(axis=(1, 2)) / (target ** 2).sum(axis=(1, 2))))
+    mx = to_numpy(xp.abs(diff).max(axis=(1, 2)))
     n = len(full_m)
     # A spatially constant reference (the usual case) is measured once.
     constant_ref = bool((full_t == full_t[:1]).all())
-    mom = adaptive_moments_batch(np.concatenate([full_m, full_t[:1] if constant_ref else full_t]))
-    radius = (mom[:, 2] * mom[:, 3] - mom[:, 4] ** 2) ** 0.25 * SIGMA_TO_FWHM
+    mom = adaptive_moments_batch(xp.concatenate([full_m, full_t[:1] if constant_ref else full_t]),
+                                 xp=xp)
+    radius = to_numpy((mom[:, 2] * mom[:, 3] - mom[:, 4] ** 2) ** 0.25 * SIGMA_TO_FWHM)
     fm = radius[:n]
     ft = np.full(n, radius[n]) if constant_ref else radius[n:]
     ratio = fm / ft

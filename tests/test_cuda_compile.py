@@ -9,11 +9,15 @@
   the kernel computes in float32) agree with the NumPy backend. They check
   the index arithmetic the CUDA code is built on; the GPU tests
   (``tests/test_gpu.py``) check the CUDA code itself on a device.
-* A fast subset of ``tests/test_gpu.py`` runs in a subprocess against a fake,
-  NumPy-backed ``cupy`` whose two kernels are those transcriptions: it checks
-  the Python side of the backend (argument types, launch geometry, shared
-  memory sizes, the pinned/banded host pipeline's pointer arithmetic, dtype
-  and stride handling, the task wiring) without a GPU.
+* ``tests/test_gpu.py`` runs in a subprocess against a fake, NumPy-backed
+  ``cupy``: a fast subset with those transcriptions as the kernels, then the
+  whole file with the CUDA sources themselves compiled for the CPU by
+  :mod:`cuda_emulator` (and a subset again with the threads of each block run
+  in a shuffled order). This checks the Python side of the backend (argument
+  types against the kernels' signatures, launch geometry, shared memory
+  sizes, the pinned/banded host pipeline's pointer arithmetic, dtype and
+  stride handling, the task wiring) and the CUDA code's indexing, barriers
+  and memory bounds, without a GPU.
 """
 
 from __future__ import annotations
@@ -499,169 +503,109 @@ def test_emulated_normal_equations_kernel_matches_numpy(k, size, sigmas, degrees
 
 
 # ---------------------------------------------------------------------------
-# The GPU test-suite's plumbing, with a fake CuPy whose kernels are the
-# NumPy transcriptions above
+# The GPU test-suite's plumbing, with a fake CuPy (tests/fake_cupy.py) whose
+# kernels are the NumPy transcriptions above or the compiled sources
 # ---------------------------------------------------------------------------
-
-
-def install_fake_cupy():
-    """Put a NumPy-backed stand-in for ``cupy``/``cupyx`` in ``sys.modules``.
-
-    Arrays are an ``ndarray`` subclass from a module named ``cupy`` (so
-    gpumatch treats them as device arrays), raw copies are real ``memmove``s
-    between the pointers gpumatch computes, and the two CUDA kernels are
-    replaced by :func:`emulate_apply_kernel` and
-    :func:`emulate_normal_equations_kernel`, called with exactly the arguments
-    (types checked) that the real launch passes. Used in a subprocess only.
-    """
-    import ctypes
-    import sys
-    import types
-
-    cupy = types.ModuleType("cupy")
-
-    class ndarray(np.ndarray):
-        @property
-        def data(self):
-            return types.SimpleNamespace(ptr=self.ctypes.data)
-
-        def get(self, *args, **kwargs):
-            return np.array(self)
-
-    ndarray.__module__ = "cupy"
-
-    def wrap(a):
-        return a.view(ndarray) if isinstance(a, np.ndarray) else a
-
-    cupy.ndarray = ndarray
-    cupy.asarray = lambda a, dtype=None: wrap(np.asarray(a, dtype=dtype))
-    cupy.ascontiguousarray = lambda a, dtype=None: wrap(np.ascontiguousarray(a, dtype=dtype))
-    cupy.empty = lambda shape, dtype=np.float64: wrap(np.full(shape, 77, dtype=dtype))  # poisoned
-    cupy.array_equal = lambda a, b, equal_nan=False: np.array_equal(a, b, equal_nan=equal_nan)
-    cupy.__getattr__ = lambda name: getattr(np, name)
-    cupy.linalg, cupy.lib, cupy.random = np.linalg, np.lib, np.random
-    cupy.__version__ = "fake"
-
-    class Event:
-        def synchronize(self):
-            pass
-
-    class Stream:
-        def __init__(self, non_blocking=False):
-            self.ptr = 1234
-
-        def record(self):
-            return Event()
-
-        def wait_event(self, event):
-            assert isinstance(event, Event)
-
-        def synchronize(self):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *args):
-            return False
-
-    def memcpy_async(dst, src, size, kind, stream):
-        assert stream == 1234 and kind in (1, 2)
-        ctypes.memmove(dst, src, size)
-
-    runtime = types.SimpleNamespace(memcpyAsync=memcpy_async, memcpyHostToDevice=1,
-                                    memcpyDeviceToHost=2, getDeviceCount=lambda: 1)
-    cupy.cuda = types.SimpleNamespace(
-        Stream=Stream, Event=Event, runtime=runtime, get_current_stream=lambda: Stream(),
-        Device=lambda *a: types.SimpleNamespace(id=0, compute_capability="90"))
-    cupyx = types.ModuleType("cupyx")
-    cupyx.empty_pinned = lambda shape, dtype: np.full(shape, 55, dtype=dtype)
-    sys.modules["cupy"], sys.modules["cupyx"] = cupy, cupyx
-
-    import gpumatch.backend as gb
-    import gpumatch.cuda.module as cm
-    import gpumatch.cuda.normal_equations as cne
-
-    gb._cupy_status = lambda: (cupy, "ok")
-    gb.cupy_usable = lambda: True
-    limits = {"max_shared_optin": 227 * 1024, "sm_count": 132, "compute_capability": "90"}
-    mask_types = {"int": np.int32, "unsigned int": np.uint32, "short": np.int16,
-                  "unsigned short": np.uint16, "signed char": np.int8, "unsigned char": np.uint8,
-                  "long long": np.int64, "unsigned long long": np.uint64}
-
-    def get_kernel(filename, name, defines, shared_bytes=0):
-        if filename == "apply_spatial.cu":
-            assert name == "gm_apply_spatial_kernel"
-            k, o, rows = (int(defines[m]) for m in ("KSIZE", "SPATIAL_ORDER", "ROWS_PER_THREAD"))
-            mask_t = np.dtype(mask_types[defines["MASK_T"]])
-            assert shared_bytes == apply_shared_bytes(k, o, mask_t.itemsize, rows)
-            assert shared_bytes <= limits["max_shared_optin"]
-
-            def launch(grid, block, args, shared_mem=0):
-                (img, var, msk, s_img, s_var, s_msk, oi, ov, om, ny, nx, rb, re, qpack, qsum,
-                 supp, full, xs, ys, hx, hy, nd) = args
-                assert block == (32, APPLY_BLOCK[1], 1) and shared_mem == shared_bytes
-                for a in (s_img, s_var, s_msk):
-                    assert type(a) is np.int64
-                for a in (ny, nx, rb, re, full):
-                    assert type(a) is np.int32
-                for a in (xs, ys, hx, hy):
-                    assert type(a) is np.float64
-                assert type(nd) is mask_t.type and msk.dtype == mask_t and om.dtype == mask_t
-                assert img.dtype.name == {"float": "float32", "double": "float64"}[defines["IMG_T"]]
-                assert var.dtype.name == {"float": "float32", "double": "float64"}[defines["VAR_T"]]
-                assert qpack.dtype == np.float32 and qsum.dtype == np.float64
-                assert int(s_img) == img.strides[0] // img.itemsize and img.strides[1] == img.itemsize
-                for o_ in (oi, ov, om):
-                    assert o_.flags.c_contiguous
-                assert grid == (-(-int(nx) // TILE_W), -(-(int(re) - int(rb)) // (8 * rows)), 1)
-                packed = types.SimpleNamespace(
-                    kernel_size=k, order=o, qpack=np.asarray(qpack), qsum=np.asarray(qsum),
-                    support=np.asarray(supp), full_support=bool(full), x_shift=float(xs),
-                    y_shift=float(ys), hx=float(hx), hy=float(hy))
-                emulate_apply_kernel(np.asarray(img), np.asarray(var), np.asarray(msk), packed,
-                                     nd, int(rb), int(re), rows,
-                                     (np.asarray(oi), np.asarray(ov), np.asarray(om)))
-            return launch
-
-        assert (filename, name) == ("normal_equations.cu", "gm_candidate_normal_equations")
-        k, size, nb = (int(defines[m]) for m in ("NE_KSIZE", "NE_STAMP", "NE_NBASIS"))
-        assert shared_bytes == ne_shared_bytes(k, size, nb)
-
-        def launch(grid, block, args, shared_mem=0):
-            templates, targets, basis, w, n, M, b = args
-            assert type(w) is np.float64 and type(n) is np.int32 and grid == (int(n),)
-            assert block == (ne_launch_config(k, size, nb),) and shared_mem == shared_bytes
-            for a in (templates, targets, basis, M, b):
-                assert a.dtype == np.float64 and a.flags.c_contiguous
-            Me, be = emulate_normal_equations_kernel(np.asarray(templates), np.asarray(targets),
-                                                     np.asarray(basis), float(w), block[0])
-            np.asarray(M)[...] = Me
-            np.asarray(b)[...] = be
-        return launch
-
-    cm.get_kernel = cne.get_kernel = get_kernel
-    cm.device_limits = cne.device_limits = lambda: limits
 
 
 FAKE_SUBSET = ("test_backend or test_stamps or (test_normal_equations_match and not 21 and not 35) "
                "or (test_apply_matches_numpy and not 21 and not 35 and not 7) "
                "or test_apply_nonfinite or test_run_host_resident_matches_numpy[1.0] "
                "or test_run_device_resident or test_apply_non_contiguous")
+# With the compiled sources every test runs (about 30 s); a second pass runs
+# the application and normal-equation tests with the threads of each block in
+# a shuffled order, where a race on shared memory would change the results.
+SHUFFLED_SUBSET = ("test_normal_equations_match or (test_apply_matches_numpy and device) "
+                   "or test_apply_nonfinite or test_apply_inf")
 
 
-def test_gpu_suite_plumbing_with_fake_cupy():
-    """tests/test_gpu.py (a fast subset) against the fake CuPy, in a subprocess."""
+@pytest.mark.parametrize("kernels, subset, order", [
+    ("transcribed", FAKE_SUBSET, 0),
+    pytest.param("compiled", None, 0, marks=pytest.mark.skipif(
+        shutil.which("g++") is None and shutil.which("c++") is None, reason="no host C++ compiler")),
+    pytest.param("compiled", SHUFFLED_SUBSET, 7, marks=pytest.mark.skipif(
+        shutil.which("g++") is None and shutil.which("c++") is None, reason="no host C++ compiler")),
+], ids=["transcribed-kernels", "compiled-kernels", "compiled-kernels-shuffled-threads"])
+def test_gpu_suite_plumbing_with_fake_cupy(kernels, subset, order):
+    """tests/test_gpu.py against the fake CuPy, in a subprocess: a fast subset
+    with the NumPy transcriptions of the kernels, and the whole file with the
+    CUDA sources compiled for the CPU (:mod:`cuda_emulator`)."""
     import os
     import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(here)
-    code = ("import sys; sys.path[:0] = [%r, %r]; import test_cuda_compile as T; "
-            "T.install_fake_cupy(); import pytest; "
-            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', %r, '-k', %r]))"
-            % (here, root, os.path.join(here, "test_gpu.py"), FAKE_SUBSET))
+    args = ["-q", "-p", "no:cacheprovider", os.path.join(here, "test_gpu.py")]
+    if subset:
+        args += ["-k", subset]
+    code = ("import sys; sys.path[:0] = [%r, %r]; "
+            "import fake_cupy; fake_cupy.install(%r); import pytest; sys.exit(pytest.main(%r))"
+            % (here, root, kernels, args))
+    env = dict(os.environ, GPUMATCH_EMULATOR_ORDER=str(order))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
-                         cwd=root)
+                         cwd=root, env=env)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout[-2000:]
+    last = res.stdout.splitlines()[-1]
+    assert " passed" in last and "skipped" not in last, res.stdout[-2000:]
+    if subset is None:
+        assert "deselected" not in last, last
+
+
+_SYNC_SCRIPT = r"""
+import sys
+sys.path[:0] = [HERE, ROOT]
+import numpy as np
+import test_cuda_compile as T
+import fake_cupy
+fake_cupy.install("compiled")
+import cupy
+import gpumatch as gm
+from gpumatch.apply import convolve_planes
+from gpumatch.cuda.apply import convolve_planes_cupy
+from random_kernels import random_kernel
+
+rng = np.random.default_rng(3)
+shape, k = (150, 140), 7
+box = gm.Box(4, -9, shape[1], shape[0])
+kernel = random_kernel(rng, k, "chebyshev1", 2, box.grown(10, 10))
+planes = T._planes(rng, shape)
+want = convolve_planes(*planes, kernel, box, T.NO_DATA)
+
+def ok():
+    got = convolve_planes_cupy(*planes, kernel, box, T.NO_DATA, bands=4)
+    try:
+        T._assert_matches_numpy(got, want, k // 2)
+        return True
+    except AssertionError:
+        return False
+
+results = {"correct": [ok() for _ in range(6)]}
+wait_event = cupy.cuda.Stream.wait_event
+cupy.cuda.Stream.wait_event = lambda self, event: None
+results["no wait_event"] = [ok() for _ in range(6)]
+cupy.cuda.Stream.wait_event = wait_event
+cupy.cuda.Event.synchronize = lambda self: None
+results["no event synchronize"] = [ok() for _ in range(6)]
+print(results)
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="no host C++ compiler")
+def test_fake_streams_catch_missing_synchronisation():
+    """The fake CuPy's lazy streams make the banded host pipeline's
+    synchronisation matter: it is right as written, and wrong when the kernel
+    launches stop waiting for their input copies or a pinned staging buffer is
+    refilled before the copy that reads it has run."""
+    import ast
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = _SYNC_SCRIPT.replace("HERE", repr(here)).replace("ROOT", repr(os.path.dirname(here)))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = ast.literal_eval(res.stdout.strip().splitlines()[-1])
+    assert all(results["correct"]), results
+    assert not all(results["no wait_event"]), results
+    assert not any(results["no event synchronize"]), results

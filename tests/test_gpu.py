@@ -295,6 +295,32 @@ def test_apply_production_size_strict():
     _assert_planes(got, want, 10, strict=True)
 
 
+def test_quality_on_device_matches_numpy():
+    """Matched-PSF residuals and sizes computed where the stamps are (device FFTs
+    and adaptive moments), with only per-candidate numbers coming back."""
+    from gpumatch.moments import adaptive_moments_batch
+    from gpumatch.quality import candidate_residuals, matched_psf_stamps
+
+    exp, ref, cfg = _exposure(), _reference(), _config()
+    res = gm.ModelPsfMatchTask(cfg, backend="numpy").run(exp, ref)
+    cs_np = res.kernelCellSet
+    cs_cp, _ = build_cell_set(exp, ref, cfg, cfg.kernelSize, xp=cp)
+    m_cp, t_cp = matched_psf_stamps(cs_cp, res.psfMatchingKernel, cp)
+    m_np, t_np = matched_psf_stamps(cs_np, res.psfMatchingKernel)
+    assert isinstance(m_cp, cp.ndarray) and isinstance(t_cp, cp.ndarray)
+    np.testing.assert_allclose(m_cp.get(), m_np, rtol=0, atol=1e-12 * np.abs(m_np).max())
+    mom_cp = adaptive_moments_batch(m_cp)
+    assert isinstance(mom_cp, cp.ndarray)
+    np.testing.assert_allclose(mom_cp.get(), adaptive_moments_batch(m_np), rtol=1e-7)
+    q_cp = candidate_residuals(cs_cp, res.psfMatchingKernel)
+    q_np = candidate_residuals(cs_np, res.psfMatchingKernel)
+    assert set(q_cp) == set(q_np)
+    for key, want in q_np.items():
+        got = q_cp[key]
+        assert type(got) is type(want), key          # NumPy arrays and floats come back
+        np.testing.assert_allclose(got, want, rtol=1e-7, err_msg=key)
+
+
 # ---------------------------------------------------------------------------
 # The whole task
 # ---------------------------------------------------------------------------
@@ -411,3 +437,99 @@ def test_run_ill_conditioned():
     want = convolve_planes(exp.image, exp.variance, exp.mask, res_cp.psfMatchingKernel, exp.bbox,
                            NO_DATA)
     _assert_planes((mc.image, mc.variance, mc.mask), want, cfg.kernelSize // 2, strict=True)
+
+
+# ---------------------------------------------------------------------------
+# Many exposures on the device (issue 5)
+# ---------------------------------------------------------------------------
+
+
+def _visit(xp=np):
+    """Four exposures, one of another size, with their own PSFs."""
+    exps = [_exposure(seed=s, xp=xp) for s in range(3)]
+    exps.append(_exposure(nx=257, ny=301, xy0=(0, 0), seed=3, xp=xp))
+    return exps
+
+
+def _assert_identical(got, want):
+    """Bitwise the same result (timings aside); candidate kernels to rounding."""
+    np.testing.assert_array_equal(got.psfMatchingKernel.spatial_coefficients,
+                                  want.psfMatchingKernel.spatial_coefficients)
+    for a, b in zip((got.psfMatchedExposure.image, got.psfMatchedExposure.variance,
+                     got.psfMatchedExposure.mask),
+                    (want.psfMatchedExposure.image, want.psfMatchedExposure.variance,
+                     want.psfMatchedExposure.mask)):
+        assert type(a) is type(b)
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+    for name in ("templates", "targets", "normal_matrices", "normal_vectors"):
+        np.testing.assert_array_equal(to_numpy(getattr(got.kernelCellSet, name)),
+                                      to_numpy(getattr(want.kernelCellSet, name)), err_msg=name)
+    # Single-candidate kernels (diagnostics only) come from one batched
+    # eigensolver call per batch, whose rounding may depend on the batch.
+    np.testing.assert_allclose(to_numpy(got.kernelCellSet.kernel_solutions),
+                               to_numpy(want.kernelCellSet.kernel_solutions), rtol=1e-9, atol=1e-12)
+    assert set(got.metadata) == set(want.metadata)
+    for key in got.metadata:
+        if key != "timings":
+            assert got.metadata[key] == want.metadata[key], key
+
+
+@pytest.mark.parametrize("resident", ["host", "device"])
+def test_match_many_equals_run_on_device(resident):
+    xp = cp if resident == "device" else np
+    cfg, ref = _config(), _reference()
+    exps = _visit(xp)
+    task = gm.ModelPsfMatchTask(cfg, backend="cupy")
+    want = [task.run(e, ref) for e in exps]
+    got = list(gm.match_many(exps, ref, cfg, backend="cupy"))
+    assert len(got) == len(exps)
+    for g, w in zip(got, want):
+        _assert_identical(g, w)
+        assert isinstance(g.psfMatchedExposure.image, cp.ndarray if resident == "device" else np.ndarray)
+    # and the backends agree, as for run
+    res_np = gm.ModelPsfMatchTask(cfg, backend="numpy").run(_visit()[3], ref)
+    _compare_results(got[3], res_np, _visit()[3])
+
+
+def test_match_many_batch_size_from_free_device_memory():
+    from gpumatch import many
+
+    cfg, ref = _config(), _reference()
+    task = gm.ModelPsfMatchTask(cfg, backend="cupy")
+    matcher = many._ManyMatcher(task, ref, 1.0, None, None)
+    job = many._Job(None, exposure=_exposure())
+    limit = matcher._batch_limit(job)
+    free, _ = cp.cuda.runtime.memGetInfo()
+    free += cp.get_default_memory_pool().free_bytes()
+    per_exposure = matcher._phase1_bytes(job.exposure)
+    assert 1 <= limit <= many.MAX_DEVICE_BATCH
+    assert limit == many.MAX_DEVICE_BATCH or \
+        limit * per_exposure <= many.DEVICE_MEMORY_FRACTION * free
+
+
+def test_match_many_device_out_of_memory_halves_the_batch(monkeypatch):
+    """A real CuPy out-of-memory error in a batch's normal equations: the batch
+    is halved and retried, the device pools are emptied, results unchanged."""
+    from gpumatch import many
+
+    cfg, ref = _config(), _reference()
+    exps = _visit()
+    want = [gm.ModelPsfMatchTask(cfg, backend="cupy").run(e, ref) for e in exps]
+    n_cand = len(want[0].kernelCellSet)
+    original = many._ManyMatcher._solve
+    sizes, frees = [], []
+
+    def limited(self, jobs):
+        sizes.append(len(jobs))
+        if len(jobs) > 2:
+            raise cp.cuda.memory.OutOfMemoryError(1 << 40, 1 << 34, 0)
+        return original(self, jobs)
+
+    real_free = many._free_device_memory
+    monkeypatch.setattr(many._ManyMatcher, "_solve", limited)
+    monkeypatch.setattr(many, "_free_device_memory", lambda: (frees.append(1), real_free()))
+    got = list(gm.match_many(exps, ref, cfg, backend="cupy", batch_size=4))
+    assert sizes[0] == 4 and max(sizes[1:]) <= 2 and frees
+    assert n_cand > 0
+    for g, w in zip(got, want):
+        _assert_identical(g, w)

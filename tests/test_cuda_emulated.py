@@ -1,0 +1,219 @@
+"""The CUDA sources of ``kernels/`` run on the CPU (:mod:`cuda_emulator`).
+
+* The emulator itself: each of its checks fires on a kernel written to break
+  that rule, and stays silent on a correct one.
+* The normal-equations kernel, as shipped and in every macro configuration the
+  compile test uses, against the NumPy backend, with the same bits for every
+  thread order (no races on shared memory).
+* The apply kernel is exercised through gpumatch's own launch code by running
+  ``tests/test_gpu.py`` against a fake CuPy whose kernels are the compiled
+  sources (``test_cuda_compile.py::test_gpu_suite_plumbing_with_fake_cupy``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cuda_emulator import EmulatorError, compile_kernel, compiler, kernel_names
+from gpumatch.basis import alard_lupton_basis
+from gpumatch.cuda.module import kernel_files, kernel_source
+from gpumatch.cuda.normal_equations import ne_launch_config, ne_shared_bytes
+from gpumatch.normal_equations import candidate_normal_equations
+from test_cuda_compile import NE_VARIANTS
+
+pytestmark = pytest.mark.skipif(compiler() is None, reason="no host C++ compiler (g++/c++) on PATH")
+
+ORDERS = (0, 1, 2, 3)  # forward, reverse, two shuffles
+
+PROBES = r"""
+extern "C" __global__ void copy_scaled(const float* __restrict__ x, float* __restrict__ y,
+                                       const int n, const float a) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = a * x[i];
+}
+extern "C" __global__ void write_past_end(float* __restrict__ y, const int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i <= n) y[i] = 1.0f;                    // one element too far
+}
+extern "C" __global__ void shared_overrun(float* __restrict__ y) {
+    extern __shared__ float smem[];
+    smem[threadIdx.x + 1] = 2.0f;               // launched with blockDim.x floats
+    __syncthreads();
+    y[threadIdx.x] = smem[threadIdx.x];
+}
+extern "C" __global__ void shared_unwritten(float* __restrict__ y) {
+    extern __shared__ float smem[];
+    if (threadIdx.x > 0) smem[threadIdx.x] = 3.0f;
+    __syncthreads();
+    y[threadIdx.x] = smem[threadIdx.x];         // smem[0] never written
+}
+extern "C" __global__ void partial_barrier(float* __restrict__ y) {
+    if (threadIdx.x % 2) return;
+    __syncthreads();
+    y[threadIdx.x] = 1.0f;
+}
+extern "C" __global__ void racy_neighbour(float* __restrict__ y) {
+    extern __shared__ float smem[];
+    smem[threadIdx.x] = threadIdx.x;
+    // missing __syncthreads(): the neighbour may not have written yet
+    y[threadIdx.x] = smem[(threadIdx.x + 1) % blockDim.x];
+}
+extern "C" __global__ void synced_neighbour(float* __restrict__ y) {
+    extern __shared__ float smem[];
+    smem[threadIdx.x] = threadIdx.x;
+    __syncthreads();
+    y[threadIdx.x] = smem[(threadIdx.x + 1) % blockDim.x];
+}
+extern "C" __global__ void block_ids(int* __restrict__ out) {
+    const int b = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    const int t = (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+    out[b * blockDim.x * blockDim.y * blockDim.z + t] = b * 1000 + t;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("probes")
+    (d / "probes.cu").write_text(PROBES)
+    return lambda name: compile_kernel("probes.cu", name, directory=d)
+
+
+def test_kernel_names_found_in_every_source():
+    for f in kernel_files():
+        assert kernel_names(kernel_source(f)), f
+    assert kernel_names(PROBES)[:2] == ["copy_scaled", "write_past_end"]
+
+
+def test_correct_kernel_runs_and_reads_its_arguments(probes):
+    fn = probes("copy_scaled")
+    assert fn.param_sizes == [8, 8, 4, 4] and fn.param_kinds == [0, 0, 1, 2]
+    x = np.arange(1000, dtype=np.float32)
+    y = np.zeros_like(x)
+    fn((4,), (256,), (x, y, np.int32(1000), np.float32(0.5)))
+    np.testing.assert_array_equal(y, 0.5 * x)
+
+
+def test_grid_and_block_indices(probes):
+    out = np.full(2 * 3 * 4 * (4 * 2 * 3), -1, np.int32)
+    probes("block_ids")((2, 3, 4), (4, 2, 3), (out,))
+    b, t = np.divmod(np.arange(out.size), 24)
+    np.testing.assert_array_equal(out, b * 1000 + t)
+
+
+def test_out_of_bounds_write_is_reported_and_nothing_written_back(probes):
+    y = np.zeros(100, np.float32)
+    with pytest.raises(EmulatorError, match="after the array"):
+        probes("write_past_end")((1,), (128,), (y, np.int32(100)))
+    assert not y.any()
+
+
+def test_shared_memory_written_past_the_launch_size(probes):
+    y = np.zeros(32, np.float32)
+    with pytest.raises(EmulatorError, match="beyond the 128 B"):
+        probes("shared_overrun")((1,), (32,), (y,), shared_mem=128)
+
+
+def test_unwritten_shared_memory_reads_nan(probes):
+    y = np.zeros(32, np.float32)
+    probes("shared_unwritten")((1,), (32,), (y,), shared_mem=128)
+    assert np.isnan(y[0]) and np.all(y[1:] == 3.0)
+
+
+def test_partial_barrier_is_reported(probes):
+    with pytest.raises(EmulatorError, match="wait at __syncthreads"):
+        probes("partial_barrier")((1,), (32,), (np.zeros(32, np.float32),))
+
+
+def test_thread_order_reveals_a_race_and_not_a_correct_kernel(probes):
+    def results(name):
+        out = []
+        for order in ORDERS:
+            y = np.zeros(64, np.float32)
+            probes(name)((1,), (64,), (y,), shared_mem=256, order=order)
+            out.append(y)
+        return out
+
+    racy = results("racy_neighbour")
+    assert any(not np.array_equal(racy[0], r, equal_nan=True) for r in racy[1:])
+    synced = results("synced_neighbour")
+    want = (np.arange(64) + 1) % 64
+    for r in synced:
+        np.testing.assert_array_equal(r, want)
+
+
+@pytest.mark.parametrize("args, match", [
+    (lambda x, y: (x, y, 1000, np.float32(0.5)), "4-byte integer value, got int64"),
+    (lambda x, y: (x, y, np.int32(1000), 0.5), "4-byte floating point value, got float64"),
+    (lambda x, y: (x, np.int32(3), np.int32(1000), np.float32(0.5)), "takes a pointer"),
+    (lambda x, y: (x, y, x, np.float32(0.5)), "got an array"),
+    (lambda x, y: (x, x[10:], np.int32(990), np.float32(0.5)), "overlap in memory"),
+    (lambda x, y: (x, y, np.int32(1000)), "takes 4 arguments, got 3"),
+])
+def test_launch_arguments_are_checked_against_the_signature(probes, args, match):
+    x = np.arange(1000, dtype=np.float32)
+    y = np.zeros_like(x)
+    with pytest.raises(EmulatorError, match=match):
+        probes("copy_scaled")((4,), (256,), args(x, y))
+    assert not y.any()
+
+
+def test_dynamic_shared_memory_limit_must_be_raised(probes):
+    fn = probes("synced_neighbour")
+    y = np.zeros(64, np.float32)
+    with pytest.raises(EmulatorError, match="raise max_dynamic_shared_size_bytes"):
+        fn((1,), (64,), (y,), shared_mem=64 * 1024)
+    fn.max_dynamic_shared_size_bytes = 64 * 1024
+    fn((1,), (64,), (y,), shared_mem=64 * 1024)
+    np.testing.assert_array_equal(y, (np.arange(64) + 1) % 64)
+
+
+# ---------------------------------------------------------------------------
+# kernels/normal_equations.cu
+# ---------------------------------------------------------------------------
+
+
+def _ne_case(defines, n, seed):
+    k, size, nb = defines["NE_KSIZE"], defines["NE_STAMP"], defines["NE_NBASIS"]
+    rng = np.random.default_rng(seed)
+    if nb == 27 or nb == 28:
+        degrees = (4, 2, 2) if nb == 27 else (4, 3, 1)
+        basis = np.asarray(alard_lupton_basis(k, (1.0, 2.0, 4.5), degrees))
+        assert len(basis) == nb
+    else:
+        basis = rng.normal(size=(nb, k, k))
+    templates = rng.normal(size=(n, size, size))
+    targets = rng.normal(size=(n, size, size))
+    return templates, targets, basis
+
+
+@pytest.mark.parametrize("defines", [{"NE_KSIZE": 21, "NE_STAMP": 31, "NE_NBASIS": 27}] + NE_VARIANTS,
+                         ids=lambda d: "k{NE_KSIZE}-s{NE_STAMP}-nb{NE_NBASIS}".format(**d))
+def test_normal_equations_kernel_matches_numpy_in_every_thread_order(defines):
+    k, size, nb = defines["NE_KSIZE"], defines["NE_STAMP"], defines["NE_NBASIS"]
+    n = 3
+    templates, targets, basis = _ne_case(defines, n, seed=k + size)
+    fn = compile_kernel("normal_equations.cu", "gm_candidate_normal_equations",
+                        dict(defines, NE_MAX_THREADS=256))
+    smem = ne_shared_bytes(k, size, nb)
+    fn.max_dynamic_shared_size_bytes = max(fn.max_dynamic_shared_size_bytes, smem)
+    threads = ne_launch_config(k, size, nb)
+    want_M, want_b = candidate_normal_equations(templates, targets, basis, 2.0)
+    first = None
+    for order in ORDERS:
+        M = np.full((n, nb, nb), np.nan)
+        b = np.full((n, nb), np.nan)
+        # One block too many: the kernel must leave it idle.
+        fn((n + 1,), (threads,), (templates, targets, basis, np.float64(0.5), np.int32(n), M, b),
+           shared_mem=smem, order=order)
+        scale_M = np.abs(want_M).max(axis=(1, 2), keepdims=True)
+        scale_b = np.abs(want_b).max(axis=1, keepdims=True)
+        assert np.abs(M - want_M).max() <= 1e-13 * scale_M.max()
+        assert np.all(np.abs(M - want_M) <= 1e-13 * scale_M)
+        assert np.all(np.abs(b - want_b) <= 1e-13 * scale_b)
+        if first is None:
+            first = (M, b)
+        else:  # no races: every order gives the same bits
+            np.testing.assert_array_equal(M, first[0])
+            np.testing.assert_array_equal(b, first[1])

@@ -46,7 +46,8 @@ import socket
 import sys
 import time
 import traceback
-import warnings
+
+from ._warnings import recorded
 
 log = logging.getLogger("gpumatch")
 
@@ -131,8 +132,7 @@ def _inspect_output(path, verify):
         return False, "no such file", None
     size = os.path.getsize(p)
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with recorded() as caught:
             with fits.open(p, memmap=False, checksum=verify,
                            lazy_load_hdus=not verify) as hdul:
                 hdul.readall()

@@ -23,19 +23,36 @@ coefficients, matched pixels, metadata other than timings).
 On the CuPy backend the batch size comes from the free device memory, and an
 out-of-memory error while a batch is solved halves the batch and retries.
 
-TODO(GPU): overlap the host-to-device copy of the next exposure with the
-compute of the current one (pinned host buffers and a second stream). Not
-done yet: it cannot be verified without a device and is the kind of
-complexity that must be measured before it is kept. The batching above is
-independent of it.
+Overlap of input and compute
+----------------------------
+- Exposures given as paths are read ahead: while a batch is solved and
+  applied, a small thread pool (``read_workers``) reads the files of the next
+  batch, at most one batch ahead (the next batch is taken to be as large as
+  the current one; a smaller limit later, after an out-of-memory error for
+  example, leaves the extra reads for the batches after it). Reading a
+  4k x 4k three-plane FITS file takes longer than the device needs to match
+  it, so this is what keeps the device busy on a visit read from disk. The
+  input iterable is only advanced in the calling thread, the results stay in
+  input order and equal those read in the calling thread (``read_workers=0``),
+  and closing the generator cancels the reads not started and waits for
+  those running.
+- Within one exposure, the CUDA application overlaps its host-device copies
+  with compute (the banded pipeline of :mod:`gpumatch.cuda.apply`).
+- Not done (needs a GPU session, and a measurement before it is kept):
+  chaining the banded copy pipelines of consecutive exposures, so that one
+  exposure's first copies overlap the previous exposure's last compute instead
+  of waiting for it. Its gain is bounded by about one band's copy in and
+  out per exposure.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .backend import single_threaded_blas, to_numpy
@@ -62,6 +79,10 @@ HOST_MEMORY_FRACTION = 0.25
 APPLY_BYTES_PER_PIXEL = 64
 #: Reference realisations kept (one per distinct cell grid and stamp size).
 _REFERENCE_CACHE = 8
+#: Threads reading the next batch's files while a batch is computed.
+DEFAULT_READ_WORKERS = min(4, os.cpu_count() or 1)
+#: Name prefix of those threads.
+READ_THREAD_PREFIX = "gpumatch-read"
 
 
 # -- the shared reference model ---------------------------------------------------
@@ -168,8 +189,82 @@ def _free_device_memory():
     cupy.get_default_pinned_memory_pool().free_all_blocks()
 
 
+def _is_path(item):
+    return isinstance(item, (str, bytes)) or hasattr(item, "__fspath__")
+
+
+class _Input:
+    """The input of :func:`match_many`, in order, with paths read ahead.
+
+    Items are pulled from the iterable in the calling thread only (it may be a
+    generator that is not thread-safe). With ``workers``, exposures given as
+    paths are read by a thread pool; otherwise, and for exposures given as
+    objects, they are loaded when pulled. ``pending`` holds what was pulled and not yet taken:
+    jobs, or futures of jobs.
+    """
+
+    def __init__(self, exposures, load, workers):
+        self._items = iter(exposures)
+        self._load = load
+        self._workers = workers
+        self._pool = None
+        self.pending = deque()
+        self._failure = None  # the iterable's own error, raised after the items before it
+        self._exhausted = False
+        self._closed = threading.Event()
+
+    def fill(self, n):
+        """Pull items until ``n`` are pending or the input ends."""
+        while len(self.pending) < n and not self._exhausted:
+            try:
+                item = next(self._items)
+            except StopIteration:
+                self._exhausted = True
+                break
+            except Exception as exc:
+                self._exhausted, self._failure = True, exc
+                break
+            if self._workers and _is_path(item):
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self._workers,
+                                                    thread_name_prefix=READ_THREAD_PREFIX)
+                self.pending.append(self._pool.submit(self._read_ahead, item))
+            else:
+                self.pending.append(self._load(item))
+
+    def _read_ahead(self, item):
+        if self._closed.is_set():  # closed before this read started
+            return None
+        return self._load(item)
+
+    def take(self):
+        """The next pending job, once it is read."""
+        job = self.pending.popleft()
+        return job.result() if isinstance(job, Future) else job
+
+    def raise_failure(self):
+        """At the end of the pending items: raise the iterable's error, if it had one."""
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
+    def _cancel(self):
+        for job in self.pending:
+            if isinstance(job, Future):
+                job.cancel()
+        self.pending.clear()
+
+    def close(self):
+        """Cancel the reads not started and wait for those running; no thread is left."""
+        self._closed.set()
+        self._cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
 class _ManyMatcher:
-    def __init__(self, task, reference, kernel_sum, psf, batch_size):
+    def __init__(self, task, reference, kernel_sum, psf, batch_size, read_workers=0):
         self.task = task
         self.reference = reference
         self.shared = _SharedReference(reference) if hasattr(reference, "compute_kernel_image") \
@@ -177,6 +272,7 @@ class _ManyMatcher:
         self.kernel_sum = kernel_sum
         self.psf = psf
         self.batch_size = batch_size
+        self.read_workers = int(read_workers)
         self.stages = task._stages
         self.xp = task._stages.xp
         self.oom = _oom_errors(task.backend)
@@ -215,29 +311,39 @@ class _ManyMatcher:
             return 1
         budget = DEVICE_MEMORY_FRACTION * free - APPLY_BYTES_PER_PIXEL * exposure.image.size
         limit = int(budget // max(1, self._phase1_bytes(exposure)))
-        # A batch of inputs read from files is held in host memory too.
+        # A batch of inputs read from files is held in host memory too (and, with
+        # read-ahead, the next batch's): together within the host share.
         try:
             host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             planes = exposure.image.nbytes + exposure.variance.nbytes + exposure.mask.nbytes
-            limit = min(limit, int(HOST_MEMORY_FRACTION * host // max(1, planes)))
+            held = 2 if self.read_workers else 1
+            limit = min(limit, int(HOST_MEMORY_FRACTION * host // max(1, held * planes)))
         except (ValueError, OSError, AttributeError):
             pass
         return max(1, min(MAX_DEVICE_BATCH, limit))
 
     def run(self, exposures, on_error):
-        items = iter(exposures)
-        end = object()
+        source = _Input(exposures, self._load, self.read_workers)
+        try:
+            yield from self._batches(source, on_error)
+        finally:  # also on close(), garbage collection or an error: no read goes on
+            source.close()
+
+    def _batches(self, source, on_error):
         while True:
-            item = next(items, end)
-            if item is end:
+            source.fill(1)
+            if not source.pending:
+                source.raise_failure()
                 return
-            jobs = [self._load(item)]
+            jobs = [source.take()]
+            # Decided from the batch's first exposure, before the next batch is read.
             limit = self._batch_limit(jobs[0])
-            while len(jobs) < limit:
-                item = next(items, end)
-                if item is end:
-                    break
-                jobs.append(self._load(item))
+            # With read-ahead, the next batch too, read while this one is computed: taken
+            # to be as large as this one (a smaller limit then, after an out-of-memory
+            # error for example, leaves the rest for the batches after it).
+            source.fill(2 * limit - 1 if self.read_workers else limit - 1)
+            while len(jobs) < limit and source.pending:
+                jobs.append(source.take())
             # Not held across the yields: the caller's own code keeps its BLAS threads.
             with single_threaded_blas():
                 self._solve_with_retry(jobs)
@@ -261,7 +367,7 @@ class _ManyMatcher:
     def _load(self, item):
         job = _Job(item)
         try:
-            if isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
+            if _is_path(item):
                 job.exposure = self._read(item)
             else:
                 job.exposure = item
@@ -391,7 +497,7 @@ class _ManyMatcher:
 
 
 def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel_sum=1.0, *,
-               psf=None, batch_size=None, on_error="raise"):
+               psf=None, batch_size=None, on_error="raise", read_workers=None):
     """PSF-match many exposures to one reference model, in batches.
 
     Parameters
@@ -399,7 +505,10 @@ def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel
     exposures : iterable of Exposure or path
         Exposures, or FITS paths read with :meth:`Exposure.read_fits` (their
         PSF from ``psf``, else the header card or the file next to them, as
-        ``gpumatch match`` finds it). Read lazily, one batch at a time.
+        ``gpumatch match`` finds it). Pulled from the iterable in the calling
+        thread, one batch at a time (and, with ``read_workers``, the next batch
+        while one is computed); an error raised by the iterable itself comes
+        after the results of the items before it.
     referencePsfModel : Psf
         The PSF to match to; measured and realised once for all exposures.
     config : ModelPsfMatchConfig, optional
@@ -411,12 +520,21 @@ def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel
     batch_size : int, optional
         Exposures per batch. Default: 8 on the CPU; on the GPU as many as fit
         in 60% of the free device memory and 25% of the available host memory
-        (at most 256; halved after an out-of-memory error).
+        (with read-ahead, that share holds the batch and the next one; at most
+        256; halved after an out-of-memory error).
     on_error : {"raise", "yield"}
         ``"raise"``: an exposure that fails raises its error when its turn
         comes (the results before it have been yielded; the generator then
         stops). ``"yield"``: the exception object is yielded in its place and
-        the others go on.
+        the others go on. A file that cannot be read fails in its own place.
+    read_workers : int, optional
+        Threads that read the next batch's files (exposures given as paths)
+        while the current batch is solved and applied, so that the device does
+        not wait for the disk; at most one batch is read ahead, and the results
+        are the same as without. Default: ``min(4, os.cpu_count())``; 0 reads
+        each batch in the calling thread when its turn comes. Closing the
+        generator (or dropping it) cancels the reads not started and waits for
+        those running.
 
     Yields
     ------
@@ -430,10 +548,15 @@ def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel
         raise ValueError(f"on_error={on_error!r} must be 'raise' or 'yield'")
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    if read_workers is None:
+        read_workers = DEFAULT_READ_WORKERS
+    if int(read_workers) < 0:
+        raise ValueError(f"read_workers={read_workers!r} must be 0 or a positive integer")
     task = ModelPsfMatchTask(config, backend=backend)
     if psf is not None:
         from .pipeline import resolve_psf
 
         psf = resolve_psf(psf)
-    matcher = _ManyMatcher(task, referencePsfModel, kernel_sum, psf, batch_size)
+    matcher = _ManyMatcher(task, referencePsfModel, kernel_sum, psf, batch_size,
+                           read_workers=int(read_workers))
     return matcher.run(exposures, on_error)

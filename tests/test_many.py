@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import threading
+
 import numpy as np
 import pytest
 
@@ -197,6 +200,8 @@ def test_bad_arguments_fail_at_call():
         gm.match_many([], REFERENCE, batch_size=0)
     with pytest.raises(ValueError, match="on_error"):
         gm.match_many([], REFERENCE, on_error="ignore")
+    with pytest.raises(ValueError, match="read_workers"):
+        gm.match_many([], REFERENCE, read_workers=-1)
     assert list(gm.match_many([], REFERENCE, backend="numpy")) == []
 
 
@@ -297,3 +302,291 @@ def test_device_batch_size_from_free_memory(monkeypatch):
     matcher._device_limit = 3  # after an out-of-memory error
     assert matcher._batch_limit(job) == 3
     assert many._ManyMatcher(task, REFERENCE, 1.0, None, 5)._batch_limit(job) == 5
+
+
+# -- read-ahead of files -------------------------------------------------------------
+
+
+def write_files(tmp_path, exposures, psf):
+    """The exposures written without PSF; their paths and what reading gives back."""
+    paths, back = [], []
+    for i, e in enumerate(exposures):
+        e.psf = None
+        p = tmp_path / f"exp{i}.fits"
+        e.write_fits(p)
+        paths.append(p)
+        b = gm.Exposure.read_fits(p)
+        b.psf = psf
+        back.append(b)
+    return paths, back
+
+
+def read_threads():
+    import gpumatch.many as many
+
+    return {t for t in threading.enumerate() if t.name.startswith(many.READ_THREAD_PREFIX)}
+
+
+def test_read_ahead_gives_the_same_results_in_order(tmp_path):
+    cfg = small_config()
+    psf = gm.GaussianPsf(15, 15, 1.7)
+    paths, back = write_files(tmp_path, mixed_exposures(), psf)
+    inline = small_exposure(128, 96, seed=7)  # an exposure object among the paths
+    items = paths[:2] + [inline] + paths[2:]
+    want = serial(back[:2] + [inline] + back[2:], cfg)
+    runs = {w: list(gm.match_many(items, REFERENCE, cfg, backend="numpy", psf=psf,
+                                  batch_size=2, read_workers=w)) for w in (0, 2)}
+    for got in runs.values():
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert_same_result(g, w)
+    for g0, g2 in zip(*runs.values()):
+        assert_same_result(g2, g0)
+    assert [r.psfMatchedExposure.meta["SEED"] for r in runs[2]] == [0, 1, 7, 2, 3, 4]
+
+
+class Recorder:
+    """Named stand-in files: ``_read`` of ``"e3"`` gives the small exposure of seed 3.
+
+    Records, in order, what the input iterator, the reads, the solves and the
+    consumer do, with the thread each ran in.
+    """
+
+    def __init__(self, monkeypatch, n, on_read=None):
+        import gpumatch.many as many
+
+        self.names = [f"e{i}" for i in range(n)]
+        self.exposures = {name: small_exposure(96, 96, seed=i)
+                          for i, name in enumerate(self.names)}
+        self.events = []
+        self.pulled = []
+        self.batches = []
+        self._lock = threading.Lock()
+        recorder = self
+        real_solve = many._ManyMatcher._solve
+
+        def read(matcher, path):
+            recorder.record("read", path)
+            if on_read is not None:
+                on_read(path)
+            return recorder.exposures[path]
+
+        def solve(matcher, jobs):
+            names = [j.source for j in jobs]
+            recorder.batches.append((names, len(recorder.pulled)))
+            recorder.record("solve", names)
+            real_solve(matcher, jobs)
+            recorder.record("solved", names)
+
+        monkeypatch.setattr(many._ManyMatcher, "_read", read)
+        monkeypatch.setattr(many._ManyMatcher, "_solve", solve)
+
+    def record(self, what, arg):
+        with self._lock:
+            self.events.append((what, arg, threading.current_thread()))
+
+    def items(self):
+        for name in self.names:
+            self.pulled.append((name, threading.current_thread()))
+            yield name
+
+    def index(self, what, arg):
+        return next(i for i, (w, a, _) in enumerate(self.events) if (w, a) == (what, arg))
+
+    def serial(self, cfg):
+        return serial([self.exposures[n] for n in self.names], cfg)
+
+
+@pytest.mark.parametrize("read_workers", [0, 2])
+def test_next_batch_is_read_while_this_one_is_computed(monkeypatch, read_workers):
+    cfg = small_config()
+    ahead_started = threading.Event()
+    ahead = set()
+
+    def on_read(name):
+        if name in ("e2", "e3"):
+            ahead.add(name)
+            if len(ahead) == 2:
+                ahead_started.set()
+
+    rec = Recorder(monkeypatch, 5, on_read)
+    import gpumatch.many as many
+
+    real_solve = many._ManyMatcher._solve
+    waited = []
+
+    def solve(matcher, jobs):
+        if jobs[0].source == "e0" and read_workers:
+            # Hold the first batch's solve until the next batch's reads have begun:
+            # returns at once when it reads ahead, times out when it does not.
+            waited.append(ahead_started.wait(10))
+        real_solve(matcher, jobs)
+
+    monkeypatch.setattr(many._ManyMatcher, "_solve", solve)
+    gen = gm.match_many(rec.items(), REFERENCE, cfg, backend="numpy", batch_size=2,
+                        read_workers=read_workers)
+    got = []
+    for result in gen:
+        rec.record("yield", len(got))
+        if not got:  # the first result: nothing beyond the next batch was pulled
+            assert [n for n, _ in rec.pulled] == \
+                (["e0", "e1", "e2", "e3"] if read_workers else ["e0", "e1"])
+        got.append(result)
+
+    for g, w in zip(got, rec.serial(cfg)):
+        assert_same_result(g, w)
+    main = threading.current_thread()
+    assert {t for _, t in rec.pulled} == {main}  # the iterator: the calling thread only
+    assert all(t is main for w, _, t in rec.events if w in ("solve", "solved", "yield"))
+    reads = [t for w, _, t in rec.events if w == "read"]
+    first_solved = rec.index("solved", ["e0", "e1"])
+    if read_workers:
+        assert waited == [True]
+        assert all(t.name.startswith(many.READ_THREAD_PREFIX) for t in reads)
+        # Both reads of batch 2 began before batch 1 was solved, so before its results.
+        assert rec.index("read", "e2") < first_solved
+        assert rec.index("read", "e3") < first_solved
+        # Batch 3 is read ahead during batch 2, not earlier.
+        assert rec.index("read", "e4") > rec.index("yield", 1)
+    else:
+        assert all(t is main for t in reads)
+        assert rec.index("read", "e2") > rec.index("yield", 1)
+    assert [names for names, _ in rec.batches] == [["e0", "e1"], ["e2", "e3"], ["e4"]]
+
+
+def test_read_ahead_follows_a_shrinking_batch_limit(monkeypatch):
+    """A smaller limit later (after an out-of-memory error) leaves the extra reads pending."""
+    import gpumatch.many as many
+
+    cfg = small_config()
+    rec = Recorder(monkeypatch, 8)
+    limits = iter([3] + [1] * 10)
+    monkeypatch.setattr(many._ManyMatcher, "_batch_limit", lambda self, first: next(limits))
+    got = list(gm.match_many(rec.items(), REFERENCE, cfg, backend="numpy", read_workers=2))
+    for g, w in zip(got, rec.serial(cfg)):
+        assert_same_result(g, w)
+    names = [names for names, _ in rec.batches]
+    assert names == [["e0", "e1", "e2"], ["e3"], ["e4"], ["e5"], ["e6"], ["e7"]]
+    # Items pulled when each batch is solved: the batch and at most one batch ahead.
+    assert [pulled for _, pulled in rec.batches] == [6, 6, 6, 7, 8, 8]
+
+
+def test_iterator_error_comes_after_the_items_before_it(monkeypatch):
+    cfg = small_config()
+    rec = Recorder(monkeypatch, 3)
+
+    def items():
+        yield from rec.items()
+        raise RuntimeError("the listing broke")
+
+    gen = gm.match_many(items(), REFERENCE, cfg, backend="numpy", batch_size=2,
+                        read_workers=2, on_error="yield")
+    got = [next(gen) for _ in range(3)]
+    with pytest.raises(RuntimeError, match="listing broke"):
+        next(gen)
+    for g, w in zip(got, rec.serial(cfg)):
+        assert_same_result(g, w)
+
+
+@pytest.mark.parametrize("read_workers", [0, 2])
+def test_a_corrupt_file_fails_in_its_place(tmp_path, read_workers):
+    from gpumatch.io import FitsFormatError
+
+    cfg = small_config()
+    psf = gm.GaussianPsf(15, 15, 1.7)
+    paths, back = write_files(tmp_path, [small_exposure(96, 96, seed=s) for s in range(5)], psf)
+    paths[3].write_bytes(b"SIMPLE  =                    T" + b"\0" * 100)  # batch 2, read ahead
+    want = serial(back, cfg)
+    before = read_threads()
+
+    out = list(gm.match_many(paths, REFERENCE, cfg, backend="numpy", psf=psf, batch_size=2,
+                             read_workers=read_workers, on_error="yield"))
+    assert len(out) == 5 and isinstance(out[3], FitsFormatError)
+    assert str(paths[3]) in str(out[3])
+    for i in (0, 1, 2, 4):
+        assert_same_result(out[i], want[i])
+
+    gen = gm.match_many(paths, REFERENCE, cfg, backend="numpy", psf=psf, batch_size=2,
+                        read_workers=read_workers)
+    for i in range(3):
+        assert_same_result(next(gen), want[i])
+    with pytest.raises(FitsFormatError):
+        next(gen)
+    assert read_threads() <= before  # the generator stopped: its readers are gone
+
+
+def test_closing_early_stops_the_reads(monkeypatch):
+    import gpumatch.many as many
+
+    cfg = small_config()
+    started, release = threading.Event(), threading.Event()
+
+    def on_read(name):
+        if name == "e3":  # the first read ahead: still running when the generator closes
+            started.set()
+            release.wait(10)
+
+    rec = Recorder(monkeypatch, 9, on_read)
+    real_cancel = many._Input._cancel
+
+    def cancel(source):
+        real_cancel(source)
+        release.set()  # the running read ends only once the others are cancelled
+
+    monkeypatch.setattr(many._Input, "_cancel", cancel)
+    before = read_threads()
+    gen = gm.match_many(rec.items(), REFERENCE, cfg, backend="numpy", batch_size=3,
+                        read_workers=1)
+    assert_same_result(next(gen), rec.serial(cfg)[0])
+    assert started.wait(10)
+    assert read_threads() - before  # the pool is there
+    gen.close()
+    assert read_threads() <= before
+    assert [a for w, a, _ in rec.events if w == "read"] == ["e0", "e1", "e2", "e3"]
+    assert len(rec.pulled) == 6  # e4 and e5 pulled for the next batch, never read
+
+
+def test_dropping_the_generator_or_failing_consumer_stops_the_reads(monkeypatch):
+    cfg = small_config()
+    rec = Recorder(monkeypatch, 6)
+    before = read_threads()
+    gen = gm.match_many(rec.items(), REFERENCE, cfg, backend="numpy", batch_size=2,
+                        read_workers=2)
+    next(gen)
+    assert read_threads() - before
+    del gen
+    gc.collect()
+    assert read_threads() <= before
+
+    def consume():
+        for _ in gm.match_many(rec.items(), REFERENCE, cfg, backend="numpy", batch_size=2,
+                               read_workers=2):
+            assert read_threads() - before
+            raise KeyError("the consumer fails")
+
+    with pytest.raises(KeyError):
+        consume()
+    gc.collect()
+    assert read_threads() <= before
+
+
+def test_parallel_reads_leave_the_warning_filters_alone(tmp_path):
+    """Reads run in parallel; the FITS readers' catch_warnings() blocks, which
+    are not thread-safe, are serialised (gpumatch._warnings).
+
+    Without that lock, 40 reads in 4 threads leave an "ignore" filter behind
+    (every time in 6 tries).
+    """
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    import gpumatch.many as many
+
+    path = tmp_path / "tiny.fits"
+    gm.Exposure(np.zeros((8, 8), np.float32)).write_fits(path)
+    matcher = many._ManyMatcher(gm.ModelPsfMatchTask(small_config(), backend="numpy"),
+                                REFERENCE, 1.0, REFERENCE, None)
+    before = list(warnings.filters)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: matcher._read(path), range(40)))
+    assert warnings.filters == before

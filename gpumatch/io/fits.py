@@ -39,10 +39,10 @@ import math
 import numbers
 import os
 import re
-import warnings
 
 import numpy as np
 
+from .._warnings import quiet
 from ..errors import GpumatchError
 from ._atomic import atomic_write
 
@@ -128,8 +128,7 @@ def meta_to_header(meta, header, skip=()):
                 log.warning("meta[%r] (%s) cannot be stored in a FITS header; not written",
                             key, type(value).__name__)
                 continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # HIERARCH notices for long keys
+        with quiet():  # HIERARCH notices for long keys
             header[k] = (card_value, comment) if comment else card_value
 
 
@@ -177,8 +176,7 @@ def _wcs_from_header(header, path):
     from astropy.wcs import WCS
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             return WCS(header)
     except Exception as exc:
         log.warning("%s: the WCS in the header could not be read (%s); exposure.wcs = None",
@@ -194,8 +192,7 @@ def _wcs_cards(wcs):
         log.warning("exposure.wcs (%s) is not an astropy WCS; it is not written to FITS",
                     type(wcs).__name__)
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet():
         try:
             return to_header(relax=True)
         except TypeError:
@@ -213,8 +210,7 @@ def _open(path):
     if os.path.isdir(p):
         raise IsADirectoryError(f"{p} is a directory, not a FITS file; give the file's path")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             hdul = fits.open(p, memmap=False, lazy_load_hdus=False)
             hdul.verify("silentfix")
     except PermissionError:
@@ -532,8 +528,7 @@ def _exposure_hdul(exposure):
         hdr["EXTTYPE"] = (name, "LSST-style exposure plane")
         hdr["INHERIT"] = (True, "inherit the primary header")
         if wcs_header is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with quiet():
                 for card in wcs_header.cards:
                     if card.keyword in ("COMMENT", "HISTORY", ""):
                         continue
@@ -552,8 +547,7 @@ def _exposure_hdul(exposure):
         if name == "MASK":
             for plane, bit in sorted(exposure.mask_planes.items(), key=lambda kv: kv[1]):
                 key = f"MP_{plane}"
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+                with quiet():
                     hdr[key] = (int(bit), f"mask plane {plane}")
         hdus.append(h)
     return fits.HDUList(hdus)
@@ -570,8 +564,7 @@ def write_exposure(exposure, path, overwrite=False):
         # Built here, after atomic_write has checked ``path``: a refused
         # output costs no copy of the planes.
         hdul = _exposure_hdul(exposure)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             hdul.writeto(tmp, overwrite=True, output_verify="silentfix", checksum=True)
 
     p = atomic_write(path, writer, overwrite=overwrite, what="exposure")

@@ -20,10 +20,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 
 import numpy as np
 
+from .._warnings import quiet
 from ._atomic import atomic_write, check_output_path
 from .fits import FitsFormatError, _open
 
@@ -111,8 +111,7 @@ def write_kernel(kernel, path, overwrite=False, config=None):
     hdul = _kernel_hdul(kernel, config)
 
     def writer(tmp):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             hdul.writeto(tmp, overwrite=True, checksum=True)
 
     atomic_write(p, writer, overwrite=overwrite, what="kernel")

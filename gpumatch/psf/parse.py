@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import os
 import re
-import warnings
 
 import numpy as np
+
+from .._warnings import quiet
 
 __all__ = ["parse_psf", "FORMS"]
 
@@ -112,8 +113,7 @@ def read_image_psf(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"PSF image {path}: no such file; check the path")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet():
             with fits.open(path, memmap=False) as hdul:
                 data = next((np.array(h.data, dtype=np.float64) for h in hdul
                              if h.is_image and h.data is not None and np.ndim(h.data) == 2),

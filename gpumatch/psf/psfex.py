@@ -40,11 +40,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
 from typing import NamedTuple
 
 import numpy as np
 
+from .._warnings import quiet
 from ..backend import to_numpy
 from ..errors import PsfEvaluationError
 from .base import Psf
@@ -209,8 +209,7 @@ class PsfexPsf(Psf):
             return ValueError(f"{p} is not a usable PSFEx model: {what}")
 
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with quiet():
                 hdul = fits.open(p, memmap=False)
         except Exception as exc:
             raise bad(f"cannot be read as FITS ({exc.__class__.__name__}: {exc})") from None

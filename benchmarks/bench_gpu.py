@@ -132,12 +132,12 @@ def device_info(cp):
     return info
 
 
-def measure_ceilings(cp, repeat):
+def measure_ceilings(cp, repeat, mib=512, fma_iters=4096):
     """Measured device bandwidth, pinned PCIe bandwidths and FMA rates."""
     import cupyx
 
     out = {}
-    n = 512 * 1024 * 1024 // 4                      # 512 MiB of float32
+    n = mib * 1024 * 1024 // 4                      # mib MiB of float32
     a = cp.random.random(n, dtype=cp.float32)
     b = cp.empty_like(a)
     ms = _events_time(cp, lambda: cp.copyto(b, a), repeat)
@@ -155,7 +155,7 @@ def measure_ceilings(cp, repeat):
     mod = cp.RawModule(code=_FMA_SRC, options=("-std=c++17",))
     sms = cp.cuda.runtime.deviceGetAttribute(cp.cuda.runtime.cudaDevAttrMultiProcessorCount,
                                              cp.cuda.Device().id)
-    blocks, threads, iters = sms * 8, 256, 4096
+    blocks, threads, iters = sms * 8, 256, fma_iters
     for name, dt in (("fp32", np.float32), ("fp64", np.float64)):
         fn = mod.get_function("fma" + name[2:])
         sink = cp.zeros(blocks, dtype=dt)
@@ -325,6 +325,9 @@ def main(argv=None):
     p.add_argument("--skip-cpu", action="store_true", help="skip the NumPy baseline")
     p.add_argument("--skip-naive", action="store_true", help="skip the straightforward CuPy baseline")
     p.add_argument("--output", help="also write the table as markdown to this path")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny ceiling measurements (for the test that runs this script against "
+                        "the CPU emulation; the numbers mean nothing)")
     args = p.parse_args(argv)
 
     if not cupy_usable():
@@ -340,7 +343,7 @@ def main(argv=None):
         lines.append(s)
 
     info = device_info(cp)
-    ceil = measure_ceilings(cp, 20)
+    ceil = measure_ceilings(cp, 2, mib=1, fma_iters=2) if args.smoke else measure_ceilings(cp, 20)
     config = production_config()
     reference = production_reference()
     exp_host = production_exposure(args.size)

@@ -5,9 +5,10 @@
 * The normal-equations kernel, as shipped and in every macro configuration the
   compile test uses, against the NumPy backend, with the same bits for every
   thread order (no races on shared memory).
-* The apply kernel is exercised through gpumatch's own launch code by running
-  ``tests/test_gpu.py`` against a fake CuPy whose kernels are the compiled
-  sources (``test_cuda_compile.py::test_gpu_suite_plumbing_with_fake_cupy``).
+* The apply kernel, through gpumatch's own launcher and a fake CuPy
+  (``tests/fake_cupy.py``), at every tile height the launcher may choose, for
+  forward and shuffled thread orders. The whole of ``tests/test_gpu.py`` also
+  runs that way (``test_cuda_compile.py::test_gpu_suite_plumbing_with_fake_cupy``).
 """
 
 from __future__ import annotations
@@ -217,3 +218,72 @@ def test_normal_equations_kernel_matches_numpy_in_every_thread_order(defines):
         else:  # no races: every order gives the same bits
             np.testing.assert_array_equal(M, first[0])
             np.testing.assert_array_equal(b, first[1])
+
+
+# ---------------------------------------------------------------------------
+# kernels/apply_spatial.cu at every tile height, through gpumatch's launcher
+# ---------------------------------------------------------------------------
+
+_TILE_SCRIPT = r"""
+import json, sys
+sys.path[:0] = [HERE, ROOT]
+import numpy as np
+import fake_cupy
+fake_cupy.install("compiled")
+import cupy
+import gpumatch as gm
+import gpumatch.cuda.apply as ca
+from gpumatch.apply import convolve_planes
+from random_kernels import random_kernel
+from test_cuda_compile import EMU_CASES, NO_DATA, _assert_matches_numpy, _planes
+
+failures = []
+for rows in (1, 2, 4):
+    ca._ROWS_CHOICES = (rows,)
+    for i, (model, order, xy0, shape, k, _, dtypes) in enumerate(EMU_CASES):
+        rng = np.random.default_rng(100 * rows + i)
+        ny, nx = shape
+        box = gm.Box(xy0[0], xy0[1], nx, ny)
+        support = None
+        if i == 0:  # a kernel whose support is not the whole box: the direct mask OR
+            support = np.ones((k, k))
+            support[0, :3] = 0
+            support[k - 1, k // 2] = 0
+        kernel = random_kernel(rng, k, model, order, box.grown(17, 11), support=support)
+        image, variance, mask = _planes(rng, shape, *dtypes)
+        image[rng.integers(0, ny), rng.integers(0, nx)] = np.nan
+        variance[rng.integers(0, ny), rng.integers(0, nx)] = np.inf
+        no_data = 1 << 5 if mask.dtype == np.uint8 else NO_DATA
+        want = convolve_planes(image, variance, mask, kernel, box, no_data)
+        for where in ("device", "host-staged"):
+            if where == "device":
+                got = ca.convolve_planes_cupy(cupy.asarray(image), cupy.asarray(variance),
+                                              cupy.asarray(mask), kernel, box, no_data)
+                got = tuple(g.get() for g in got)
+            else:
+                got = ca.convolve_planes_cupy(image, variance, mask, kernel, box, no_data, bands=3)
+            try:
+                _assert_matches_numpy(got, want, k // 2)
+            except AssertionError as exc:
+                failures.append(f"rows {rows}, case {i}, {where}: {str(exc)[:300]}")
+print(json.dumps(failures))
+"""
+
+
+@pytest.mark.parametrize("order", [0, 5], ids=["forward-threads", "shuffled-threads"])
+def test_apply_kernel_every_tile_height_matches_numpy(order):
+    """1, 2 and 4 rows per thread (the launcher picks the largest that fits in
+    shared memory, so a device rarely runs the others), partial kernel support,
+    NaN and inf inputs, device-resident and banded host paths, every mask width."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = _TILE_SCRIPT.replace("HERE", repr(here)).replace("ROOT", repr(os.path.dirname(here)))
+    env = dict(os.environ, GPUMATCH_EMULATOR_ORDER=str(order))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == []

@@ -101,6 +101,11 @@ def _build_dir():
 
 
 def _wrapper(filename, source_path, source):
+    static = len(re.findall(r"__shared__", source)) - len(_shared_decls(source))
+    if static:
+        # A block-scope `__shared__` array would be a per-thread local here.
+        raise EmulatorError(f"{filename}: static __shared__ arrays are not emulated; use the "
+                            "dynamic (extern __shared__) shared memory")
     lines = [f'#include "{HEADER}"']
     for ctype, name in sorted(set(_shared_decls(source))):
         lines.append(f'extern "C" {ctype} {name}[emu::kSharedBytes / sizeof({ctype})] '

@@ -348,6 +348,22 @@ def install(kernels="transcribed"):
                                      (np.asarray(oi), np.asarray(ov), np.asarray(om)))
             return on_stream(launch)
 
+        if filename == "adaptive_moments.cu":
+            # The kernel's NumPy twin stands in for it.
+            from gpumatch.cuda.moments import AM_THREADS, am_shared_bytes
+            from gpumatch.moments import adaptive_moments_batch
+
+            def launch(grid, block, args, shared_mem=0):
+                stamps, n, ny, nx, max_iter, rtol, out = args
+                for a in (n, ny, nx, max_iter):
+                    assert type(a) is np.int32
+                assert type(rtol) is np.float64 and stamps.dtype == np.float64
+                assert grid == (int(n),) and block == (AM_THREADS,)
+                assert shared_mem == shared_bytes == am_shared_bytes(int(ny), int(nx))
+                np.asarray(out)[...] = adaptive_moments_batch(np.asarray(stamps), int(max_iter),
+                                                              float(rtol))
+            return on_stream(launch)
+
         assert (filename, name) == ("normal_equations.cu", "gm_candidate_normal_equations")
         k, size, nb = (int(defines[m]) for m in ("NE_KSIZE", "NE_STAMP", "NE_NBASIS"))
         assert shared_bytes == ne_shared_bytes(k, size, nb)

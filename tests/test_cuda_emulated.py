@@ -287,3 +287,65 @@ def test_apply_kernel_every_tile_height_matches_numpy(order):
                          env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == []
+
+
+# ---------------------------------------------------------------------------
+# kernels/adaptive_moments.cu
+# ---------------------------------------------------------------------------
+
+
+def _moment_stamps(rng, n, ny, nx):
+    """Elliptical Gaussians (random centres, sizes, shears, noise) and bad stamps."""
+    y, x = np.mgrid[0:ny, 0:nx].astype(np.float64)
+    out = np.empty((n, ny, nx))
+    for i in range(n):
+        xc, yc = rng.uniform(0.35, 0.65) * nx, rng.uniform(0.35, 0.65) * ny
+        sxx, syy = rng.uniform(1.2, 3.5, 2) ** 2
+        sxy = rng.uniform(-0.4, 0.4) * np.sqrt(sxx * syy)
+        det = sxx * syy - sxy ** 2
+        dx, dy = x - xc, y - yc
+        q = (syy * dx * dx - 2 * sxy * dx * dy + sxx * dy * dy) / det
+        out[i] = np.exp(-0.5 * q) + rng.normal(0, 1e-3, (ny, nx))
+    out[1, 3, 4] = np.nan            # not finite
+    out[2] = -np.abs(out[2])         # no positive flux
+    out[3] = 0.0
+    return out
+
+
+@pytest.mark.parametrize("ny, nx", [(31, 31), (17, 25), (64, 48)])
+def test_adaptive_moments_kernel_matches_numpy_in_every_thread_order(ny, nx):
+    from gpumatch.cuda.moments import AM_THREADS, am_shared_bytes
+    from gpumatch.moments import adaptive_moments_batch
+
+    rng = np.random.default_rng(ny * nx)
+    n = 12
+    stamps = _moment_stamps(rng, n, ny, nx)
+    fn = compile_kernel("adaptive_moments.cu", "gm_adaptive_moments", {"AM_THREADS": AM_THREADS})
+    smem = am_shared_bytes(ny, nx)
+    fn.max_dynamic_shared_size_bytes = max(fn.max_dynamic_shared_size_bytes, smem)
+    for max_iter, rtol in ((100, 1e-8), (3, 1e-8)):   # 3 steps: nothing converges
+        want = adaptive_moments_batch(stamps, max_iter, rtol)
+        first = None
+        for order in ORDERS:
+            out = np.full((n, 5), -1.0)
+            fn((n + 1,), (AM_THREADS,), (stamps, np.int32(n), np.int32(ny), np.int32(nx),
+                                        np.int32(max_iter), np.float64(rtol), out),
+               shared_mem=smem, order=order)
+            np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
+            np.testing.assert_allclose(out[~np.isnan(want)], want[~np.isnan(want)], rtol=1e-7)
+            if first is None:
+                first = out
+            else:
+                np.testing.assert_array_equal(out, first)
+        if max_iter == 100:
+            assert np.isnan(want[1:4]).all() and not np.isnan(want[4:]).any()
+        else:
+            assert np.isnan(want).all()
+
+
+def test_static_shared_arrays_are_refused(tmp_path):
+    (tmp_path / "static.cu").write_text(
+        'extern "C" __global__ void k(float* y) { __shared__ float s[32]; '
+        "s[threadIdx.x] = 1.0f; __syncthreads(); y[threadIdx.x] = s[0]; }\n")
+    with pytest.raises(EmulatorError, match="static __shared__"):
+        compile_kernel("static.cu", "k", directory=tmp_path)

@@ -220,7 +220,11 @@ def install(kernels="transcribed"):
     # An H100's attributes (cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
     # cudaDevAttrMultiProcessorCount = 16).
     attributes = {97: 227 * 1024, 16: 132}
+    class CUDARuntimeError(RuntimeError):
+        pass
+
     runtime = types.SimpleNamespace(memcpyAsync=memcpy_async, memcpyHostToDevice=1,
+                                    CUDARuntimeError=CUDARuntimeError,
                                     memcpyDeviceToHost=2, getDeviceCount=lambda: 1,
                                     cudaDevAttrMaxSharedMemoryPerBlockOptin=97,
                                     cudaDevAttrMultiProcessorCount=16,

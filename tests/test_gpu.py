@@ -237,6 +237,34 @@ def test_apply_nonfinite_inputs_and_partial_support():
     _assert_planes(got, want, k // 2)
 
 
+def test_apply_host_output_falls_back_to_pageable_memory(monkeypatch, caplog):
+    """When pinned host memory runs out (a caller keeping many results), the output
+    planes are pageable and the result is unchanged."""
+    import cupyx
+
+    from gpumatch.cuda.apply import convolve_planes_cupy
+
+    rng = np.random.default_rng(5)
+    k, shape = 7, (120, 150)
+    box = gm.Box(0, 0, shape[1], shape[0])
+    kernel = random_kernel(rng, k, "chebyshev1", 2, box)
+    planes = _planes(rng, shape)
+    want = convolve_planes(*planes, kernel, box, NO_DATA)
+    pinned = cupyx.empty_pinned
+
+    def no_large_pinned(shp, dtype=np.float64):
+        if tuple(shp) == shape:
+            raise MemoryError("pinned host memory exhausted (test)")
+        return pinned(shp, dtype)
+
+    monkeypatch.setattr(cupyx, "empty_pinned", no_large_pinned)
+    with caplog.at_level("WARNING", logger="gpumatch"):
+        got = convolve_planes_cupy(*planes, kernel, box, NO_DATA, bands=3)
+    assert "no pinned host memory" in caplog.text
+    assert all(type(g) is np.ndarray for g in got)
+    _assert_planes(got, want, k // 2)
+
+
 def test_apply_inf_with_positive_kernel():
     """With a positive kernel the direct sum over an infinity is +inf (no sign ambiguity)."""
     from gpumatch.cuda.apply import convolve_planes_cupy

@@ -310,6 +310,24 @@ def band_plan(ny, tile_h, h, n_bands=None):
     return bands, uploads
 
 
+def _output_plane(shape, dtype):
+    """A host output plane: pinned, so the device writes it directly; pageable when
+    the pinned allocation fails (results kept by the caller can pin tens of GB),
+    at the cost of slower, staged copies."""
+    import cupy as cp
+    import cupyx
+
+    try:
+        return cupyx.empty_pinned(shape, dtype)
+    except (MemoryError, cp.cuda.runtime.CUDARuntimeError) as exc:
+        cp.get_default_pinned_memory_pool().free_all_blocks()
+        log.warning("no pinned host memory for a %dx%d output plane (%s); using pageable memory "
+                    "(slower copies). Results held in memory keep their pinned planes: write "
+                    "and drop them to reuse that memory", shape[1], shape[0],
+                    exc.__class__.__name__)
+        return np.empty(shape, dtype)
+
+
 def _host_staged(host_planes, launcher, bands):
     """NumPy planes in and out, each copied once each way through pinned memory."""
     import cupy as cp
@@ -320,7 +338,7 @@ def _host_staged(host_planes, launcher, bands):
     in_dtypes = (launcher.img_dtype, launcher.var_dtype, launcher.mask_dtype)
     d_in = [cp.empty((ny, nx), dt) for dt in in_dtypes]
     d_out = launcher.alloc_out()
-    h_out = [cupyx.empty_pinned((ny, nx), dt) for dt in in_dtypes]
+    h_out = [_output_plane((ny, nx), dt) for dt in in_dtypes]
     band_rows, ranges = band_plan(ny, launcher.tile_h, h, bands)
     max_rows = max(1, max(hi - lo for lo, hi in ranges))
     staging = [[cupyx.empty_pinned((max_rows, nx), dt) for dt in in_dtypes] for _ in range(2)]

@@ -29,7 +29,9 @@ Overlap of input and compute
   applied, a small thread pool (``read_workers``) reads the files of the next
   batch, at most one batch ahead (the next batch is taken to be as large as
   the current one; a smaller limit later, after an out-of-memory error for
-  example, leaves the extra reads for the batches after it). Reading a
+  example, leaves the extra reads for the batches after it). Exposures
+  given as objects are not pulled ahead (nothing to read; it would only hold
+  them in memory longer). Reading a
   4k x 4k three-plane FITS file takes longer than the device needs to match
   it, so this is what keeps the device busy on a visit read from disk. The
   input iterable is only advanced in the calling thread, the results stay in
@@ -211,11 +213,15 @@ class _Input:
         self.pending = deque()
         self._failure = None  # the iterable's own error, raised after the items before it
         self._exhausted = False
+        self._last_was_path = True
         self._closed = threading.Event()
 
-    def fill(self, n):
-        """Pull items until ``n`` are pending or the input ends."""
-        while len(self.pending) < n and not self._exhausted:
+    def fill(self, n, ahead=0):
+        """Pull items until ``n`` are pending or the input ends; then up to ``ahead``
+        more while they are paths (read in the background). An exposure given as
+        an object gains nothing from being pulled early, so it ends the read-ahead."""
+        while not self._exhausted and (
+                len(self.pending) < n or (len(self.pending) < n + ahead and self._last_was_path)):
             try:
                 item = next(self._items)
             except StopIteration:
@@ -224,7 +230,8 @@ class _Input:
             except Exception as exc:
                 self._exhausted, self._failure = True, exc
                 break
-            if self._workers and _is_path(item):
+            self._last_was_path = _is_path(item)
+            if self._workers and self._last_was_path:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self._workers,
                                                     thread_name_prefix=READ_THREAD_PREFIX)
@@ -341,7 +348,7 @@ class _ManyMatcher:
             # With read-ahead, the next batch too, read while this one is computed: taken
             # to be as large as this one (a smaller limit then, after an out-of-memory
             # error for example, leaves the rest for the batches after it).
-            source.fill(2 * limit - 1 if self.read_workers else limit - 1)
+            source.fill(limit - 1, limit if self.read_workers else 0)
             while len(jobs) < limit and source.pending:
                 jobs.append(source.take())
             # Not held across the yields: the caller's own code keeps its BLAS threads.

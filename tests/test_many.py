@@ -454,6 +454,26 @@ def test_next_batch_is_read_while_this_one_is_computed(monkeypatch, read_workers
     assert [names for names, _ in rec.batches] == [["e0", "e1"], ["e2", "e3"], ["e4"]]
 
 
+def test_exposures_given_as_objects_are_not_pulled_ahead():
+    """Only paths are read ahead: an in-memory exposure gains nothing from being
+    pulled early, so a generator of exposures is consumed one batch at a time."""
+    cfg = small_config()
+    exposures = mixed_exposures()
+    pulled = []
+
+    def generate():
+        for i, e in enumerate(exposures):
+            pulled.append(i)
+            yield e
+
+    seen = []
+    for result in gm.match_many(generate(), REFERENCE, cfg, backend="numpy", batch_size=2,
+                                read_workers=2):
+        seen.append(len(pulled))
+    # Items pulled when each result is yielded: its own batch, nothing of the next.
+    assert seen == [2, 2, 4, 4, 5]
+
+
 def test_read_ahead_follows_a_shrinking_batch_limit(monkeypatch):
     """A smaller limit later (after an out-of-memory error) leaves the extra reads pending."""
     import gpumatch.many as many

@@ -31,7 +31,13 @@ import types
 
 import numpy as np
 
-__all__ = ["install"]
+__all__ = ["install", "COUNTS"]
+
+#: What the code under test asked of the "device" since :func:`install`:
+#: array operations (each a kernel launch on a GPU), gpumatch's own kernel
+#: launches, and copies between host and device. A proxy for the host-side
+#: launch overhead a GPU run pays, which no CPU timing can show.
+COUNTS = collections.Counter()
 
 def install(kernels="transcribed"):
     """Put a NumPy-backed stand-in for ``cupy``/``cupyx`` in ``sys.modules``.
@@ -56,7 +62,13 @@ def install(kernels="transcribed"):
             return types.SimpleNamespace(ptr=self.ctypes.data)
 
         def get(self, *args, **kwargs):
+            COUNTS["device->host copies"] += 1
+            COUNTS["device->host bytes"] += self.nbytes
             return np.array(self)
+
+        def __array_wrap__(self, arr, context=None, return_scalar=False):
+            COUNTS["array operations"] += 1   # a ufunc or reduction: one kernel on a GPU
+            return np.ndarray.__array_wrap__(self, arr, context, return_scalar)
 
     ndarray.__module__ = "cupy"
 
@@ -64,7 +76,13 @@ def install(kernels="transcribed"):
         return a.view(ndarray) if isinstance(a, np.ndarray) else a
 
     cupy.ndarray = ndarray
-    cupy.asarray = lambda a, dtype=None: wrap(np.asarray(a, dtype=dtype))
+    def asarray(a, dtype=None):
+        if isinstance(a, np.ndarray) and not isinstance(a, ndarray):
+            COUNTS["host->device copies"] += 1
+            COUNTS["host->device bytes"] += a.nbytes
+        return wrap(np.asarray(a, dtype=dtype))
+
+    cupy.asarray = asarray
     cupy.ascontiguousarray = lambda a, dtype=None: wrap(np.ascontiguousarray(a, dtype=dtype))
     cupy.empty = lambda shape, dtype=np.float64: wrap(np.full(shape, 77, dtype=dtype))  # poisoned
     cupy.array_equal = lambda a, b, equal_nan=False: np.array_equal(a, b, equal_nan=equal_nan)
@@ -83,7 +101,10 @@ def install(kernels="transcribed"):
             value = getattr(namespace, name)
             if isinstance(value, (types.FunctionType, types.BuiltinFunctionType)) or (
                     callable(value) and type(value).__name__ == "_ArrayFunctionDispatcher"):
-                return functools.wraps(value)(lambda *a, **k: on_device(value(*a, **k)))
+                def call(*a, **k):
+                    COUNTS["array operations"] += 1
+                    return on_device(value(*a, **k))
+                return functools.wraps(value)(call)
             return value
         return attr
 
@@ -193,6 +214,7 @@ def install(kernels="transcribed"):
     def on_stream(launch):
         """A kernel launch queued on the current stream, as CUDA does."""
         def queued(grid, block, args, shared_mem=0):
+            COUNTS["gpumatch kernel launches"] += 1
             current_stream().enqueue(lambda: launch(grid, block, args, shared_mem=shared_mem))
         return queued
 

@@ -9,6 +9,10 @@
   (``tests/fake_cupy.py``), at every tile height the launcher may choose, for
   forward and shuffled thread orders. The whole of ``tests/test_gpu.py`` also
   runs that way (``test_cuda_compile.py::test_gpu_suite_plumbing_with_fake_cupy``).
+* The adaptive-moments kernel against its NumPy twin.
+* A launch budget: how many array operations, kernel launches and host
+  copies a device-resident run asks for, a regression guard for the host-side
+  overhead that decides the 10 ms target and that no CPU timing shows.
 """
 
 from __future__ import annotations
@@ -349,3 +353,83 @@ def test_static_shared_arrays_are_refused(tmp_path):
         "s[threadIdx.x] = 1.0f; __syncthreads(); y[threadIdx.x] = s[0]; }\n")
     with pytest.raises(EmulatorError, match="static __shared__"):
         compile_kernel("static.cu", "k", directory=tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# Launch budget of a device-resident run
+# ---------------------------------------------------------------------------
+
+_BUDGET_SCRIPT = r"""
+import collections, functools, json, sys
+sys.path[:0] = [HERE, ROOT, ROOT + "/benchmarks"]
+import fake_cupy
+fake_cupy.install("compiled")
+import cupy
+import gpumatch as gm
+import gpumatch.cuda.stages as cs
+import gpumatch.task as T
+from workloads import production_config, production_exposure, production_reference
+
+by = collections.defaultdict(collections.Counter)
+
+def tag(name, fn):
+    @functools.wraps(fn)
+    def counted(*a, **k):
+        before = collections.Counter(fake_cupy.COUNTS)
+        try:
+            return fn(*a, **k)
+        finally:
+            by[name].update(fake_cupy.COUNTS - before)
+    return counted
+
+T.build_cell_set = tag("cellSet", T.build_cell_set)
+T.assemble_spatial_system = tag("spatialSystem", T.assemble_spatial_system)
+T.solve_spatial_system = tag("spatialSolve", T.solve_spatial_system)
+T.candidate_residuals = tag("quality", T.candidate_residuals)
+for m in ("normal_equations", "solve_candidates", "apply"):
+    setattr(cs.CupyStages, m, tag(m, getattr(cs.CupyStages, m)))
+host = production_exposure(512)
+exp = gm.Exposure(*(cupy.asarray(a) for a in (host.image, host.variance, host.mask)), psf=host.psf)
+task = gm.ModelPsfMatchTask(production_config(), backend="cupy")
+task.run(exp, production_reference())          # first run: compiles, caches
+fake_cupy.COUNTS.clear()
+by.clear()
+task.run(exp, production_reference())
+print(json.dumps({"total": dict(fake_cupy.COUNTS), "stages": {k: dict(v) for k, v in by.items()},
+                  "plane_bytes": int(host.image.nbytes)}))
+"""
+
+
+def test_device_resident_run_launch_budget():
+    """How much a device-resident run asks of the device, counted through the fake
+    CuPy: on a GPU every array operation is a kernel launch (~5-10 us of host
+    time), so a per-candidate loop or an array-code iteration would cost more
+    than the issue's 10 ms target by itself. Current counts (production
+    configuration): ~180 array operations for the stamps, ~20 for the quality,
+    ~40 elsewhere, and gpumatch's three kernels; only small arrays cross to
+    the host."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = _BUDGET_SCRIPT.replace("HERE", repr(here)).replace("ROOT", repr(os.path.dirname(here)))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = json.loads(res.stdout.strip().splitlines()[-1])
+    total, stages = counts["total"], counts["stages"]
+    assert total["gpumatch kernel launches"] == 3          # normal equations, moments, apply
+    for stage in ("normal_equations", "apply"):
+        assert stages[stage].get("gpumatch kernel launches") == 1, stage
+        assert stages[stage].get("array operations", 0) <= 5, stages[stage]
+    assert stages["quality"]["gpumatch kernel launches"] == 1
+    assert stages["quality"]["array operations"] <= 40, stages["quality"]
+    assert stages["cellSet"]["array operations"] <= 250, stages["cellSet"]
+    assert stages["solve_candidates"]["array operations"] <= 30, stages["solve_candidates"]
+    assert total["array operations"] <= 350, total
+    # Nothing of the pixel planes comes back: the spatial system (157^2 doubles,
+    # 197 KB, solved on the host) and per-candidate numbers, in a handful of
+    # copies whose size does not grow with the exposure.
+    assert total["device->host copies"] <= 12, total
+    assert total["device->host bytes"] < 256 * 1024 < counts["plane_bytes"], total

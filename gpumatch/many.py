@@ -318,8 +318,11 @@ class _ManyMatcher:
             return 1
         budget = DEVICE_MEMORY_FRACTION * free - APPLY_BYTES_PER_PIXEL * exposure.image.size
         limit = int(budget // max(1, self._phase1_bytes(exposure)))
+        if not _is_path(first.source):
+            return max(1, min(MAX_DEVICE_BATCH, limit))
         # A batch of inputs read from files is held in host memory too (and, with
-        # read-ahead, the next batch's): together within the host share.
+        # read-ahead, the next batch's): together within the host share. Exposures
+        # given as objects exist already; batching them costs no host memory.
         try:
             host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             planes = exposure.image.nbytes + exposure.variance.nbytes + exposure.mask.nbytes
@@ -526,9 +529,10 @@ def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel
         PSF of the exposures given as paths.
     batch_size : int, optional
         Exposures per batch. Default: 8 on the CPU; on the GPU as many as fit
-        in 60% of the free device memory and 25% of the available host memory
-        (with read-ahead, that share holds the batch and the next one; at most
-        256; halved after an out-of-memory error).
+        in 60% of the free device memory and, for exposures read from files,
+        25% of the available host memory (with read-ahead, that share holds
+        the batch and the next one); at most 256; halved after an
+        out-of-memory error.
     on_error : {"raise", "yield"}
         ``"raise"``: an exposure that fails raises its error when its turn
         comes (the results before it have been yielded; the generator then

@@ -299,6 +299,15 @@ def test_device_batch_size_from_free_memory(monkeypatch):
     assert 1 <= limit <= expected and limit <= many.MAX_DEVICE_BATCH
     free["bytes"] = 1 << 30  # less than one exposure needs: still one at a time
     assert matcher._batch_limit(job) == 1
+    # Host memory bounds batches of files to be read, not exposures already in memory.
+    free["bytes"] = 40 << 30
+    page = 4096
+    avail = {"SC_AVPHYS_PAGES": (8 << 30) // page, "SC_PAGE_SIZE": page}  # 8 GiB available
+    monkeypatch.setattr(many.os, "sysconf", lambda name: avail[name])
+    planes = 3 * 4000 * 4096 * 4
+    assert matcher._batch_limit(job) == int(0.25 * (8 << 30) // planes) == 10
+    in_memory = many._Job(job.exposure, exposure=job.exposure)
+    assert matcher._batch_limit(in_memory) == min(expected, many.MAX_DEVICE_BATCH) > 10
     matcher._device_limit = 3  # after an out-of-memory error
     assert matcher._batch_limit(job) == 3
     assert many._ManyMatcher(task, REFERENCE, 1.0, None, 5)._batch_limit(job) == 5

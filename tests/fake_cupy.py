@@ -24,6 +24,7 @@ import functools
 import os
 import pathlib
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +32,10 @@ import types
 
 import numpy as np
 
-__all__ = ["install", "COUNTS"]
+__all__ = ["install", "run_installed", "COUNTS"]
+
+_TESTS = pathlib.Path(__file__).resolve().parent
+_ROOT = _TESTS.parent
 
 #: What the code under test asked of the "device" since :func:`install`:
 #: array operations (each a kernel launch on a GPU), gpumatch's own kernel
@@ -408,3 +412,18 @@ def install(kernels="transcribed"):
 
     cm.get_kernel = cne.get_kernel = get_kernel
     cm.device_limits = cne.device_limits = lambda: limits
+
+
+def run_installed(code, kernels="compiled", env=None, timeout=600):
+    """Run ``code`` in a fresh Python with the fake installed, and return its output.
+
+    The tests, the repository root and ``benchmarks/`` are on ``sys.path``;
+    ``env`` adds to the environment (``GPUMATCH_EMULATOR_ORDER``...). A
+    non-zero exit fails the calling test with the end of the output.
+    """
+    paths = [str(_TESTS), str(_ROOT), str(_ROOT / "benchmarks")]
+    prelude = f"import sys; sys.path[:0] = {paths!r}; import fake_cupy; fake_cupy.install({kernels!r})\n"
+    res = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
+                         timeout=timeout, cwd=_ROOT, env=dict(os.environ, **(env or {})))
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-4000:]
+    return res.stdout

@@ -1,4 +1,5 @@
-"""A strongly varying random spatial kernel shared by the application tests."""
+"""Random inputs shared by the application tests: a strongly varying spatial
+kernel and noisy image, variance and mask planes."""
 
 import numpy as np
 
@@ -35,3 +36,14 @@ def random_kernel(rng, k, model_type, order, region, support=None, scale=None):
         expo = [(n - c, c) for n in range(order + 1) for c in range(n + 1)]
         coeffs = coeffs / np.array([float(scale) ** (a + c) for a, c in expo])
     return gm.SpatialKernel(basis, SpatialFunctions(model_type, order, region), coeffs)
+
+
+def random_planes(rng, shape, img_dtype=np.float32, var_dtype=np.float32, mask_dtype=np.int32):
+    """Image (100 +- 10), variance (5 .. 15) and a mask with one of bits 0-7 set
+    on 3 % of the pixels."""
+    image = rng.normal(100.0, 10.0, shape).astype(img_dtype)
+    variance = rng.uniform(5.0, 15.0, shape).astype(var_dtype)
+    mask = np.zeros(shape, dtype=mask_dtype)
+    hit = rng.random(shape) < 0.03
+    mask[hit] = (1 << rng.integers(0, 8, hit.sum())).astype(mask_dtype)
+    return image, variance, mask

@@ -5,7 +5,7 @@ import pytest
 
 import gpumatch as gm
 from gpumatch.apply import convolve_planes
-from random_kernels import random_kernel
+from random_kernels import random_kernel, random_planes
 
 NO_DATA = 1 << 8
 
@@ -58,11 +58,7 @@ def _brute_force_vectorised(image, basis, coeffs, model_type, order, region, xy0
 
 
 def _planes(rng, shape, nan_at=(), inf_at=(), var_nan_at=(), var_inf_at=()):
-    image = rng.normal(100.0, 10.0, shape).astype(np.float32)
-    variance = rng.uniform(5.0, 15.0, shape).astype(np.float32)
-    mask = np.zeros(shape, dtype=np.int32)
-    hit = rng.random(shape) < 0.03
-    mask[hit] = 1 << rng.integers(0, 8, hit.sum())
+    image, variance, mask = random_planes(rng, shape)
     for y, x in nan_at:
         image[y, x] = np.nan
     for y, x in inf_at:

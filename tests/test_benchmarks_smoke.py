@@ -10,28 +10,18 @@ timings they print mean nothing.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from fake_cupy import run_installed
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="no host C++ compiler for the CUDA emulation")
 
 
 def _run(script, args):
-    code = ("import sys; sys.path[:0] = [%r, %r, %r]; import fake_cupy; "
-            "fake_cupy.install('compiled'); import %s; sys.exit(%s.main(%r))"
-            % (HERE, ROOT, os.path.join(ROOT, "benchmarks"), script, script, args))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                         cwd=ROOT)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    return res.stdout
+    return run_installed(f"import {script}; sys.exit({script}.main({args!r}))")
 
 
 def test_bench_gpu_runs(tmp_path):

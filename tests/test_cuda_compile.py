@@ -37,7 +37,7 @@ from gpumatch.cuda.apply import (APPLY_BLOCK, TILE_W, apply_shared_bytes, band_p
                                  choose_rows_per_thread, n_slots, pack_terms, term_slot)
 from gpumatch.cuda.normal_equations import ne_launch_config, ne_shared_bytes
 from gpumatch.normal_equations import candidate_normal_equations
-from random_kernels import random_kernel
+from random_kernels import random_kernel, random_planes
 
 NVCC = shutil.which("nvcc")
 NO_DATA = 1 << 8
@@ -331,15 +331,6 @@ def emulate_apply_kernel(img, var, msk, packed, no_data, row_begin, row_end, row
                 msk_out[gyo, gxs[w]] = om[w]
 
 
-def _planes(rng, shape, img_dtype=np.float32, var_dtype=np.float32, mask_dtype=np.int32):
-    image = rng.normal(100.0, 10.0, shape).astype(img_dtype)
-    variance = rng.uniform(5.0, 15.0, shape).astype(var_dtype)
-    mask = np.zeros(shape, dtype=mask_dtype)
-    hit = rng.random(shape) < 0.03
-    mask[hit] = (1 << rng.integers(0, 8, hit.sum())).astype(mask_dtype)
-    return image, variance, mask
-
-
 def _poisoned(shape, dtypes):
     return (np.full(shape, -12345.0, dtype=dtypes[0]), np.full(shape, -12345.0, dtype=dtypes[1]),
             np.full(shape, 0x5A5A, dtype=dtypes[2]))
@@ -378,7 +369,7 @@ def test_emulated_apply_kernel_matches_numpy(model_type, order, xy0, shape, k, r
     ny, nx = shape
     box = gm.Box(xy0[0], xy0[1], nx, ny)
     kernel = random_kernel(rng, k, model_type, order, box.grown(17, 11))
-    image, variance, mask = _planes(rng, shape, *dtypes)
+    image, variance, mask = random_planes(rng, shape, *dtypes)
     no_data = 1 << 5 if mask.dtype == np.uint8 else NO_DATA
     want = convolve_planes(image, variance, mask, kernel, box, no_data)
     packed = pack_terms(kernel, box)
@@ -397,7 +388,7 @@ def test_emulated_apply_kernel_nonfinite_and_partial_support():
     support[3, 6] = 0
     support[6, 0] = 0
     kernel = random_kernel(rng, k, "chebyshev1", 2, box.grown(20, 20), support=support)
-    image, variance, mask = _planes(rng, shape)
+    image, variance, mask = random_planes(rng, shape)
     image[20, 30] = np.nan
     image[10, 100] = np.inf
     variance[30, 70] = np.nan
@@ -428,7 +419,7 @@ def test_emulated_bands_read_only_their_rows(n_bands):
     shape = (75, 130)
     box = gm.Box(0, 0, shape[1], shape[0])
     kernel = random_kernel(rng, k, "chebyshev1", 2, box.grown(10, 10))
-    image, variance, mask = _planes(rng, shape)
+    image, variance, mask = random_planes(rng, shape)
     want = convolve_planes(image, variance, mask, kernel, box, NO_DATA)
     packed = pack_terms(kernel, box)
     got = _poisoned(shape, (np.float64, np.float64, np.int64))
@@ -531,44 +522,35 @@ def test_gpu_suite_plumbing_with_fake_cupy(kernels, subset, order):
     with the NumPy transcriptions of the kernels, and the whole file with the
     CUDA sources compiled for the CPU (:mod:`cuda_emulator`)."""
     import os
-    import sys
+
+    from fake_cupy import run_installed
 
     here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(here)
     args = ["-q", "-p", "no:cacheprovider", os.path.join(here, "test_gpu.py")]
     if subset:
         args += ["-k", subset]
-    code = ("import sys; sys.path[:0] = [%r, %r]; "
-            "import fake_cupy; fake_cupy.install(%r); import pytest; sys.exit(pytest.main(%r))"
-            % (here, root, kernels, args))
-    env = dict(os.environ, GPUMATCH_EMULATOR_ORDER=str(order))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
-                         cwd=root, env=env)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    last = res.stdout.splitlines()[-1]
-    assert " passed" in last and "skipped" not in last, res.stdout[-2000:]
+    stdout = run_installed(f"import pytest; sys.exit(pytest.main({args!r}))", kernels,
+                           env={"GPUMATCH_EMULATOR_ORDER": str(order)}, timeout=900)
+    last = stdout.splitlines()[-1]
+    assert " passed" in last and "skipped" not in last, stdout[-2000:]
     if subset is None:
         assert "deselected" not in last, last
 
 
 _SYNC_SCRIPT = r"""
-import sys
-sys.path[:0] = [HERE, ROOT]
 import numpy as np
 import test_cuda_compile as T
-import fake_cupy
-fake_cupy.install("compiled")
 import cupy
 import gpumatch as gm
 from gpumatch.apply import convolve_planes
 from gpumatch.cuda.apply import convolve_planes_cupy
-from random_kernels import random_kernel
+from random_kernels import random_kernel, random_planes
 
 rng = np.random.default_rng(3)
 shape, k = (150, 140), 7
 box = gm.Box(4, -9, shape[1], shape[0])
 kernel = random_kernel(rng, k, "chebyshev1", 2, box.grown(10, 10))
-planes = T._planes(rng, shape)
+planes = random_planes(rng, shape)
 want = convolve_planes(*planes, kernel, box, T.NO_DATA)
 
 def ok():
@@ -598,14 +580,10 @@ def test_fake_streams_catch_missing_synchronisation():
     launches stop waiting for their input copies or a pinned staging buffer is
     refilled before the copy that reads it has run."""
     import ast
-    import os
-    import sys
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = _SYNC_SCRIPT.replace("HERE", repr(here)).replace("ROOT", repr(os.path.dirname(here)))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    results = ast.literal_eval(res.stdout.strip().splitlines()[-1])
+    from fake_cupy import run_installed
+
+    results = ast.literal_eval(run_installed(_SYNC_SCRIPT).strip().splitlines()[-1])
     assert all(results["correct"]), results
     assert not all(results["no wait_event"]), results
     assert not any(results["no event synchronize"]), results

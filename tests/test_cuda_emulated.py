@@ -229,17 +229,14 @@ def test_normal_equations_kernel_matches_numpy_in_every_thread_order(defines):
 # ---------------------------------------------------------------------------
 
 _TILE_SCRIPT = r"""
-import json, sys
-sys.path[:0] = [HERE, ROOT]
+import json
 import numpy as np
-import fake_cupy
-fake_cupy.install("compiled")
 import cupy
 import gpumatch as gm
 import gpumatch.cuda.apply as ca
 from gpumatch.apply import convolve_planes
-from random_kernels import random_kernel
-from test_cuda_compile import EMU_CASES, NO_DATA, _assert_matches_numpy, _planes
+from random_kernels import random_kernel, random_planes
+from test_cuda_compile import EMU_CASES, NO_DATA, _assert_matches_numpy
 
 failures = []
 for rows in (1, 2, 4):
@@ -254,7 +251,7 @@ for rows in (1, 2, 4):
             support[0, :3] = 0
             support[k - 1, k // 2] = 0
         kernel = random_kernel(rng, k, model, order, box.grown(17, 11), support=support)
-        image, variance, mask = _planes(rng, shape, *dtypes)
+        image, variance, mask = random_planes(rng, shape, *dtypes)
         image[rng.integers(0, ny), rng.integers(0, nx)] = np.nan
         variance[rng.integers(0, ny), rng.integers(0, nx)] = np.inf
         no_data = 1 << 5 if mask.dtype == np.uint8 else NO_DATA
@@ -280,17 +277,11 @@ def test_apply_kernel_every_tile_height_matches_numpy(order):
     shared memory, so a device rarely runs the others), partial kernel support,
     NaN and inf inputs, device-resident and banded host paths, every mask width."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = _TILE_SCRIPT.replace("HERE", repr(here)).replace("ROOT", repr(os.path.dirname(here)))
-    env = dict(os.environ, GPUMATCH_EMULATOR_ORDER=str(order))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                         env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert json.loads(res.stdout.strip().splitlines()[-1]) == []
+    from fake_cupy import run_installed
+
+    stdout = run_installed(_TILE_SCRIPT, env={"GPUMATCH_EMULATOR_ORDER": str(order)})
+    assert json.loads(stdout.strip().splitlines()[-1]) == []
 
 
 # ---------------------------------------------------------------------------
@@ -360,10 +351,8 @@ def test_static_shared_arrays_are_refused(tmp_path):
 # ---------------------------------------------------------------------------
 
 _BUDGET_SCRIPT = r"""
-import collections, functools, json, sys
-sys.path[:0] = [HERE, ROOT, ROOT + "/benchmarks"]
+import collections, functools, json
 import fake_cupy
-fake_cupy.install("compiled")
 import cupy
 import gpumatch as gm
 import gpumatch.cuda.stages as cs
@@ -409,15 +398,10 @@ def test_device_resident_run_launch_budget():
     ~40 elsewhere, and gpumatch's three kernels; only small arrays cross to
     the host."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = _BUDGET_SCRIPT.replace("HERE", repr(here)).replace("ROOT", repr(os.path.dirname(here)))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    counts = json.loads(res.stdout.strip().splitlines()[-1])
+    from fake_cupy import run_installed
+
+    counts = json.loads(run_installed(_BUDGET_SCRIPT).strip().splitlines()[-1])
     total, stages = counts["total"], counts["stages"]
     assert total["gpumatch kernel launches"] == 3          # normal equations, moments, apply
     for stage in ("normal_equations", "apply"):

@@ -25,7 +25,7 @@ from gpumatch.cellset import build_cell_set
 from gpumatch.normal_equations import candidate_normal_equations, solve_candidates
 from gpumatch.spatial import SpatialFunctions
 from gpumatch.spatial_solve import assemble_spatial_system
-from random_kernels import random_kernel
+from random_kernels import random_kernel, random_planes
 
 pytestmark = [
     pytest.mark.gpu,
@@ -78,15 +78,6 @@ def _exposure(nx=300, ny=260, xy0=(17, -40), seed=0, dtype=np.float32, xp=np):
 
 def _reference():
     return gm.DoubleGaussianPsf(13, 13, 2.6, 5.0, 0.1)
-
-
-def _planes(rng, shape, img_dtype=np.float32, var_dtype=np.float32, mask_dtype=np.int32):
-    image = rng.normal(100.0, 10.0, shape).astype(img_dtype)
-    variance = rng.uniform(5.0, 15.0, shape).astype(var_dtype)
-    mask = np.zeros(shape, dtype=mask_dtype)
-    hit = rng.random(shape) < 0.03
-    mask[hit] = (1 << rng.integers(0, 8, hit.sum())).astype(mask_dtype)
-    return image, variance, mask
 
 
 def _assert_planes(got, want, h, strict=False):
@@ -200,7 +191,7 @@ def test_apply_matches_numpy(model_type, order, xy0, shape, k, dtypes, where):
     ny, nx = shape
     box = gm.Box(xy0[0], xy0[1], nx, ny)
     kernel = random_kernel(rng, k, model_type, order, box.grown(17, 11))
-    image, variance, mask = _planes(rng, shape, *dtypes)
+    image, variance, mask = random_planes(rng, shape, *dtypes)
     no_data = 1 << 5 if mask.dtype == np.uint8 else NO_DATA
     want = convolve_planes(image, variance, mask, kernel, box, no_data)
     if where == "device":
@@ -227,7 +218,7 @@ def test_apply_nonfinite_inputs_and_partial_support():
     support[3, 8] = 0
     support[8, 0] = 0
     kernel = random_kernel(rng, k, "chebyshev1", 2, box.grown(20, 20), support=support)
-    image, variance, mask = _planes(rng, shape)
+    image, variance, mask = random_planes(rng, shape)
     image[20, 30] = np.nan
     variance[60, 70] = np.nan
     mask[0, 5] = 1 << 30
@@ -248,7 +239,7 @@ def test_apply_host_output_falls_back_to_pageable_memory(monkeypatch, caplog):
     k, shape = 7, (120, 150)
     box = gm.Box(0, 0, shape[1], shape[0])
     kernel = random_kernel(rng, k, "chebyshev1", 2, box)
-    planes = _planes(rng, shape)
+    planes = random_planes(rng, shape)
     want = convolve_planes(*planes, kernel, box, NO_DATA)
     pinned = cupyx.empty_pinned
 
@@ -278,7 +269,7 @@ def test_apply_inf_with_positive_kernel():
     sf = SpatialFunctions("chebyshev1", 1, box.grown(5, 5))
     kernel = gm.SpatialKernel(basis, sf, np.array([[1.0, 0.0, 0.0], [0.5, 0.2, -0.1]]))
     rng = np.random.default_rng(0)
-    image, variance, mask = _planes(rng, (60, 80))
+    image, variance, mask = random_planes(rng, (60, 80))
     image[30, 40] = np.inf
     variance[10, 10] = np.inf
     want = convolve_planes(image, variance, mask, kernel, box, NO_DATA)
@@ -292,7 +283,7 @@ def test_apply_non_contiguous_device_input_and_all_edge():
 
     rng = np.random.default_rng(5)
     k = 11
-    big = _planes(rng, (120, 260))
+    big = random_planes(rng, (120, 260))
     image, variance, mask = (a[10:110, 3:250] for a in big)   # row stride != width
     box = gm.Box(0, 0, image.shape[1], image.shape[0])
     kernel = random_kernel(rng, k, "chebyshev1", 2, box.grown(8, 8))

@@ -132,26 +132,33 @@ def _inspect_output(path, verify):
         return False, "no such file", None
     size = os.path.getsize(p)
     try:
+        # Only the headers are read under the process-wide warnings lock (astropy
+        # reports a header it has to fix, or a file shorter than its headers say,
+        # by warnings); the data are read after it, for the checksums, which are
+        # checked by return value, so other threads of the worker are not held up.
         with recorded() as caught:
-            with fits.open(p, memmap=False, checksum=verify,
-                           lazy_load_hdus=not verify) as hdul:
-                hdul.readall()
-                roles = {}
-                end = 0
-                for i, hdu in enumerate(hdul):
-                    info = hdul.fileinfo(i)
-                    end = max(end, info["datLoc"] + info["datSpan"])
-                    name = str(hdu.header.get("EXTTYPE", hdu.header.get("EXTNAME", ""))).upper()
-                    if name in _PLANES:
-                        roles[name] = tuple(hdu.header.get(f"NAXIS{j}", 0)
-                                            for j in range(1, hdu.header.get("NAXIS", 0) + 1))
-                primary = hdul[0].header
-                has_card = COMPLETION_CARD in primary
+            hdul = fits.open(p, memmap=False, lazy_load_hdus=False)
+        with hdul:
+            roles = {}
+            end = 0
+            for i, hdu in enumerate(hdul):
+                info = hdul.fileinfo(i)
+                end = max(end, info["datLoc"] + info["datSpan"])
+                name = str(hdu.header.get("EXTTYPE", hdu.header.get("EXTNAME", ""))).upper()
+                if name in _PLANES:
+                    roles[name] = tuple(hdu.header.get(f"NAXIS{j}", 0)
+                                        for j in range(1, hdu.header.get("NAXIS", 0) + 1))
+            primary = hdul[0].header
+            has_card = COMPLETION_CARD in primary
+            bad = [str(w.message).strip() for w in caught
+                   if "verification failed" in str(w.message) or "truncated" in str(w.message)
+                   or "Error validating header" in str(w.message)]
+            if verify and not bad and end <= size:
+                bad = [f"checksum verification failed for HDU {i}"
+                       for i, hdu in enumerate(hdul)
+                       if hdu.verify_checksum() == 0 or hdu.verify_datasum() == 0]
     except Exception as exc:
         return False, f"not a readable FITS file ({exc.__class__.__name__}: {exc})", None
-    bad = [str(w.message).strip() for w in caught
-           if "verification failed" in str(w.message) or "truncated" in str(w.message)
-           or "Error validating header" in str(w.message)]
     if bad:
         return False, bad[0].splitlines()[0], primary
     missing = [n for n in _PLANES if n not in roles]

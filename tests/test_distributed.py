@@ -136,6 +136,44 @@ def test_output_complete(tmp_path, inputs):
     assert output_complete(tmp_path / "none.fits") == (False, "no such file")
 
 
+def test_output_check_reads_data_outside_the_warnings_lock(tmp_path, inputs, monkeypatch):
+    """Checksums (the whole file's data) are computed without holding gpumatch's
+    process-wide warnings lock, so the worker's other threads can read FITS files
+    meanwhile; a flipped data byte is still found."""
+    import threading
+
+    from astropy.io.fits.hdu.base import _ValidHDU
+
+    from gpumatch import _warnings
+
+    paths, serial = inputs
+    good = os.path.join(serial, os.path.basename(paths[0]))
+    free = []
+    real = _ValidHDU.verify_datasum
+
+    def try_lock():
+        if _warnings._LOCK.acquire(blocking=False):
+            _warnings._LOCK.release()
+            free.append(True)
+        else:
+            free.append(False)
+
+    def spy(self):
+        t = threading.Thread(target=try_lock)
+        t.start()
+        t.join()
+        return real(self)
+
+    monkeypatch.setattr(_ValidHDU, "verify_datasum", spy)
+    assert output_complete(good) == (True, "")
+    assert free and all(free)
+    flipped = bytearray(open(good, "rb").read())
+    flipped[-3000] ^= 0xFF
+    (tmp_path / "flip.fits").write_bytes(bytes(flipped))
+    ok, why = output_complete(tmp_path / "flip.fits")
+    assert not ok and "checksum" in why
+
+
 def test_stale_temporaries_pattern(tmp_path):
     out = tmp_path / "a[1].fits"
     mine = [tmp_path / ".a[1].fits.x8k2.tmp.fits", tmp_path / ".a[1].kernel.fits.q1.tmp.fits"]

@@ -15,7 +15,10 @@ Prints and writes (markdown, ``--output``):
   pinned host<->device bandwidth, and FP32 / FP64 FMA rates (a register-only
   FMA kernel);
 * per-stage medians (stamps, normal equations, spatial solve, application, whole
-  run) of ``backend="cupy"`` with the exposure on the device and on the host;
+  run) of ``backend="cupy"`` with the exposure on the device and on the host,
+  the spatial solve (and the whole run) both with the system solved on the host
+  (LAPACK) and on the device (cuSOLVER), ``CupyStages.spatial_solve``, whose
+  default these numbers are to decide;
 * in the same run, baselines: the NumPy backend on this machine's CPUs, and a
   straightforward CuPy implementation (im2col + matmul normal equations, and an
   application by ``cupyx.scipy.ndimage.correlate`` per spatial term plus a
@@ -48,10 +51,12 @@ from workloads import (machine_description, production_config, production_exposu
 
 import gpumatch  # noqa: E402
 from gpumatch import Exposure, ModelPsfMatchTask  # noqa: E402
-from gpumatch.backend import _cupy_status, cupy_usable  # noqa: E402
+from gpumatch.backend import _cupy_status, cupy_usable, single_threaded_blas  # noqa: E402
 
 STAGES = [("cellSet", "stamps (cell set)"), ("normalEquations", "normal equations"),
           ("spatialSolve", "spatial solve"), ("apply", "application (image+var+mask)")]
+# Where the spatial system is solved (CupyStages.spatial_solve), and by what.
+SPATIAL_SOLVERS = {"host": "LAPACK", "device": "cuSOLVER"}
 
 # Datasheet figures, used only when the device does not report its own.
 DATASHEET = {
@@ -181,8 +186,9 @@ def floors(md, n_pixels, ceil):
     fma = n * g * g * nb * k * k + n * (nb * (nb + 1) // 2 + nb) * g * g
     byt = 2 * n * size * size * 8 + n * (nb * nb + nb) * 8
     res["normalEquations"] = max((fma / ceil["fp64"], "FP64 FMA"), (byt / ceil["bw"], "memory"))
-    # Spatial solve: host LAPACK on a (nb-1)*nkt+1 system; no meaningful device floor.
-    res["spatialSolve"] = (None, "host LAPACK")  # a tiny system: latency, not throughput
+    # Spatial solve: a (nb-1)*nkt+1 system, on the host or the device; a tiny
+    # system, bound by latency (copies, launches), not by throughput.
+    res["spatialSolve"] = (None, "latency")
     # Application, exact per pixel: per pixel and tap at least o FMAs to evaluate
     # K (Horner in X, the Y part shared along a row), 1 for the image and 2 for
     # the variance (k * (k * v)); bytes: image, variance, mask read and written
@@ -353,8 +359,14 @@ def main(argv=None):
     exp_bytes = sum(a.nbytes for a in (exp_host.image, exp_host.variance, exp_host.mask))
 
     task = ModelPsfMatchTask(config, backend="cupy")
-    dev_med, dev_peak, res_dev = time_task(cp, task, exp_dev, reference, args.repeat, pool)
-    host_med, host_peak, res_host = time_task(cp, task, exp_host, reference, args.repeat, pool)
+    default_solve = task._stages.spatial_solve
+    runs = {}                                        # spatial solve -> (device-, host-resident)
+    for where in SPATIAL_SOLVERS:
+        task._stages.spatial_solve = where
+        runs[where] = [time_task(cp, task, exp, reference, args.repeat, pool)
+                       for exp in (exp_dev, exp_host)]
+    task._stages.spatial_solve = default_solve
+    (dev_med, dev_peak, res_dev), (host_med, host_peak, res_host) = runs[default_solve]
     md = res_dev.metadata
     md = dict(md, spatialOrder=config.spatialKernelOrder)
 
@@ -374,6 +386,15 @@ def main(argv=None):
         cs.templates, cs.targets, basis_d, 2.0), args.repeat)
     M_d, b_d = cs.normal_matrices, cs.normal_vectors
     solve_only = _events_time(cp, lambda: task._stages.solve_candidates(M_d, b_d), args.repeat)
+    # The spatial system as a run leaves it (on the device), solved alone both ways.
+    sf, A_d, rhs_d = task._spatial_system(cs, M_d, b_d, cs.kernel_solutions)
+    spatial_only = {}
+    for where in SPATIAL_SOLVERS:
+        task._stages.spatial_solve = where
+        with single_threaded_blas():                 # as in a run
+            spatial_only[where] = _events_time(cp, lambda: task._stages.solve_spatial(
+                A_d, rhs_d, len(basis), sf.n_terms, 1.0, config.conditionNumberType), args.repeat)
+    task._stages.spatial_solve = default_solve
     # Host path alone, and its plain (pageable, unpipelined) variant.
     t_staged, t_pageable = [], []
     for _ in range(max(3, args.repeat // 2)):
@@ -434,13 +455,22 @@ def main(argv=None):
     out("| stage | GPU, device-resident (ms) | GPU, host-resident (ms) | floor (ms) | bound | "
         "device-resident / floor | NumPy backend, CPU (ms) | straightforward CuPy (ms) |")
     out("|---|---:|---:|---:|---|---:|---:|---:|")
-    for name, label in STAGES + [("total", "whole run")]:
+    # The spatial solve and the whole run once per placement of the solve; the
+    # other stages (and "whole run") from runs with the default placement.
+    other = [w for w in SPATIAL_SOLVERS if w != default_solve]
+    rows = [(name, label, default_solve) for name, label in STAGES if name != "spatialSolve"]
+    rows[2:2] = [("spatialSolve", f"spatial solve on the {w} ({SPATIAL_SOLVERS[w]})", w)
+                 for w in SPATIAL_SOLVERS]
+    rows += [("total", "whole run", default_solve)]
+    rows += [("total", f"whole run, spatial solve on the {w}", w) for w in other]
+    for name, label, where in rows:
+        dmed, hmed = runs[where][0][0], runs[where][1][0]
         if name == "total":
             fv, bound = fl_total, "sum"
         else:
             fv, bound = fl[name]
-        ratio = dev_med[name] / (fv * 1e3) if fv else None
-        out(f"| {label} | {dev_med[name]:.2f} | {host_med[name]:.2f} | "
+        ratio = dmed[name] / (fv * 1e3) if fv else None
+        out(f"| {label} | {dmed[name]:.2f} | {hmed[name]:.2f} | "
             f"{f(fv and fv * 1e3, '{:.3g}')} | {bound} | {f(ratio, '{:.1f}')} | "
             f"{f(cpu_med.get(name), '{:.0f}')} | {f(naive.get(name))} |")
     out()
@@ -452,6 +482,9 @@ def main(argv=None):
         f"{fl['normalEquations'][0] * 1e3:.3f} | {ne_only / (fl['normalEquations'][0] * 1e3):.2f} |")
     out(f"| single-candidate solutions (batched eigh, part of normal equations) | {solve_only:.3f} "
         f"| - | - |")
+    for where, solver in SPATIAL_SOLVERS.items():
+        out(f"| spatial solve alone, on the {where} ({solver}; system on the device) | "
+            f"{spatial_only[where]:.3f} | - | - |")
     out(f"| application, host arrays, pinned + pipelined copies | {_median_ms(t_staged):.2f} | "
         f"{pcie * 1e3:.2f} (PCIe) | {_median_ms(t_staged) / (pcie * 1e3):.2f} |")
     out(f"| application, host arrays, plain pageable copies | {_median_ms(t_pageable):.2f} | "
@@ -475,9 +508,13 @@ def main(argv=None):
         "application = (o + 3) FP32 FMA-pipe instructions per pixel and kernel tap (exact "
         "per-pixel evaluation: Horner in X, image, variance) at the measured FP32 rate, against 24 "
         "bytes per pixel at the measured bandwidth; host-resident application = the planes' bytes "
-        "over the slower pinned PCIe direction (both directions overlap); the spatial solve is a "
-        f"{md['numSpatialUnknowns']}x{md['numSpatialUnknowns']} float64 solve on the host (LAPACK) "
-        "and has no device floor")
+        "over the slower pinned PCIe direction (both directions overlap); the spatial solve, a "
+        f"{md['numSpatialUnknowns']}x{md['numSpatialUnknowns']} float64 system, is bound by "
+        "latency and has no floor")
+    out(f"- spatial solve: CupyStages.spatial_solve is {default_solve!r} by default (the rows "
+        "that name no placement); a run's \"spatial solve\" stage assembles the system on the "
+        "device and solves it, on the host (copy of the system back, LAPACK) or on the device "
+        "(cuSOLVER, copy of the solution back); \"alone\" rows time only the solve")
     if args.output:
         with open(args.output, "w") as fh:
             fh.write("\n".join(lines) + "\n")

@@ -25,8 +25,8 @@ from .basis import polynomial_exponents
 
 log = logging.getLogger("gpumatch")
 
-__all__ = ["apply_kernel", "convolve_planes", "footprint_or", "direct_convolve_pixels",
-           "edge_planes", "variance_terms"]
+__all__ = ["apply_kernel", "start_apply_kernel", "PendingExposure", "convolve_planes",
+           "footprint_or", "direct_convolve_pixels", "edge_planes", "variance_terms"]
 
 _FAST_TILES = (64, 96, 128, 160, 192, 256, 320, 384, 512)
 
@@ -320,18 +320,51 @@ def apply_kernel(exposure, kernel, psf=None, backend="numpy"):
         Same bbox, metadata and mask planes; edge pixels (within ``k // 2`` of a
         border) have image NaN, variance +inf and only the NO_DATA bit.
     """
+    return start_apply_kernel(exposure, kernel, psf, backend).result()
+
+
+class PendingExposure:
+    """An application that may still be running on the device."""
+
+    def __init__(self, planes, exposure, psf):
+        self._planes, self._exposure, self._psf = planes, exposure, psf
+
+    def wait(self):
+        """Wait until the planes are complete."""
+        if hasattr(self._planes, "wait"):
+            self._planes.wait()
+
+    def result(self):
+        """The matched :class:`~gpumatch.Exposure`, once its planes are complete."""
+        planes = self._planes.result() if hasattr(self._planes, "result") else self._planes
+        return self._exposure.copy_metadata_to(*planes, psf=self._psf)
+
+
+def start_apply_kernel(exposure, kernel, psf=None, backend="numpy", transfers=None):
+    """:func:`apply_kernel`, returned once the work is queued.
+
+    On the CPU the work is done before this returns. On the device it returns
+    when every copy and launch is queued, so the host can go on (for example
+    to queue the next exposure's copies on the same ``transfers``, a
+    :class:`gpumatch.cuda.apply.HostTransfers`).
+
+    Returns
+    -------
+    PendingExposure
+        Its ``result()`` waits for the device and returns the Exposure.
+    """
     from .backend import resolve_backend
 
     name = resolve_backend(backend)
     no_data = exposure.get_plane_bitmask("NO_DATA")
     if name == "cupy":
-        from .cuda.apply import convolve_planes_cupy
+        from .cuda.apply import start_convolve_planes_cupy
 
-        planes = convolve_planes_cupy(exposure.image, exposure.variance, exposure.mask,
-                                      kernel, exposure.bbox, no_data)
+        planes = start_convolve_planes_cupy(exposure.image, exposure.variance, exposure.mask,
+                                            kernel, exposure.bbox, no_data, transfers=transfers)
     else:
         from .backend import to_numpy
 
         planes = convolve_planes(to_numpy(exposure.image), to_numpy(exposure.variance),
                                  to_numpy(exposure.mask), kernel, exposure.bbox, no_data)
-    return exposure.copy_metadata_to(*planes, psf=exposure.psf if psf is None else psf)
+    return PendingExposure(planes, exposure, exposure.psf if psf is None else psf)

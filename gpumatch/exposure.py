@@ -174,7 +174,8 @@ class Exposure:
         """Read an exposure from a FITS file (LSST layout or a plain image).
 
         See :func:`gpumatch.io.fits.read_exposure` for the layout and the
-        keyword arguments (``psf``, ``variance``, ``mask``, ``mask_planes``, ``hdu``).
+        keyword arguments (``psf``, ``variance``, ``mask``, ``mask_planes``, ``hdu``,
+        ``empty``).
         """
         from .io.fits import read_exposure
 

@@ -38,13 +38,18 @@ Overlap of input and compute
   input order and equal those read in the calling thread (``read_workers=0``),
   and closing the generator cancels the reads not started and waits for
   those running.
+- On the GPU, files are read straight into pinned host memory, so their
+  planes go to the device with no host staging copy (exposures given as
+  NumPy arrays in pageable memory are staged through pinned buffers, a host
+  copy that costs about as much as the transfer itself).
 - Within one exposure, the CUDA application overlaps its host-device copies
-  with compute (the banded pipeline of :mod:`gpumatch.cuda.apply`).
-- Not done (needs a GPU session, and a measurement before it is kept):
-  chaining the banded copy pipelines of consecutive exposures, so that one
-  exposure's first copies overlap the previous exposure's last compute instead
-  of waiting for it. Its gain is bounded by about one band's copy in and
-  out per exposure.
+  with compute (the banded pipeline of :mod:`gpumatch.cuda.apply`). Across
+  exposures, the applications of a batch share one set of streams, and
+  exposure ``i + 1``'s application is queued before exposure ``i``'s result
+  is waited for and yielded: its copies in overlap exposure ``i``'s last
+  compute and copies out, and the caller's handling of result ``i``. Two
+  applications are in flight at a time (the batch size reserves device
+  memory for both).
 """
 
 from __future__ import annotations
@@ -173,6 +178,7 @@ class _Job:
     A: object = None
     rhs: object = None
     solution: object = None
+    finishing: object = None  # the application in flight (ModelPsfMatchTask._start_finish)
     times: dict = field(default_factory=dict)
 
 
@@ -285,6 +291,7 @@ class _ManyMatcher:
         self.oom = _oom_errors(task.backend)
         self._bases = {}
         self._device_limit = None  # shrinks after an out-of-memory error
+        self.transfers = self.stages.transfers()
 
     # -- batching ------------------------------------------------------------------
 
@@ -316,7 +323,8 @@ class _ManyMatcher:
         exposure = first.exposure
         if exposure is None:
             return 1
-        budget = DEVICE_MEMORY_FRACTION * free - APPLY_BYTES_PER_PIXEL * exposure.image.size
+        # Two applications are in flight at a time (one queued while the other ends).
+        budget = DEVICE_MEMORY_FRACTION * free - 2 * APPLY_BYTES_PER_PIXEL * exposure.image.size
         limit = int(budget // max(1, self._phase1_bytes(exposure)))
         if not _is_path(first.source):
             return max(1, min(MAX_DEVICE_BATCH, limit))
@@ -357,22 +365,56 @@ class _ManyMatcher:
             # Not held across the yields: the caller's own code keeps its BLAS threads.
             with single_threaded_blas():
                 self._solve_with_retry(jobs)
-            for job in jobs:
-                if job.error is None:
-                    try:
-                        with single_threaded_blas():
-                            result = self._finish(job)
-                    except self.oom:
-                        raise
-                    except Exception as exc:
-                        job.error = exc
-                if job.error is not None:
-                    if on_error == "raise":
-                        raise job.error
-                    result = job.error
-                # Drop what the batch no longer needs before the next result.
-                job.exposure = job.cell_set = job.A = job.rhs = None
-                yield result
+            # Exposure i + 1's application is queued before exposure i's result is
+            # waited for and yielded, so its copies in overlap i's last compute and
+            # copies out, and the caller's handling of result i.
+            try:
+                for i, job in enumerate(jobs):
+                    if i == 0:
+                        self._start(job)
+                    if i + 1 < len(jobs):
+                        self._start(jobs[i + 1])
+                    yield self._result(job, on_error)
+            finally:
+                for job in jobs:  # on an error or close(): nothing left in flight
+                    if job.finishing is not None:
+                        job.finishing.pending.wait()
+                        job.finishing = None
+
+    def _start(self, job):
+        """Queue ``job``'s application (a failure is the job's; out-of-memory goes up)."""
+        if job.error is not None:
+            return
+        try:
+            with single_threaded_blas():
+                job.finishing = self.task._start_finish(
+                    job.exposure, job.cell_set, job.choice, job.basis, job.sf, job.solution,
+                    job.reference, dict(job.times), transfers=self.transfers)
+        except self.oom:
+            raise
+        except Exception as exc:
+            job.error = exc
+
+    def _result(self, job, on_error):
+        """``job``'s result (or its error, as ``on_error`` says), its memory released."""
+        result = None
+        if job.error is None:
+            try:
+                with single_threaded_blas():
+                    result = self.task._complete(job.finishing)
+            except self.oom:
+                raise
+            except Exception as exc:
+                job.error = exc
+        # Drop what the batch no longer needs before the next result.
+        if job.finishing is not None:
+            job.finishing.pending.wait()
+        job.exposure = job.cell_set = job.A = job.rhs = job.finishing = None
+        if job.error is not None:
+            if on_error == "raise":
+                raise job.error
+            result = job.error
+        return result
 
     def _load(self, item):
         job = _Job(item)
@@ -388,7 +430,8 @@ class _ManyMatcher:
     def _read(self, path):
         from .pipeline import read_exposure_with_psf
 
-        return read_exposure_with_psf(path, self.psf, psf_hint="give psf=...")
+        return read_exposure_with_psf(path, self.psf, psf_hint="give psf=...",
+                                      empty=self.stages.empty_host)
 
     def _solve_with_retry(self, jobs):
         try:
@@ -488,8 +531,9 @@ class _ManyMatcher:
                 by_size.setdefault((len(job.basis), job.sf.n_terms), []).append(job)
         for (nb, nkt), group in by_size.items():
             t0 = time.perf_counter()
-            solved = solve_spatial_systems([j.A for j in group], [j.rhs for j in group], nb, nkt,
-                                           [j.kernel_sum for j in group], cfg.conditionNumberType)
+            solved = stages.solve_spatial_many([j.A for j in group], [j.rhs for j in group], nb,
+                                               nkt, [j.kernel_sum for j in group],
+                                               cfg.conditionNumberType)
             share = (time.perf_counter() - t0) / len(group)
             for job, sol in zip(group, solved):
                 job.times["spatialSolve"] += share
@@ -497,14 +541,6 @@ class _ManyMatcher:
                     job.error = sol
                 else:
                     job.solution = sol
-
-    # -- per exposure: application, quality, metadata ---------------------------------
-
-    def _finish(self, job):
-        # An out-of-memory error while applying is retried by the backend's apply.
-        return self.task._finish(job.exposure, job.cell_set, job.choice, job.basis, job.sf,
-                                 job.solution, job.reference, dict(job.times))
-
 
 def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel_sum=1.0, *,
                psf=None, batch_size=None, on_error="raise", read_workers=None):

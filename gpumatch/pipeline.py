@@ -110,7 +110,7 @@ def _psf_from_file(path):
     return resolve_psf(f"image:{path}")
 
 
-def read_exposure_with_psf(path, psf=None, *, psf_hint="give --psf MODEL"):
+def read_exposure_with_psf(path, psf=None, *, psf_hint="give --psf MODEL", empty=None):
     """Read the exposure at ``path`` and give it a PSF model.
 
     The PSF is ``psf`` (a model or its string form) when given, else the one
@@ -119,6 +119,7 @@ def read_exposure_with_psf(path, psf=None, *, psf_hint="give --psf MODEL"):
 
     ``psf_hint`` is the first remedy the error for an exposure without a PSF
     suggests (how the caller's user passes one); None leaves it out.
+    ``empty`` allocates the planes (see :func:`gpumatch.io.fits.read_exposure`).
 
     Raises
     ------
@@ -128,7 +129,7 @@ def read_exposure_with_psf(path, psf=None, *, psf_hint="give --psf MODEL"):
     from .exposure import Exposure
 
     path = os.fspath(path)
-    exposure = Exposure.read_fits(path)
+    exposure = Exposure.read_fits(path, empty=empty)
     if psf is not None:
         exposure.psf = resolve_psf(psf)
     elif exposure.psf is None:

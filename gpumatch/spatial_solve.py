@@ -9,7 +9,7 @@ import numpy as np
 
 from .backend import to_numpy
 from .errors import SolutionError
-from .linalg import solve_symmetric, solve_symmetric_many
+from .linalg import solve_symmetric_many
 
 log = logging.getLogger("gpumatch")
 
@@ -92,22 +92,27 @@ def _to_solution(sol, nb, nkt, kernel_sum):
     return SpatialSolution(coeffs, sol.condition_number, sol.method, sol.rank, len(sol.x))
 
 
-def solve_spatial_system(A, rhs, nb, nkt, kernel_sum, condition_type="EIGENVALUE"):
+def solve_spatial_system(A, rhs, nb, nkt, kernel_sum, condition_type="EIGENVALUE", xp=np):
     """Solve the spatial system in float64 and put ``kernel_sum`` in for ``a0``.
 
     The coefficients of bases ``1 .. nb-1`` are multiplied by ``kernel_sum``,
     so the kernel is ``kernel_sum`` times the fitted kernel with ``a0 = 1``.
+    ``xp`` is where it is solved: ``numpy`` (the host, system by system) or
+    ``cupy`` (the device, :func:`~gpumatch.linalg.solve_symmetric_many`
+    batched); ``A`` and ``rhs`` may live on either.
 
     Raises
     ------
     SolutionError
         If any coefficient is NaN or infinite.
     """
-    sol = solve_symmetric(to_numpy(A), to_numpy(rhs), condition_type)
-    return _to_solution(sol, nb, nkt, kernel_sum)
+    (sol,) = solve_spatial_systems([A], [rhs], nb, nkt, [kernel_sum], condition_type, xp)
+    if isinstance(sol, SolutionError):
+        raise sol
+    return sol
 
 
-def solve_spatial_systems(As, rhss, nb, nkt, kernel_sums, condition_type="EIGENVALUE"):
+def solve_spatial_systems(As, rhss, nb, nkt, kernel_sums, condition_type="EIGENVALUE", xp=np):
     """Solve many spatial systems of one size in one batched float64 call.
 
     The batched form of :func:`solve_spatial_system`, with the same results
@@ -121,6 +126,9 @@ def solve_spatial_systems(As, rhss, nb, nkt, kernel_sums, condition_type="EIGENV
         Basis images and spatial terms (``nt = (nb - 1) nkt + 1``).
     kernel_sums : sequence of float
         One per system.
+    condition_type : {"EIGENVALUE", "SVD"}
+    xp : module
+        Where to solve: ``numpy`` (the host) or ``cupy`` (the device).
 
     Returns
     -------
@@ -130,10 +138,11 @@ def solve_spatial_systems(As, rhss, nb, nkt, kernel_sums, condition_type="EIGENV
     """
     if not len(As):
         return []
-    A = np.stack([to_numpy(a) for a in As])
-    rhs = np.stack([to_numpy(r) for r in rhss])
+    put = to_numpy if xp is np else xp.asarray
+    A = xp.stack([put(a) for a in As])
+    rhs = xp.stack([put(r) for r in rhss])
     out = []
-    for sol, kernel_sum in zip(solve_symmetric_many(A, rhs, condition_type), kernel_sums):
+    for sol, kernel_sum in zip(solve_symmetric_many(A, rhs, condition_type, xp=xp), kernel_sums):
         try:
             out.append(_to_solution(sol, nb, nkt, kernel_sum))
         except SolutionError as exc:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .apply import apply_kernel
+from .apply import start_apply_kernel
 from .normal_equations import candidate_normal_equations, solve_candidates
+from .spatial_solve import solve_spatial_system, solve_spatial_systems
 
 __all__ = ["NumpyStages"]
 
@@ -15,6 +16,8 @@ class NumpyStages:
 
     name = "numpy"
     xp = np
+    #: Allocates host planes that this backend reads from files.
+    empty_host = staticmethod(np.empty)
 
     def sync(self):
         pass
@@ -25,5 +28,22 @@ class NumpyStages:
     def solve_candidates(self, M, b):
         return solve_candidates(M, b, xp=np)
 
+    def solve_spatial(self, A, rhs, nb, nkt, kernel_sum, condition_type="EIGENVALUE"):
+        """:func:`~gpumatch.spatial_solve.solve_spatial_system` (LAPACK, system by system)."""
+        return solve_spatial_system(A, rhs, nb, nkt, kernel_sum, condition_type, xp=np)
+
+    def solve_spatial_many(self, As, rhss, nb, nkt, kernel_sums, condition_type="EIGENVALUE"):
+        """:func:`~gpumatch.spatial_solve.solve_spatial_systems`: a :class:`SpatialSolution`
+        or the :class:`~gpumatch.errors.SolutionError` of each system."""
+        return solve_spatial_systems(As, rhss, nb, nkt, kernel_sums, condition_type, xp=np)
+
     def apply(self, exposure, kernel, psf):
-        return apply_kernel(exposure, kernel, psf=psf, backend="numpy")
+        return self.start_apply(exposure, kernel, psf).result()
+
+    def start_apply(self, exposure, kernel, psf, transfers=None):
+        """The application, done before this returns (see the CuPy twin)."""
+        return start_apply_kernel(exposure, kernel, psf=psf, backend="numpy")
+
+    def transfers(self):
+        """Nothing to share between applications on the CPU."""
+        return None

@@ -24,7 +24,7 @@ from .kernel import SpatialKernel
 from .moments import SIGMA_TO_FWHM
 from .quality import candidate_residuals
 from .spatial import SpatialFunctions
-from .spatial_solve import assemble_spatial_system, solve_spatial_system
+from .spatial_solve import assemble_spatial_system
 
 log = logging.getLogger("gpumatch")
 
@@ -40,6 +40,21 @@ class ModelPsfMatchResult:
     kernelCellSet: object
     referencePsfModel: object
     metadata: dict = field(default_factory=dict)
+
+
+class _Finishing(NamedTuple):
+    """An exposure between :meth:`ModelPsfMatchTask._start_finish` and ``_complete``."""
+
+    exposure: object
+    cell_set: object
+    choice: object
+    sf: object
+    solution: object
+    reference: object
+    times: dict
+    kernel: SpatialKernel
+    pending: object
+    queue_time: float
 
 
 class CellSetResult(NamedTuple):
@@ -189,7 +204,7 @@ class ModelPsfMatchTask:
         times["normalEquations"] = t2 - t1
 
         sf, A, rhs = self._spatial_system(cell_set, M, b, solutions)
-        solution = solve_spatial_system(A, rhs, len(basis), sf.n_terms, kernel_sum,
+        solution = stages.solve_spatial(A, rhs, len(basis), sf.n_terms, kernel_sum,
                                         self.config.conditionNumberType)
         times["spatialSolve"] = time.perf_counter() - t2
         return self._finish(exposure, cell_set, choice, basis, sf, solution, reference, times)
@@ -238,16 +253,33 @@ class ModelPsfMatchTask:
         Shared by :meth:`run` and :func:`gpumatch.match_many`, so both give the
         same results and metadata.
         """
-        stages = self._stages
-        kernel = SpatialKernel(basis, sf, solution.coefficients)
-        t3 = time.perf_counter()
-        matched = stages.apply(exposure, kernel, reference)
-        stages.sync()
-        t4 = time.perf_counter()
-        times["apply"] = t4 - t3
+        return self._complete(self._start_finish(exposure, cell_set, choice, basis, sf,
+                                                 solution, reference, times))
 
+    def _start_finish(self, exposure, cell_set, choice, basis, sf, solution, reference, times,
+                      transfers=None):
+        """The first half of :meth:`_finish`: the spatial kernel, and its application
+        queued (on ``transfers``, see :meth:`CupyStages.transfers`)."""
+        kernel = SpatialKernel(basis, sf, solution.coefficients)
+        t0 = time.perf_counter()
+        pending = self._stages.start_apply(exposure, kernel, reference, transfers)
+        return _Finishing(exposure, cell_set, choice, sf, solution, reference, times, kernel,
+                          pending, time.perf_counter() - t0)
+
+    def _complete(self, state):
+        """The second half of :meth:`_finish`: quality (while the application may
+        still run on the device), the matched exposure, metadata."""
+        stages = self._stages
+        cell_set, choice, sf, solution, times, kernel = (
+            state.cell_set, state.choice, state.sf, state.solution, state.times, state.kernel)
+        t0 = time.perf_counter()
         quality = candidate_residuals(cell_set, kernel)
-        times["quality"] = time.perf_counter() - t4
+        t1 = time.perf_counter()
+        times["quality"] = t1 - t0
+        matched = state.pending.result()
+        stages.sync()
+        # What the application cost beyond the quality step that ran beside it.
+        times["apply"] = state.queue_time + time.perf_counter() - t1
 
         cx, cy = cell_set.region.center
         n = len(cell_set)
@@ -282,7 +314,7 @@ class ModelPsfMatchTask:
         }
         self.metadata = md
         self._log_solution(md, sf.n_terms)
-        return ModelPsfMatchResult(matched, kernel, cell_set, reference, md)
+        return ModelPsfMatchResult(matched, kernel, cell_set, state.reference, md)
 
     def _log_solution(self, md, n_terms):
         cfg = self.config

@@ -12,7 +12,7 @@ kernels are either NumPy transcriptions (``tests/test_cuda_compile.py``) or
 the sources of ``kernels/`` compiled for the CPU (:mod:`cuda_emulator`),
 behind gpumatch's own module loading. Enough of the rest of CuPy is there
 for ``tests/test_gpu.py`` and the benchmark scripts (events with elapsed
-times, ``RawModule`` for inline sources, ``cupyx.scipy.ndimage``, device
+times, ``RawModule`` for inline sources, ``cupyx.scipy.ndimage`` and ``.linalg``, device
 properties of an H100) to run end to end on a CPU; timings mean nothing.
 """
 
@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import types
+import weakref
 
 import numpy as np
 
@@ -117,6 +118,22 @@ def install(kernels="transcribed"):
         module = types.ModuleType(f"cupy.{sub}")
         module.__getattr__ = through(getattr(np, sub))
         setattr(cupy, sub, module)
+
+    def cholesky(a):
+        """As cuSOLVER under CuPy's default ``cupyx.errstate(linalg="ignore")``: no
+        error, and a matrix that is not positive definite gets a factor that is
+        finite and wrong (here its unfactored lower triangle)."""
+        COUNTS["array operations"] += 1
+        a = np.asarray(a)
+        out = np.empty_like(a)
+        for i in np.ndindex(a.shape[:-2]):
+            try:
+                out[i] = np.linalg.cholesky(a[i])
+            except np.linalg.LinAlgError:
+                out[i] = np.tril(a[i])
+        return wrap(out)
+
+    cupy.linalg.cholesky = cholesky
     cupy.lib = np.lib
     cupy.random = types.SimpleNamespace(
         random=lambda size=None, dtype=np.float64: wrap(
@@ -276,14 +293,35 @@ def install(kernels="transcribed"):
         get_elapsed_time=get_elapsed_time, Device=Device,
         memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError))
     cupyx = types.ModuleType("cupyx")
-    cupyx.empty_pinned = lambda shape, dtype=np.float64: np.full(shape, 55, dtype=dtype)
+    # Pinned allocations are remembered (until freed), so that
+    # pointerGetAttributes tells them from pageable memory as CUDA does.
+    pinned = {}
+
+    def empty_pinned(shape, dtype=np.float64):
+        a = np.full(shape, 55, dtype=dtype)
+        start = a.ctypes.data
+        pinned[start] = start + a.nbytes
+        weakref.finalize(a, pinned.pop, start, None)
+        COUNTS["pinned allocations"] += 1
+        return a
+
+    def pointer_attributes(ptr):
+        host = any(lo <= ptr < hi for lo, hi in list(pinned.items()))
+        return types.SimpleNamespace(type=1 if host else 0, device=-1)
+
+    runtime.pointerGetAttributes = pointer_attributes
+    runtime.memoryTypeHost = 1
+    cupyx.empty_pinned = empty_pinned
+    import scipy.linalg
     import scipy.ndimage
 
     cupyx.scipy = types.ModuleType("cupyx.scipy")
-    cupyx.scipy.ndimage = types.ModuleType("cupyx.scipy.ndimage")
-    cupyx.scipy.ndimage.__getattr__ = through(scipy.ndimage)
-    sys.modules.update({"cupy": cupy, "cupyx": cupyx, "cupyx.scipy": cupyx.scipy,
-                        "cupyx.scipy.ndimage": cupyx.scipy.ndimage})
+    for sub in ("ndimage", "linalg"):
+        module = types.ModuleType(f"cupyx.scipy.{sub}")
+        module.__getattr__ = through(getattr(scipy, sub))
+        setattr(cupyx.scipy, sub, module)
+        sys.modules[module.__name__] = module
+    sys.modules.update({"cupy": cupy, "cupyx": cupyx, "cupyx.scipy": cupyx.scipy})
 
     import gpumatch.backend as gb
     import gpumatch.cuda.module as cm

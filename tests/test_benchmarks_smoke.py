@@ -30,8 +30,13 @@ def test_bench_gpu_runs(tmp_path):
                                 "--output", str(out)])
     text = out.read_text()
     assert text.strip() in stdout
-    for row in ("| stamps (cell set) |", "| normal equations |", "| spatial solve |",
+    for row in ("| stamps (cell set) |", "| normal equations |",
+                "| spatial solve on the host (LAPACK) |",
+                "| spatial solve on the device (cuSOLVER) |",
                 "| application (image+var+mask) |", "| whole run |",
+                "| whole run, spatial solve on the ",
+                "| spatial solve alone, on the host (LAPACK; system on the device) |",
+                "| spatial solve alone, on the device (cuSOLVER; system on the device) |",
                 "| fused application (image+variance+mask) |",
                 "| application, host arrays, pinned + pipelined copies |"):
         assert row in text, row
@@ -44,6 +49,7 @@ def test_bench_visit_runs(tmp_path):
     _run("bench_visit", ["--backend", "cupy", "--exposures", "5", "--pool", "2", "--shape", "160",
                          "200", "--repeat", "1", "--warmup", "1", "--output", str(out)])
     text = out.read_text()
-    for row in ("| host-resident (cupy) |", "| device-resident (cupy) |",
-                "| application (image+var+mask) |", "host<->device copies"):
+    for row in ("| host-resident (cupy) |", "| host-resident, pinned planes (cupy) |",
+                "| device-resident (cupy) |", "| application (image+var+mask) |",
+                "host<->device copies", "pageable minus pinned input planes"):
         assert row in text, row

@@ -502,7 +502,8 @@ def test_emulated_normal_equations_kernel_matches_numpy(k, size, sigmas, degrees
 FAKE_SUBSET = ("test_backend or test_stamps or (test_normal_equations_match and not 21 and not 35) "
                "or (test_apply_matches_numpy and not 21 and not 35 and not 7) "
                "or test_apply_nonfinite or test_run_host_resident_matches_numpy[1.0] "
-               "or test_run_device_resident or test_apply_non_contiguous")
+               "or test_run_device_resident or test_apply_non_contiguous "
+               "or test_solve_symmetric_many_on_device or test_spatial_solve_setting")
 # With the compiled sources every test runs (about 30 s); a second pass runs
 # the application and normal-equation tests with the threads of each block in
 # a shuffled order, where a race on shared memory would change the results.

@@ -373,9 +373,8 @@ def tag(name, fn):
 
 T.build_cell_set = tag("cellSet", T.build_cell_set)
 T.assemble_spatial_system = tag("spatialSystem", T.assemble_spatial_system)
-T.solve_spatial_system = tag("spatialSolve", T.solve_spatial_system)
 T.candidate_residuals = tag("quality", T.candidate_residuals)
-for m in ("normal_equations", "solve_candidates", "apply"):
+for m in ("normal_equations", "solve_candidates", "solve_spatial", "start_apply"):
     setattr(cs.CupyStages, m, tag(m, getattr(cs.CupyStages, m)))
 host = production_exposure(512)
 exp = gm.Exposure(*(cupy.asarray(a) for a in (host.image, host.variance, host.mask)), psf=host.psf)
@@ -384,8 +383,15 @@ task.run(exp, production_reference())          # first run: compiles, caches
 fake_cupy.COUNTS.clear()
 by.clear()
 task.run(exp, production_reference())
-print(json.dumps({"total": dict(fake_cupy.COUNTS), "stages": {k: dict(v) for k, v in by.items()},
-                  "plane_bytes": int(host.image.nbytes)}))
+counts = {"total": dict(fake_cupy.COUNTS), "stages": {k: dict(v) for k, v in by.items()},
+          "plane_bytes": int(host.image.nbytes)}
+task._stages.spatial_solve = "device"
+fake_cupy.COUNTS.clear()
+by.clear()
+task.run(exp, production_reference())
+counts["device solve"] = {"total": dict(fake_cupy.COUNTS),
+                          "solve_spatial": dict(by["solve_spatial"])}
+print(json.dumps(counts))
 """
 
 
@@ -404,7 +410,7 @@ def test_device_resident_run_launch_budget():
     counts = json.loads(run_installed(_BUDGET_SCRIPT).strip().splitlines()[-1])
     total, stages = counts["total"], counts["stages"]
     assert total["gpumatch kernel launches"] == 3          # normal equations, moments, apply
-    for stage in ("normal_equations", "apply"):
+    for stage in ("normal_equations", "start_apply"):
         assert stages[stage].get("gpumatch kernel launches") == 1, stage
         assert stages[stage].get("array operations", 0) <= 5, stages[stage]
     assert stages["quality"]["gpumatch kernel launches"] == 1
@@ -417,3 +423,16 @@ def test_device_resident_run_launch_budget():
     # copies whose size does not grow with the exposure.
     assert total["device->host copies"] <= 12, total
     assert total["device->host bytes"] < 256 * 1024 < counts["plane_bytes"], total
+    # The spatial solve on the host copies the system (and right side) back; on
+    # the device, one copy brings the solution, condition number, rank and
+    # whether Cholesky worked, nothing goes the other way, and ~50 launches.
+    nt = 157
+    assert stages["solve_spatial"]["device->host copies"] == 2, stages["solve_spatial"]
+    assert stages["solve_spatial"]["device->host bytes"] == (nt * nt + nt) * 8
+    device = counts["device solve"]
+    assert device["solve_spatial"]["device->host copies"] == 1, device
+    assert device["solve_spatial"]["device->host bytes"] == (nt + 3) * 8, device
+    assert "host->device copies" not in device["solve_spatial"], device
+    assert device["solve_spatial"]["array operations"] <= 60, device
+    assert device["total"]["device->host copies"] == total["device->host copies"] - 1
+    assert device["total"]["device->host bytes"] < 4 * 1024, device

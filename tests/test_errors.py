@@ -190,15 +190,17 @@ def test_fwhm_always_failing_raises(sec10, run_fails):
 def test_nan_solution(sec10, run_fails, monkeypatch):
     import gpumatch.spatial_solve as ss
 
-    real = ss.solve_symmetric
+    real = ss.solve_symmetric_many
 
-    def poisoned(A, b, condition_type="EIGENVALUE"):
-        sol = real(A, b, condition_type)
-        x = sol.x.copy()
-        x[5] = np.nan
-        return SymmetricSolution(x, sol.method, sol.condition_number, sol.rank)
+    def poisoned(A, b, condition_type="EIGENVALUE", **kwargs):
+        out = []
+        for sol in real(A, b, condition_type, **kwargs):
+            x = sol.x.copy()
+            x[5] = np.nan
+            out.append(SymmetricSolution(x, sol.method, sol.condition_number, sol.rank))
+        return out
 
-    monkeypatch.setattr(ss, "solve_symmetric", poisoned)
+    monkeypatch.setattr(ss, "solve_symmetric_many", poisoned)
     msg = run_fails(gm.SolutionError, r"non-finite", spatialKernelOrder=2)
     # Index 5 with 6 spatial terms: basis 1, spatial term 4.
     assert "index 5" in msg and "basis 1" in msg and "spatial term 4" in msg

@@ -9,7 +9,9 @@ Tolerances: float64 stages (stamps, M and b, spatial system) to 1e-9
 relative; kernel images and matched image/variance to 1e-5 relative (the
 application computes in float32; for the deliberately ill-normalised random
 kernels an absolute floor of 1e-6 of the plane's scale is allowed where the
-result itself cancels); masks and edge pixels identical.
+result itself cancels); masks and edge pixels identical. The spatial solve
+on the device against LAPACK: random systems to 1e-12 of their largest
+unknown, a run's spatial coefficients to 1e-8.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import pytest
 
 import gpumatch as gm
 from gpumatch.apply import convolve_planes
-from gpumatch.backend import _cupy_status, cupy_usable, to_numpy
+from gpumatch.backend import _cupy_status, cupy_usable, single_threaded_blas, to_numpy
 from gpumatch.basis import alard_lupton_basis
 from gpumatch.cellset import build_cell_set
 from gpumatch.normal_equations import candidate_normal_equations, solve_candidates
 from gpumatch.spatial import SpatialFunctions
 from gpumatch.spatial_solve import assemble_spatial_system
-from random_kernels import random_kernel, random_planes
+from random_kernels import (assert_symmetric_solutions, random_kernel, random_planes,
+                            random_symmetric_systems)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -169,6 +172,93 @@ def test_candidate_solutions_and_spatial_system_match():
 
 
 # ---------------------------------------------------------------------------
+# The spatial solve on the device
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["EIGENVALUE", "SVD"])
+@pytest.mark.parametrize("m", [14, 157])
+def test_solve_symmetric_many_on_device_matches_host(kind, m):
+    """cuSOLVER's stacked factorisations against LAPACK system by system, and both
+    against the answers known by construction: every kind of system (Cholesky,
+    badly scaled, rank deficient, indefinite, zero) in one stack and alone."""
+    from gpumatch.linalg import solve_symmetric_many
+
+    with single_threaded_blas():     # as in a run; threaded BLAS is slow on these sizes
+        systems = random_symmetric_systems(np.random.default_rng(m), m)
+        host = solve_symmetric_many(systems.A, systems.b, kind)
+        device = solve_symmetric_many(cp.asarray(systems.A), cp.asarray(systems.b), kind)
+        alone = [solve_symmetric_many(A[None], b[None], kind, xp=cp)[0]
+                 for A, b in zip(systems.A, systems.b)]
+    assert all(type(s.x) is np.ndarray for s in device)
+    assert_symmetric_solutions(host, systems)
+    assert_symmetric_solutions(device, systems)
+    assert_symmetric_solutions(alone, systems)
+
+
+def test_spatial_solve_setting():
+    from gpumatch.cuda.stages import CupyStages
+
+    stages = CupyStages(spatial_solve="device")
+    assert stages.spatial_solve == "device"
+    other = CupyStages()
+    other.spatial_solve = "host"
+    assert (other.spatial_solve, stages.spatial_solve) == ("host", "device")
+    with pytest.raises(ValueError, match="spatial_solve='gpu' is not one of"):
+        stages.spatial_solve = "gpu"
+    with pytest.raises(ValueError, match="spatial_solve='cpu' is not one of"):
+        CupyStages(spatial_solve="cpu")
+    assert stages.spatial_solve == "device"
+
+
+def _run_both_solves(cfg, exposure, reference):
+    """Results of the CuPy backend with the spatial system solved on the host and on
+    the device."""
+    out = []
+    for where in ("host", "device"):
+        task = gm.ModelPsfMatchTask(cfg, backend="cupy")
+        task._stages.spatial_solve = where
+        out.append(task.run(exposure, reference))
+    return out
+
+
+@pytest.mark.parametrize("resident", ["host", "device"])
+def test_run_spatial_solve_on_device_matches_host(resident):
+    """The same run with the spatial system solved by cuSOLVER instead of LAPACK:
+    the coefficients agree to rounding times the condition number (~1e6), so
+    kernels and planes as strictly as the backends agree."""
+    xp = cp if resident == "device" else np
+    exp = _exposure(xp=xp)
+    res_host, res_dev = _run_both_solves(_config(), exp, _reference())
+    _compare_results(res_dev, res_host, _exposure())
+    coeffs = res_host.psfMatchingKernel.spatial_coefficients
+    np.testing.assert_allclose(res_dev.psfMatchingKernel.spatial_coefficients, coeffs, rtol=0,
+                               atol=1e-8 * np.abs(coeffs).max())
+    md_host, md_dev = res_host.metadata, res_dev.metadata
+    assert md_dev["spatialSolveMethod"] == md_host["spatialSolveMethod"] == "cholesky"
+    assert md_dev["spatialSolveRank"] == md_host["spatialSolveRank"] \
+        == md_host["numSpatialUnknowns"]
+    assert md_dev["spatialConditionNum"] == pytest.approx(md_host["spatialConditionNum"], rel=1e-8)
+
+
+def test_run_spatial_solve_on_device_rank_deficient(sec10):
+    """SPEC section 10's rank-deficient setup (25 good pixels for 27 basis
+    functions): the pseudo-inverse on the device too, and as useful a kernel.
+    Its equilibrated system has eigenvalues on both sides of the rank tolerance
+    within a factor 1.5 (measured with LAPACK), so the rank itself may differ
+    by a few between eigensolvers and is not compared."""
+    res_host, res_dev = _run_both_solves(sec10.config(), sec10.exposure, sec10.reference)
+    for res in (res_host, res_dev):
+        md = res.metadata
+        assert md["spatialSolveMethod"] == "eigen-pseudo-inverse"
+        assert md["spatialSolveRank"] < md["numSpatialUnknowns"]
+        assert np.all(np.isfinite(res.psfMatchingKernel.spatial_coefficients))
+        assert np.all(np.isfinite(to_numpy(res.psfMatchedExposure.image)[4:-4, 4:-4]))
+        # gpumatch's own check: the matched PSF against the reference, per candidate.
+        assert md["matchedPsfRelL2Max"] < 0.02, md["matchedPsfRelL2Max"]
+
+
+# ---------------------------------------------------------------------------
 # Application
 # ---------------------------------------------------------------------------
 
@@ -233,6 +323,7 @@ def test_apply_host_output_falls_back_to_pageable_memory(monkeypatch, caplog):
     planes are pageable and the result is unchanged."""
     import cupyx
 
+    from gpumatch.cuda import apply as ca
     from gpumatch.cuda.apply import convolve_planes_cupy
 
     rng = np.random.default_rng(5)
@@ -249,11 +340,74 @@ def test_apply_host_output_falls_back_to_pageable_memory(monkeypatch, caplog):
         return pinned(shp, dtype)
 
     monkeypatch.setattr(cupyx, "empty_pinned", no_large_pinned)
+    monkeypatch.setattr(ca, "_warned_pageable", False)
     with caplog.at_level("WARNING", logger="gpumatch"):
         got = convolve_planes_cupy(*planes, kernel, box, NO_DATA, bands=3)
     assert "no pinned host memory" in caplog.text
     assert all(type(g) is np.ndarray for g in got)
     _assert_planes(got, want, k // 2)
+
+
+def _staging_spy(monkeypatch):
+    """Record the dtype of every plane band the host threads stage into pinned memory."""
+    from gpumatch.cuda import apply as ca
+
+    staged, real = [], ca._staging_pool
+
+    class Spy:
+        def submit(self, fn, dst, src):
+            staged.append(src.dtype)
+            return real().submit(fn, dst, src)
+
+    monkeypatch.setattr(ca, "_staging_pool", Spy)
+    return staged
+
+
+def test_apply_pinned_inputs_are_copied_without_staging(monkeypatch):
+    """Host planes in pinned memory of the device dtype go to the device as they
+    are; only the others are staged through pinned buffers. Results unchanged."""
+    from gpumatch.cuda import apply as ca
+
+    rng = np.random.default_rng(11)
+    k, shape = 9, (150, 170)
+    box = gm.Box(-3, 8, shape[1], shape[0])
+    kernel = random_kernel(rng, k, "chebyshev1", 2, box)
+    planes = random_planes(rng, shape)
+    want = convolve_planes(*planes, kernel, box, NO_DATA)
+    pinned = []
+    for a in planes:
+        pinned.append(ca.pinned_empty(a.shape, a.dtype))
+        pinned[-1][...] = a
+    assert all(ca.is_pinned(p) for p in pinned) and ca.is_pinned(pinned[0][40:])
+    assert not any(ca.is_pinned(a) for a in planes)
+    staged = _staging_spy(monkeypatch)
+    _assert_planes(ca.convolve_planes_cupy(*pinned, kernel, box, NO_DATA, bands=3), want, k // 2)
+    assert staged == []
+    # A pageable plane, and a pinned plane of another byte order, are staged.
+    swapped = pinned[2].astype(pinned[2].dtype.newbyteorder(">"))
+    _assert_planes(ca.convolve_planes_cupy(pinned[0], planes[1], swapped, kernel, box, NO_DATA,
+                                           bands=3), want, k // 2)
+    assert staged and set(staged) == {planes[1].dtype, swapped.dtype}
+
+
+def test_apply_two_exposures_in_flight_on_shared_transfers():
+    """Two host-resident applications queued on one HostTransfers before either is
+    waited for (as match_many overlaps them), waited for in reverse order: both
+    exact. The fake CuPy's lazy streams run nothing before a wait, so a missing
+    dependency between the two would show."""
+    from gpumatch.cuda import apply as ca
+
+    rng = np.random.default_rng(12)
+    shapes, ks = [(140, 160), (97, 131)], [9, 7]
+    boxes = [gm.Box(0, 0, s[1], s[0]) for s in shapes]
+    kernels = [random_kernel(rng, k, "chebyshev1", 2, b) for k, b in zip(ks, boxes)]
+    planes = [random_planes(rng, s) for s in shapes]
+    wants = [convolve_planes(*p, kn, b, NO_DATA) for p, kn, b in zip(planes, kernels, boxes)]
+    transfers = ca.HostTransfers()
+    pending = [ca.start_convolve_planes_cupy(*p, kn, b, NO_DATA, bands=3, transfers=transfers)
+               for p, kn, b in zip(planes, kernels, boxes)]
+    for i in (1, 0):
+        _assert_planes(pending[i].result(), wants[i], ks[i] // 2)
 
 
 def test_apply_inf_with_positive_kernel():
@@ -508,6 +662,24 @@ def test_match_many_equals_run_on_device(resident):
     # and the backends agree, as for run
     res_np = gm.ModelPsfMatchTask(cfg, backend="numpy").run(_visit()[3], ref)
     _compare_results(got[3], res_np, _visit()[3])
+
+
+def test_match_many_reads_files_into_pinned_memory(tmp_path, monkeypatch):
+    """Exposures given as paths are read straight into pinned memory, so their
+    planes reach the device with no staging copy; results equal run's on the
+    same files."""
+    cfg, ref = _config(), _reference()
+    exps = _visit()
+    psf = exps[0].psf
+    paths = [e.write_fits(tmp_path / f"e{i}.fits") for i, e in enumerate(exps)]
+    task = gm.ModelPsfMatchTask(cfg, backend="cupy")
+    want = [task.run(gm.Exposure.read_fits(p, psf=psf), ref) for p in paths]
+    staged = _staging_spy(monkeypatch)
+    got = list(gm.match_many(paths, ref, cfg, backend="cupy", psf=psf, batch_size=3))
+    assert staged == []
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        _assert_identical(g, w)
 
 
 def test_match_many_batch_size_from_free_device_memory():

@@ -76,6 +76,29 @@ def test_round_trip_bit_identical(tmp_path, dtype, mask_dtype):
     assert _same_bits(again.image, exp.image) and again.meta.keys() == back.meta.keys()
 
 
+def test_read_into_given_arrays(tmp_path):
+    """``empty`` gives the arrays the planes are read into (a GPU reader passes a
+    pinned-memory allocator); the values are those of a plain read."""
+    exp = _exposure(np.float64, np.int16)
+    path = tmp_path / "exp.fits"
+    exp.write_fits(path)
+    given = []
+
+    def empty(shape, dtype):
+        given.append(np.empty(shape, dtype))
+        return given[-1]
+
+    back = Exposure.read_fits(path, empty=empty)
+    plain = Exposure.read_fits(path)
+    assert [a.dtype for a in given] == [np.dtype(np.float64), np.dtype(np.float64),
+                                       np.dtype(np.int16)]
+    assert all(a.dtype.isnative for a in given)
+    assert back.image is given[0] and back.variance is given[1] and back.mask is given[2]
+    for plane in ("image", "variance", "mask"):
+        assert _same_bits(getattr(back, plane), getattr(plain, plane))
+        assert _same_bits(getattr(back, plane), getattr(exp, plane))
+
+
 def test_lsst_layout(tmp_path):
     exp = _exposure()
     path = tmp_path / "exp.fits"

@@ -619,3 +619,74 @@ def test_parallel_reads_leave_the_warning_filters_alone(tmp_path):
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda _: matcher._read(path), range(40)))
     assert warnings.filters == before
+
+
+def _record_finishing(monkeypatch):
+    """Record the order in which match_many queues and completes applications."""
+    from gpumatch.apply import PendingExposure
+    from gpumatch.task import ModelPsfMatchTask
+
+    events = []
+    start, complete = ModelPsfMatchTask._start_finish, ModelPsfMatchTask._complete
+    wait = PendingExposure.wait
+
+    def started(self, exposure, *args, **kwargs):
+        events.append(("start", exposure.meta["SEED"]))
+        return start(self, exposure, *args, **kwargs)
+
+    def completed(self, state):
+        events.append(("complete", state.exposure.meta["SEED"]))
+        return complete(self, state)
+
+    def waited(self):
+        events.append(("wait", self._exposure.meta["SEED"]))
+        return wait(self)
+
+    monkeypatch.setattr(ModelPsfMatchTask, "_start_finish", started)
+    monkeypatch.setattr(ModelPsfMatchTask, "_complete", completed)
+    monkeypatch.setattr(PendingExposure, "wait", waited)
+    return events
+
+
+def test_next_application_is_queued_before_a_result_is_yielded(monkeypatch):
+    """Exposure i + 1's application is queued before exposure i is completed and
+    yielded (on the GPU its copies then overlap i's compute), one ahead, never
+    across batches; results unchanged."""
+    events = _record_finishing(monkeypatch)
+    cfg = small_config()
+    exposures = [small_exposure(seed=s) for s in range(5)]
+    want = serial(exposures, cfg)
+    events.clear()
+    gen = gm.match_many(exposures, REFERENCE, cfg, backend="numpy", batch_size=3)
+    got = []
+    for result in gen:
+        events.append(("yield", result.psfMatchedExposure.meta["SEED"]))
+        got.append(result)
+    for g, w in zip(got, want):
+        assert_same_result(g, w)
+    steps = [e for e in events if e[0] != "wait"]
+    assert steps == [("start", 0), ("start", 1), ("complete", 0), ("yield", 0),
+                     ("start", 2), ("complete", 1), ("yield", 1), ("complete", 2), ("yield", 2),
+                     ("start", 3), ("start", 4), ("complete", 3), ("yield", 3),
+                     ("complete", 4), ("yield", 4)]
+
+
+def test_closing_waits_for_the_application_in_flight(monkeypatch):
+    """Closing the generator while the next exposure's application is queued waits
+    for it (its pinned buffers must not be reused while copies run); a failing
+    exposure in the batch is yielded in its place as before."""
+    events = _record_finishing(monkeypatch)
+    cfg = small_config()
+    exposures = [small_exposure(seed=s) for s in range(4)]
+    exposures[2].psf = None
+    gen = gm.match_many(exposures, REFERENCE, cfg, backend="numpy", batch_size=4,
+                        on_error="yield")
+    assert next(gen).psfMatchedExposure.meta["SEED"] == 0
+    assert events[-1] == ("wait", 0) and ("start", 1) in events
+    gen.close()
+    assert events[-1] == ("wait", 1)
+    assert ("complete", 1) not in events
+    out = list(gm.match_many(exposures, REFERENCE, cfg, backend="numpy", batch_size=4,
+                             on_error="yield"))
+    assert isinstance(out[2], gm.MissingPsfError)
+    assert_same_result(out[3], serial([exposures[3]], cfg)[0])

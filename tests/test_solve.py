@@ -1,13 +1,17 @@
 """Solving (SPEC sections 5 and 6): normal equations, spatial system, kernels."""
 
+import types
+
 import numpy as np
 import pytest
 
 import gpumatch as gm
-from gpumatch.linalg import condition_number, solve_symmetric
+from gpumatch.backend import single_threaded_blas
+from gpumatch.linalg import condition_number, solve_symmetric, solve_symmetric_many
 from gpumatch.normal_equations import candidate_normal_equations
 from gpumatch.spatial import SpatialFunctions
 from gpumatch.spatial_solve import assemble_spatial_system, solve_spatial_system
+from random_kernels import assert_symmetric_solutions, random_symmetric_systems
 
 
 def _matched_residuals(result, exposure_psf, reference_stamp_at, ref):
@@ -354,6 +358,27 @@ def test_solve_symmetric_rank_deficient():
     # Zero matrix: no NaN.
     sol = solve_symmetric(np.zeros((4, 4)), np.ones(4))
     assert np.all(np.isfinite(sol.x)) and sol.rank == 0
+
+
+@pytest.mark.parametrize("kind", ["EIGENVALUE", "SVD"])
+@pytest.mark.parametrize("m", [14, 157])
+def test_batched_solve_matches_host_path(kind, m):
+    """The stacked algorithm of the device, run with NumPy (stacked Cholesky and
+    triangular solves, LU, eigh), against the host path (LAPACK system by system)
+    and against the answers known by construction, with every kind of system in
+    one stack (so each takes its own branch) and each alone."""
+    with single_threaded_blas():     # as in a run; threaded BLAS is slow on these sizes
+        systems = random_symmetric_systems(np.random.default_rng(m), m)
+        host = solve_symmetric_many(systems.A, systems.b, kind)
+        batched = solve_symmetric_many(systems.A, systems.b, kind, batched=True)
+        alone = [solve_symmetric_many(A[None], b[None], kind, batched=True)[0]
+                 for A, b in zip(systems.A, systems.b)]
+    assert_symmetric_solutions(host, systems)
+    assert_symmetric_solutions(batched, systems)
+    assert_symmetric_solutions(alone, systems)
+    with pytest.raises(ValueError, match="batched"):
+        solve_symmetric_many(systems.A, systems.b, kind, xp=types.SimpleNamespace(__name__="cupy"),
+                             batched=False)
 
 
 def test_condition_number_types():

@@ -8,12 +8,15 @@ modules that launch kernels (:mod:`.stages`, :mod:`.apply`,
   ``ModelPsfMatchTask(backend="cupy")``.
 * :func:`gpumatch.cuda.apply.convolve_planes_cupy`: the fused application
   kernel on image, variance and mask planes.
+* :func:`gpumatch.cuda.apply.pinned_empty`: host arrays in pinned memory,
+  which the device copies from and to directly.
 * :func:`gpumatch.cuda.normal_equations.candidate_normal_equations_cupy`: the
   fused per-candidate normal equations.
 * :mod:`gpumatch.cuda.module`: source lookup, NVRTC compilation and caching.
 """
 
-__all__ = ["CupyStages", "convolve_planes_cupy", "candidate_normal_equations_cupy"]
+__all__ = ["CupyStages", "convolve_planes_cupy", "candidate_normal_equations_cupy",
+           "pinned_empty"]
 
 
 def __getattr__(name):  # lazy, so that importing the package does not import cupy
@@ -21,10 +24,10 @@ def __getattr__(name):  # lazy, so that importing the package does not import cu
         from .stages import CupyStages
 
         return CupyStages
-    if name == "convolve_planes_cupy":
-        from .apply import convolve_planes_cupy
+    if name in ("convolve_planes_cupy", "pinned_empty"):
+        from . import apply
 
-        return convolve_planes_cupy
+        return getattr(apply, name)
     if name == "candidate_normal_equations_cupy":
         from .normal_equations import candidate_normal_equations_cupy
 

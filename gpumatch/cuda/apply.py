@@ -9,10 +9,16 @@ with the edge rules of SPEC section 7.
 * CuPy planes in: everything stays on the device (current stream, no
   synchronisation) and CuPy arrays come out.
 * NumPy planes in: each plane crosses once each way. The rows are cut into
-  bands; band ``i + 1`` is staged into pinned memory (host threads) and copied
-  in on one stream while band ``i`` is computed on a second and the finished
-  rows of band ``i - 1`` are copied out on a third, straight into pinned
-  output arrays that are returned as NumPy arrays (no extra host copy).
+  bands; band ``i + 1`` is copied in on one stream while band ``i`` is
+  computed on a second and the finished rows of band ``i - 1`` are copied out
+  on a third, straight into pinned output arrays that are returned as NumPy
+  arrays (no extra host copy). Planes in pinned memory (:func:`pinned_empty`;
+  :func:`gpumatch.match_many` reads files into it) are copied directly; the
+  others are first staged into pinned buffers by host threads, a host copy
+  that costs about as much as the transfer itself. Applications that share a
+  :class:`HostTransfers` queue on the same streams, so one exposure's copies
+  in overlap the previous exposure's compute
+  (:func:`start_convolve_planes_cupy` returns once the work is queued).
 
 The host-side packing of the kernel terms (:func:`pack_terms`) needs no GPU and
 is tested on every machine.
@@ -33,7 +39,8 @@ from ..basis import polynomial_exponents
 
 log = logging.getLogger("gpumatch")
 
-__all__ = ["convolve_planes_cupy", "pack_terms", "PackedTerms", "apply_shared_bytes",
+__all__ = ["convolve_planes_cupy", "start_convolve_planes_cupy", "HostTransfers", "PendingPlanes",
+           "pinned_empty", "is_pinned", "pack_terms", "PackedTerms", "apply_shared_bytes",
            "APPLY_BLOCK", "TILE_W", "choose_rows_per_thread", "band_plan"]
 
 _SOURCE = "apply_spatial.cu"
@@ -310,44 +317,134 @@ def band_plan(ny, tile_h, h, n_bands=None):
     return bands, uploads
 
 
-def _output_plane(shape, dtype):
-    """A host output plane: pinned, so the device writes it directly; pageable when
-    the pinned allocation fails (results kept by the caller can pin tens of GB),
-    at the cost of slower, staged copies."""
+def pinned_empty(shape, dtype):
+    """An empty host array in pinned (page-locked) memory, which the device reads
+    and writes directly; pageable memory, with a warning, when the pinned
+    allocation fails (results kept by the caller can pin tens of GB), at the
+    cost of slower, staged copies."""
     import cupy as cp
     import cupyx
 
+    global _warned_pageable
     try:
         return cupyx.empty_pinned(shape, dtype)
     except (MemoryError, cp.cuda.runtime.CUDARuntimeError) as exc:
         cp.get_default_pinned_memory_pool().free_all_blocks()
-        log.warning("no pinned host memory for a %dx%d output plane (%s); using pageable memory "
-                    "(slower copies). Results held in memory keep their pinned planes: write "
-                    "and drop them to reuse that memory", shape[1], shape[0],
-                    exc.__class__.__name__)
+        # Once: a visit would otherwise repeat it for every plane.
+        (log.debug if _warned_pageable else log.warning)(
+            "no pinned host memory for a %s %s array (%s); using pageable memory (slower "
+            "copies). Results held in memory keep their pinned planes: write and drop them "
+            "to reuse that memory", "x".join(map(str, shape[::-1])), np.dtype(dtype).name,
+            exc.__class__.__name__)
+        _warned_pageable = True
         return np.empty(shape, dtype)
 
 
-def _host_staged(host_planes, launcher, bands):
-    """NumPy planes in and out, each copied once each way through pinned memory."""
+_warned_pageable = False
+
+
+def is_pinned(a):
+    """Whether NumPy array ``a`` lies in pinned host memory (a device copy can read
+    or write it directly, with no staging)."""
     import cupy as cp
-    import cupyx
+
+    if not isinstance(a, np.ndarray) or a.size == 0:
+        return False
+    try:
+        attrs = cp.cuda.runtime.pointerGetAttributes(a.ctypes.data)
+    except Exception:  # pageable memory on old drivers; no CUDA
+        return False
+    kind = getattr(attrs, "type", getattr(attrs, "memoryType", 0))
+    return kind == getattr(cp.cuda.runtime, "memoryTypeHost", 1)
+
+
+def _direct(plane, dtype):
+    """Whether the rows of host ``plane`` can be copied to a ``dtype`` device plane as
+    they are: pinned, C-contiguous and already of that (native) dtype."""
+    return plane.dtype == dtype and plane.flags.c_contiguous and is_pinned(plane)
+
+
+class HostTransfers:
+    """The copy pipeline of host-resident applications: one stream copying in, one
+    computing, one copying out.
+
+    Consecutive applications given the same object queue on the same streams,
+    so exposure ``n + 1``'s first copies in overlap exposure ``n``'s last
+    bands of compute and copies out instead of waiting for them (see
+    :func:`gpumatch.match_many`); a new object per application (the default)
+    gives each its own streams.
+    """
+
+    def __init__(self):
+        import cupy as cp
+
+        self.copy_in, self.compute, self.copy_out = (cp.cuda.Stream(non_blocking=True)
+                                                     for _ in range(3))
+
+    def synchronize(self):
+        """Wait for everything queued on the three streams."""
+        self.copy_out.synchronize()
+        self.compute.synchronize()
+        self.copy_in.synchronize()
+
+
+class PendingPlanes:
+    """Output planes of an application still in flight; :meth:`result` waits for them."""
+
+    def __init__(self, planes=None, done=None, keep=(), finish=None):
+        self._planes, self._done, self._keep = planes, done, keep
+        self._finish = finish
+
+    def wait(self):
+        """Wait until every copy of this application is complete."""
+        if self._done is not None:
+            for event in self._done:
+                event.synchronize()
+            self._done = None
+            self._keep = ()     # staging buffers and device planes may be reused now
+
+    def result(self):
+        """The output planes, once every copy of this application is complete."""
+        self.wait()
+        planes = self._planes
+        return planes if self._finish is None else self._finish(planes)
+
+    def __del__(self):
+        # Dropped unfinished (an error, a closed generator): the pinned buffers
+        # must not go back to their pool while a copy still reads or writes them.
+        try:
+            self.wait()
+        except Exception:
+            pass
+
+
+def _host_staged(host_planes, launcher, bands, transfers, finish=None):
+    """Queue NumPy planes in and out, each copied once each way.
+
+    Pinned, contiguous planes of the device dtype are copied directly; the others
+    are staged band by band into pinned buffers by host threads. Returns a
+    :class:`PendingPlanes` (pinned output planes) once everything is queued;
+    the host has then finished its staging copies but the device may still be
+    working.
+    """
+    import cupy as cp
 
     rt = cp.cuda.runtime
     ny, nx, h = launcher.ny, launcher.nx, launcher.h
     in_dtypes = (launcher.img_dtype, launcher.var_dtype, launcher.mask_dtype)
+    direct = [_direct(a, dt) for a, dt in zip(host_planes, in_dtypes)]
     d_in = [cp.empty((ny, nx), dt) for dt in in_dtypes]
     d_out = launcher.alloc_out()
-    h_out = [_output_plane((ny, nx), dt) for dt in in_dtypes]
+    h_out = [pinned_empty((ny, nx), dt) for dt in in_dtypes]
     band_rows, ranges = band_plan(ny, launcher.tile_h, h, bands)
     max_rows = max(1, max(hi - lo for lo, hi in ranges))
-    staging = [[cupyx.empty_pinned((max_rows, nx), dt) for dt in in_dtypes] for _ in range(2)]
-    streams = [cp.cuda.Stream(non_blocking=True) for _ in range(3)]
-    s_in, s_comp, s_out = streams
+    staged = [p for p in range(3) if not direct[p]]
+    staging = [{p: pinned_empty((max_rows, nx), in_dtypes[p]) for p in staged} for _ in range(2)]
+    s_in, s_comp, s_out = transfers.copy_in, transfers.compute, transfers.copy_out
     # The device buffers come from CuPy's pool on the current stream: order our
     # streams after everything already queued there.
     ready = cp.cuda.get_current_stream().record()
-    for s in streams:
+    for s in (s_in, s_comp, s_out):
         s.wait_event(ready)
     pool = _staging_pool()
     ev_in = [None] * len(band_rows)
@@ -356,18 +453,23 @@ def _host_staged(host_planes, launcher, bands):
         lo, hi = ranges[i]
         slot = staging[i % 2]
         return [pool.submit(np.copyto, slot[p][:hi - lo], host_planes[p][lo:hi])
-                for p in range(3) if hi > lo]
+                for p in staged if hi > lo]
+
+    def source(p, i, lo):
+        return host_planes[p][lo:].ctypes.data if direct[p] else staging[i % 2][p].ctypes.data
 
     pending = stage(0)
+    done = None
     try:
         for i, (r0, r1) in enumerate(band_rows):
             for f in pending:
                 f.result()
+            pending = []
             lo, hi = ranges[i]
             for p in range(3):
                 if hi > lo:
                     row_bytes = nx * in_dtypes[p].itemsize
-                    rt.memcpyAsync(d_in[p].data.ptr + lo * row_bytes, staging[i % 2][p].ctypes.data,
+                    rt.memcpyAsync(d_in[p].data.ptr + lo * row_bytes, source(p, i, lo),
                                    (hi - lo) * row_bytes, rt.memcpyHostToDevice, s_in.ptr)
             ev_in[i] = s_in.record()
             s_comp.wait_event(ev_in[i])
@@ -378,23 +480,24 @@ def _host_staged(host_planes, launcher, bands):
                 row_bytes = nx * d_out[p].itemsize
                 rt.memcpyAsync(h_out[p].ctypes.data + r0 * row_bytes, d_out[p].data.ptr + r0 * row_bytes,
                                (r1 - r0) * row_bytes, rt.memcpyDeviceToHost, s_out.ptr)
-            if i + 1 < len(band_rows):
+            if i + 1 < len(band_rows) and staged:
                 if i >= 1:
                     ev_in[i - 1].synchronize()   # staging slot (i + 1) % 2 is free again
                 pending = stage(i + 1)
+        done = (s_out.record(),)   # after every band's copies out, so after all the rest
     finally:
-        # Every copy must be done before the pinned staging buffers go back to
-        # the pool, also when a launch or copy raised part-way.
-        for f in pending:
-            f.exception()
-        s_out.synchronize()
-        s_comp.synchronize()
-        s_in.synchronize()
-    return tuple(h_out)
+        if done is None:
+            # A launch or copy raised part-way: every queued copy must be done before
+            # the pinned buffers go back to the pool.
+            for f in pending:
+                f.exception()
+            transfers.synchronize()
+    return PendingPlanes(tuple(h_out), done, keep=(staging, d_in, d_out, host_planes),
+                         finish=finish)
 
 
 def convolve_planes_cupy(image, variance, mask, kernel, box, no_data_bit, *, transfer="staged",
-                         bands=None):
+                         bands=None, transfers=None):
     """Device implementation of :func:`gpumatch.apply.convolve_planes`.
 
     Parameters
@@ -407,10 +510,15 @@ def convolve_planes_cupy(image, variance, mask, kernel, box, no_data_bit, *, tra
     no_data_bit : int
         Bitmask given to edge pixels.
     transfer : {"staged", "pageable"}
-        For NumPy planes: pipelined pinned-memory copies overlapped with the
-        computation (default), or plain synchronous copies (for comparison).
+        For NumPy planes: pipelined copies overlapped with the computation
+        (default; planes already in pinned memory, see :func:`pinned_empty`,
+        are copied directly, the others staged through pinned buffers), or
+        plain synchronous copies (for comparison).
     bands : int, optional
         Row bands of the pipelined host path (default: up to 8).
+    transfers : HostTransfers, optional
+        Streams of the pipelined host path, shared with other applications
+        (default: new ones).
 
     Returns
     -------
@@ -419,12 +527,30 @@ def convolve_planes_cupy(image, variance, mask, kernel, box, no_data_bit, *, tra
         the host), else NumPy arrays (pinned host memory). Dtypes are those of
         the inputs (native byte order).
     """
+    return start_convolve_planes_cupy(image, variance, mask, kernel, box, no_data_bit,
+                                      transfer=transfer, bands=bands,
+                                      transfers=transfers).result()
+
+
+def start_convolve_planes_cupy(image, variance, mask, kernel, box, no_data_bit, *,
+                               transfer="staged", bands=None, transfers=None):
+    """:func:`convolve_planes_cupy`, returned as soon as its work is queued.
+
+    Returns
+    -------
+    PendingPlanes
+        Its ``result()`` waits for the copies back to the host (NumPy planes
+        in) and returns the planes; CuPy planes are ready at once (ordered on
+        the current stream).
+    """
     import cupy as cp
 
     shape = tuple(image.shape)
     if len(shape) != 2 or tuple(variance.shape) != shape or tuple(mask.shape) != shape:
         raise ValueError(f"planes must be 2-d and of one shape, got {image.shape}, "
                          f"{variance.shape}, {mask.shape}")
+    if transfer not in ("staged", "pageable"):
+        raise ValueError(f"transfer must be 'staged' or 'pageable', got {transfer!r}")
     out_dtypes = (np.dtype(image.dtype), np.dtype(variance.dtype), np.dtype(mask.dtype))
     dev_dtypes = (_device_float(image.dtype), _device_float(variance.dtype), _device_mask(mask.dtype))
     on_device = any(_is_cupy(a) for a in (image, variance, mask))
@@ -440,7 +566,7 @@ def convolve_planes_cupy(image, variance, mask, kernel, box, no_data_bit, *, tra
         log.warning("exposure %dx%d is no larger than the %dx%d kernel: every pixel is edge",
                     nx, ny, k, k)
         xp = cp if on_device else np
-        return finish(edge_planes(shape, dev_dtypes, no_data_bit, xp))
+        return PendingPlanes(edge_planes(shape, dev_dtypes, no_data_bit, xp), finish=finish)
 
     try:
         launcher = _Launcher(kernel, box, shape, *dev_dtypes, no_data_bit)
@@ -451,21 +577,20 @@ def convolve_planes_cupy(image, variance, mask, kernel, box, no_data_bit, *, tra
         log.warning("%s; applying on the host instead", exc)
         out = convolve_planes(to_numpy(image), to_numpy(variance), to_numpy(mask), kernel, box,
                               no_data_bit)
-        return tuple(cp.asarray(o) for o in out) if on_device else out
+        return PendingPlanes(tuple(cp.asarray(o) for o in out) if on_device else out)
 
     if on_device:
         planes = [_row_planes(a, dt) for a, dt in zip((image, variance, mask), dev_dtypes)]
         outs = launcher.alloc_out()
         launcher.launch(planes, outs, 0, ny)
-        return finish(outs)
+        return PendingPlanes(outs, finish=finish)
 
     if transfer == "pageable":
         planes = [cp.asarray(np.ascontiguousarray(a, dtype=dt))
                   for a, dt in zip((image, variance, mask), dev_dtypes)]
         outs = launcher.alloc_out()
         launcher.launch(planes, outs, 0, ny)
-        return finish(tuple(o.get() for o in outs))
-    if transfer != "staged":
-        raise ValueError(f"transfer must be 'staged' or 'pageable', got {transfer!r}")
+        return PendingPlanes(tuple(o.get() for o in outs), finish=finish)
     host = [np.asarray(a) for a in (image, variance, mask)]
-    return finish(_host_staged(host, launcher, bands))
+    return _host_staged(host, launcher, bands,
+                        HostTransfers() if transfers is None else transfers, finish)

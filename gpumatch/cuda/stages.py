@@ -2,11 +2,15 @@
 
 Same interface as :class:`gpumatch.stages.NumpyStages`; the task drives both.
 Data stay on the device from the PSF stamps (rendered there in one batch for
-the built-in analytic models) to the matched exposure; only the spatial system
-(a few hundred unknowns) is solved on the host, in float64, because the kernel
-coefficients are held by the host-side :class:`~gpumatch.kernel.SpatialKernel`
-anyway and LAPACK on a 157 x 157 matrix is faster than a device eigensolver's
-launch sequence.
+the built-in analytic models) to the matched exposure. The spatial system (a
+few hundred unknowns) is solved in float64 either on the host (LAPACK, after
+copying it back; the kernel coefficients are held by the host-side
+:class:`~gpumatch.kernel.SpatialKernel` anyway) or on the device (stacked
+cuSOLVER calls, then one small copy of the solution): the first pays the copy
+and one core's LAPACK, the second a device eigensolver's launch sequence.
+Which is faster depends on the machine, so both exist and
+:attr:`CupyStages.spatial_solve` chooses; the default, ``"host"`` for now, is
+to be decided by measurement on a GPU (``benchmarks/bench_gpu.py`` times both).
 """
 
 from __future__ import annotations
@@ -14,21 +18,56 @@ from __future__ import annotations
 import logging
 
 import cupy
+import numpy as np
 
-from ..apply import apply_kernel
+from ..apply import start_apply_kernel
 from ..linalg import solve_symmetric_batch
+from ..spatial_solve import solve_spatial_system, solve_spatial_systems
+from .apply import pinned_empty
 from .normal_equations import candidate_normal_equations_cupy
 
 log = logging.getLogger("gpumatch")
 
 __all__ = ["CupyStages"]
 
+SPATIAL_SOLVES = ("host", "device")
+
 
 class CupyStages:
-    """The GPU backend: CuPy arrays, fused CUDA kernels for the heavy stages."""
+    """The GPU backend: CuPy arrays, fused CUDA kernels for the heavy stages.
+
+    Parameters
+    ----------
+    spatial_solve : {"host", "device"}, optional
+        Where the spatial system is solved (see the module). Default: the
+        class's, ``_spatial_solve``.
+    """
 
     name = "cupy"
     xp = cupy
+    _spatial_solve = "host"
+    #: Allocates host planes that this backend reads from files: pinned, so that
+    #: they are copied to the device directly, with no staging copy.
+    empty_host = staticmethod(pinned_empty)
+
+    def __init__(self, spatial_solve=None):
+        if spatial_solve is not None:
+            self.spatial_solve = spatial_solve
+
+    @property
+    def spatial_solve(self):
+        """Where the spatial system is solved: ``"host"`` (LAPACK) or ``"device"`` (cuSOLVER)."""
+        return self._spatial_solve
+
+    @spatial_solve.setter
+    def spatial_solve(self, where):
+        if where not in SPATIAL_SOLVES:
+            raise ValueError(f"spatial_solve={where!r} is not one of {SPATIAL_SOLVES}: "
+                             "'host' solves the spatial system with LAPACK, 'device' with cuSOLVER")
+        self._spatial_solve = where
+
+    def _spatial_xp(self):
+        return np if self._spatial_solve == "host" else cupy
 
     def sync(self):
         """Wait for all work queued on the current stream."""
@@ -43,17 +82,41 @@ class CupyStages:
         pseudo-inverse where singular, as on the host)."""
         return solve_symmetric_batch(cupy.asarray(M), cupy.asarray(b), cupy)
 
+    def solve_spatial(self, A, rhs, nb, nkt, kernel_sum, condition_type="EIGENVALUE"):
+        """:func:`~gpumatch.spatial_solve.solve_spatial_system` where :attr:`spatial_solve` says."""
+        return solve_spatial_system(A, rhs, nb, nkt, kernel_sum, condition_type,
+                                    xp=self._spatial_xp())
+
+    def solve_spatial_many(self, As, rhss, nb, nkt, kernel_sums, condition_type="EIGENVALUE"):
+        """:func:`~gpumatch.spatial_solve.solve_spatial_systems` where :attr:`spatial_solve`
+        says (on the device, one stacked solve for all the systems)."""
+        return solve_spatial_systems(As, rhss, nb, nkt, kernel_sums, condition_type,
+                                     xp=self._spatial_xp())
+
     def apply(self, exposure, kernel, psf):
-        """Exact per-pixel application; stays on the device for CuPy planes.
+        """Exact per-pixel application; stays on the device for CuPy planes."""
+        return self.start_apply(exposure, kernel, psf).result()
+
+    def start_apply(self, exposure, kernel, psf, transfers=None):
+        """:meth:`apply`, returned once its copies and launches are queued.
 
         On a device out-of-memory error the memory pools' cached blocks (for
         example those left by a batch of :func:`gpumatch.match_many`) are freed
-        and the application is retried once.
+        and the application is queued again, once.
         """
         try:
-            return apply_kernel(exposure, kernel, psf=psf, backend="cupy")
+            return start_apply_kernel(exposure, kernel, psf=psf, backend="cupy",
+                                      transfers=transfers)
         except cupy.cuda.memory.OutOfMemoryError:
             cupy.get_default_memory_pool().free_all_blocks()
             cupy.get_default_pinned_memory_pool().free_all_blocks()
             log.warning("device out of memory applying the kernel; retrying once")
-            return apply_kernel(exposure, kernel, psf=psf, backend="cupy")
+            return start_apply_kernel(exposure, kernel, psf=psf, backend="cupy",
+                                      transfers=transfers)
+
+    def transfers(self):
+        """Streams that consecutive host-resident applications share, so that one
+        exposure's copies in overlap the previous one's compute."""
+        from .apply import HostTransfers
+
+        return HostTransfers()

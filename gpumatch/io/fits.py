@@ -230,12 +230,14 @@ def _hdu_role(hdu):
     return None
 
 
-def _native(arr):
-    """A native-byte-order copy (FITS data are big-endian), detached from the file."""
+def _native(arr, empty=None):
+    """A native-byte-order copy (FITS data are big-endian), detached from the file,
+    in an array from ``empty(shape, dtype)`` (default :func:`numpy.empty`)."""
     arr = np.asarray(arr)
-    if arr.dtype.byteorder not in ("=", "|"):
-        return arr.astype(arr.dtype.newbyteorder("="))
-    return np.array(arr, copy=True)
+    dtype = arr.dtype.newbyteorder("=") if arr.dtype.byteorder not in ("=", "|") else arr.dtype
+    out = (np.empty if empty is None else empty)(arr.shape, dtype)
+    np.copyto(out, arr)
+    return out
 
 
 def _xy0_from_header(header, path):
@@ -284,7 +286,8 @@ def _as_mask(arr, path, source):
         f"{path}: {source} has {arr.dtype} data; a mask must hold integer bit planes")
 
 
-def read_exposure(path, *, psf=None, variance=None, mask=None, mask_planes=None, hdu=None):
+def read_exposure(path, *, psf=None, variance=None, mask=None, mask_planes=None, hdu=None,
+                  empty=None):
     """Read an :class:`~gpumatch.Exposure` from a FITS file.
 
     Parameters
@@ -305,6 +308,11 @@ def read_exposure(path, *, psf=None, variance=None, mask=None, mask_planes=None,
     hdu : int or str, optional
         For a plain image in a multi-HDU file: which HDU holds it (default:
         the first HDU with 2-d image data).
+    empty : callable, optional
+        ``empty(shape, dtype)`` gives the arrays the planes read from the file
+        are put in (default :func:`numpy.empty`);
+        :func:`gpumatch.cuda.apply.pinned_empty` puts them in pinned memory,
+        from which a GPU copies them without staging.
 
     Raises
     ------
@@ -321,7 +329,7 @@ def read_exposure(path, *, psf=None, variance=None, mask=None, mask_planes=None,
         psf = parse_psf(psf)
     hdul = _open(p)
     try:
-        return _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu)
+        return _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty)
     except (FitsFormatError, OSError):
         raise
     except Exception as exc:
@@ -333,7 +341,7 @@ def read_exposure(path, *, psf=None, variance=None, mask=None, mask_planes=None,
         hdul.close()
 
 
-def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu):
+def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
     from ..exposure import DEFAULT_MASK_PLANES, Exposure
 
     roles = {}
@@ -354,7 +362,7 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu):
             f"{p}: the {'IMAGE extension' if layout != 'plain' else 'image HDU'} holds "
             f"{'no data' if image is None else f'a {np.ndim(image)}-d array'}; "
             "an exposure needs a 2-d image")
-    image = _native(image)
+    image = _native(image, empty)
     if image.dtype.kind not in "f":
         image = image.astype(np.float64) if image.dtype.itemsize > 2 else \
             image.astype(np.float32)
@@ -374,7 +382,7 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu):
             raise FitsFormatError(
                 f"{p}: the {name} plane has shape {np.shape(data)} but IMAGE has shape "
                 f"{shape}; all planes of an exposure must have the same shape")
-        return _native(data), hdul[i].header
+        return _native(data, empty), hdul[i].header
 
     defaulted = []
     if variance is not None:

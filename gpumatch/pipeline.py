@@ -199,8 +199,9 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
     # Refused before any work (the input missing or being the output, an
     # existing output without overwrite, a missing directory).
     check_output(path, output, overwrite)
-    exposure = read_exposure_with_psf(path, psf)
     task = task or ModelPsfMatchTask(config, backend=backend)
+    # On the GPU the planes are read into pinned memory: copied to it without staging.
+    exposure = read_exposure_with_psf(path, psf, empty=task._stages.empty_host)
     result = task.run(exposure, resolve_psf(reference), kernelSum=kernel_sum)
     md = result.metadata
     result.psfMatchedExposure.meta.update({

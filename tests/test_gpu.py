@@ -682,6 +682,26 @@ def test_match_many_reads_files_into_pinned_memory(tmp_path, monkeypatch):
         _assert_identical(g, w)
 
 
+def test_match_file_reads_into_pinned_memory(tmp_path, monkeypatch):
+    """``gpumatch match`` on the GPU (pipeline.match_file) reads the planes into
+    pinned memory: no staging copy, and the output equals a run on the same file."""
+    from gpumatch.pipeline import match_file
+
+    cfg, ref = _config(), _reference()
+    exposure = _exposure()
+    path = exposure.write_fits(tmp_path / "in.fits")
+    want = gm.ModelPsfMatchTask(cfg, backend="cupy").run(
+        gm.Exposure.read_fits(path, psf=exposure.psf), ref)
+    staged = _staging_spy(monkeypatch)
+    match_file(path, ref, str(tmp_path / "out.fits"), psf=exposure.psf, config=cfg,
+               backend="cupy")
+    assert staged == []
+    got = gm.Exposure.read_fits(tmp_path / "out.fits")
+    for plane in ("image", "variance", "mask"):
+        np.testing.assert_array_equal(getattr(got, plane),
+                                      getattr(want.psfMatchedExposure, plane))
+
+
 def test_match_many_batch_size_from_free_device_memory():
     from gpumatch import many
 

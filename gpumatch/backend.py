@@ -91,5 +91,10 @@ def single_threaded_blas():
     except ImportError:  # pragma: no cover - a declared dependency
         yield
         return
+    # The limit reaches only the BLAS libraries already loaded: SciPy's own
+    # (loaded with scipy.linalg) would otherwise run multi-threaded in a
+    # process's first run and round differently from later runs.
+    import scipy.linalg  # noqa: F401
+
     with threadpool_limits(limits=1, user_api="blas"):
         yield

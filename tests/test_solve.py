@@ -549,3 +549,36 @@ def test_kernel_object(sec10):
         assert abs(k.sum_at(xs[i], ys[i]) - 1.3) < 1e-12
     # The kernel really varies across the exposure (spatial order 1).
     assert np.abs(k.compute_image(0, 0) - k.compute_image(255, 255)).max() > 0
+
+
+_FIRST_RUN_SCRIPT = r"""
+import sys
+import numpy as np
+import gpumatch as gm
+assert "scipy.linalg" not in sys.modules   # as in a user's fresh process
+cfg = gm.ModelPsfMatchConfig()
+bbox = gm.Box(100, 200, 256, 256)
+rng = np.random.default_rng(1)
+exp = gm.Exposure(rng.normal(0.0, 1.0, (256, 256)).astype(np.float32),
+                  psf=gm.GaussianPsf(15, 15, 1.6), xy0=(100, 200))
+ref = gm.GaussianPsf(21, 21, 2.55)
+task = gm.ModelPsfMatchTask(cfg, backend="numpy")
+first, second = (task.run(exp, ref).psfMatchingKernel.spatial_coefficients for _ in range(2))
+print(np.array_equal(first, second), np.abs(first - second).max())
+"""
+
+
+def test_first_run_of_a_process_rounds_like_the_next():
+    """The BLAS thread limit of a run also reaches SciPy's BLAS when a process's first
+    run is what loads it: the first run's kernel is bitwise the second's (a
+    multi-threaded BLAS sums in another order)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    res = subprocess.run([sys.executable, "-c", _FIRST_RUN_SCRIPT], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split()[0] == "True", res.stdout

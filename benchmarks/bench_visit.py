@@ -212,6 +212,17 @@ def time_mode(label, pool, psfs, args, reference, config, backend, sync, log, de
             "partial": [(r["count"], r["wall"]) for r in runs if r["count"] < n]}
 
 
+def pinned_copy(planes):
+    """Copies of host ``planes`` in pinned memory (as match_many reads files into);
+    no pageable fallback, so that what is timed as pinned is pinned."""
+    import cupyx
+
+    out = [cupyx.empty_pinned(p.shape, p.dtype) for p in planes]
+    for dst, src in zip(out, planes):
+        np.copyto(dst, src)
+    return out
+
+
 def time_copies(cp, pool, n):
     """Pure pinned-memory copies of every plane of an ``n``-exposure visit, both ways.
 
@@ -230,9 +241,7 @@ def time_copies(cp, pool, n):
 
     rt = cp.cuda.runtime
     planes = pool[0]
-    pinned = [cupyx.empty_pinned(p.shape, p.dtype) for p in planes]
-    for dst, src in zip(pinned, planes):
-        np.copyto(dst, src)
+    pinned = pinned_copy(planes)
     back = [cupyx.empty_pinned(p.shape, p.dtype) for p in planes]
     dev = [cp.empty(p.shape, p.dtype) for p in planes]
     stream = cp.cuda.Stream(non_blocking=True)
@@ -399,13 +408,7 @@ def main(argv=None):
     dev_res = None
     for position, mode in enumerate(later, 1):
         if mode == "pinned":
-            from gpumatch.cuda.apply import pinned_empty
-
-            mode_pool = []
-            for planes in pool:
-                mode_pool.append(tuple(pinned_empty(a.shape, a.dtype) for a in planes))
-                for dst, src in zip(mode_pool[-1], planes):
-                    np.copyto(dst, src)
+            mode_pool = [tuple(pinned_copy(planes)) for planes in pool]
             label = f"host-resident, pinned planes ({backend})"
         else:
             mode_pool = [tuple(cp.asarray(a) for a in planes) for planes in pool]

@@ -398,8 +398,7 @@ class PendingPlanes:
     def wait(self):
         """Wait until every copy of this application is complete."""
         if self._done is not None:
-            for event in self._done:
-                event.synchronize()
+            self._done.synchronize()
             self._done = None
             self._keep = ()     # staging buffers and device planes may be reused now
 
@@ -484,7 +483,7 @@ def _host_staged(host_planes, launcher, bands, transfers, finish=None):
                 if i >= 1:
                     ev_in[i - 1].synchronize()   # staging slot (i + 1) % 2 is free again
                 pending = stage(i + 1)
-        done = (s_out.record(),)   # after every band's copies out, so after all the rest
+        done = s_out.record()   # after every band's copies out, so after all the rest
     finally:
         if done is None:
             # A launch or copy raised part-way: every queued copy must be done before

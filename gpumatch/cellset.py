@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from .backend import to_numpy
+from .backend import array_namespace, to_numpy
 from .errors import ConfigError, InsufficientAreaError, KernelTooLargeError, PsfEvaluationError
 from .psf.base import pad_or_crop
 
@@ -74,7 +74,8 @@ def realize_stamps(psf, xs, ys, label="PSF", xp=np):
             raise PsfEvaluationError(f"{label} returned {len(stamps)} stamps for {len(xs)} positions")
         _check_stamp(stamps[0], xs[0], ys[0], label)
         sums = stamps.sum(axis=(1, 2))
-        ok = to_numpy(xp.isfinite(stamps).all(axis=(1, 2)) & (sums > 0))
+        # The stamps' own namespace: a model without device support renders on the host.
+        ok = to_numpy(array_namespace(stamps).isfinite(stamps).all(axis=(1, 2)) & (sums > 0))
         if not ok.all():
             i = int(np.flatnonzero(~ok)[0])
             raise PsfEvaluationError(

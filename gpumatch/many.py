@@ -333,7 +333,9 @@ class _ManyMatcher:
         # given as objects exist already; batching them costs no host memory.
         try:
             host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            planes = exposure.image.nbytes + exposure.variance.nbytes + exposure.mask.nbytes
+            # Read into pinned memory, whose pool rounds each block up to a power of two.
+            planes = sum(1 << max(0, a.nbytes - 1).bit_length()
+                         for a in (exposure.image, exposure.variance, exposure.mask))
             held = 2 if self.read_workers else 1
             limit = min(limit, int(HOST_MEMORY_FRACTION * host // max(1, held * planes)))
         except (ValueError, OSError, AttributeError):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import functools
+import hashlib
 import os
 import pathlib
 import random
@@ -37,6 +38,12 @@ __all__ = ["install", "run_installed", "COUNTS"]
 
 _TESTS = pathlib.Path(__file__).resolve().parent
 _ROOT = _TESTS.parent
+
+#: Modules whose use of CuPy is checked like the real CuPy's (``__main__`` too):
+#: gpumatch, the benchmarks and the tests. NumPy, SciPy and the fake itself are not.
+_CODE_UNDER_TEST = ("gpumatch", "bench_", "workloads", "test_", "random_kernels")
+#: The fake's own helpers, not part of the CuPy it stands in for.
+_FAKE_ONLY = {"cupy.cuda.Stream.enqueue"}
 
 #: What the code under test asked of the "device" since :func:`install`:
 #: array operations (each a kernel launch on a GPU), gpumatch's own kernel
@@ -59,85 +66,312 @@ def install(kernels="transcribed"):
     the thread order of ``$GPUMATCH_EMULATOR_ORDER``. Streams run in the
     order of ``$GPUMATCH_FAKE_STREAM_SEED``.
     """
+    import cupy_api
+
+    version = cupy_api.load()[0]
     cupy = types.ModuleType("cupy")
+    strict = os.environ.get("GPUMATCH_FAKE_STRICT", "1") != "0"
 
     class ndarray(np.ndarray):
+        """A device array: NumPy memory that behaves, at the host/device
+        boundary, like ``cupy.ndarray`` (see :func:`_strict_numpy`)."""
+
         @property
         def data(self):
             return types.SimpleNamespace(ptr=self.ctypes.data)
 
-        def get(self, *args, **kwargs):
+        def get(self, stream=None, order="C", out=None, blocking=True):
             COUNTS["device->host copies"] += 1
             COUNTS["device->host bytes"] += self.nbytes
-            return np.array(self)
+            host = np.array(self.view(np.ndarray), order=order)
+            if out is None:
+                return host
+            if type(out) is not np.ndarray or out.shape != self.shape or out.dtype != self.dtype:
+                raise TypeError("out must be a numpy.ndarray of the same shape and dtype")
+            out[...] = host
+            return out
 
-        def __array_wrap__(self, arr, context=None, return_scalar=False):
-            COUNTS["array operations"] += 1   # a ufunc or reduction: one kernel on a GPU
-            return np.ndarray.__array_wrap__(self, arr, context, return_scalar)
+        def set(self, arr, stream=None):
+            if type(arr) is not np.ndarray or arr.shape != self.shape:
+                raise TypeError("set() takes a numpy.ndarray of the same shape")
+            COUNTS["host->device copies"] += 1
+            COUNTS["host->device bytes"] += arr.nbytes
+            self.view(np.ndarray)[...] = arr
+
+        def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+            outs = kwargs.get("out") or ()
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            if strict:
+                if any(_host_array(x) for x in inputs + outs):
+                    # CuPy's ufuncs take device arrays and scalars only.
+                    raise TypeError(f"Unsupported type {np.ndarray} (a NumPy array in the CuPy "
+                                    f"ufunc {ufunc.__name__}; copy it with cupy.asarray first)")
+                if not cupy_api.has(f"cupy.{ufunc.__name__}"):
+                    raise TypeError(f"CuPy {version} has no ufunc {ufunc.__name__}")
+            COUNTS["array operations"] += 1     # one kernel on a GPU
+            return on_device(getattr(ufunc, method)(*unwrap(inputs), **unwrap(kwargs)))
+
+        def __array_function__(self, func, types_, args, kwargs):
+            # As CuPy: numpy.X(device array) runs cupy.X, and fails where there is none.
+            module = func.__module__ or "numpy"
+            qualname = "cupy" + module[len("numpy"):] + "." + func.__name__
+            if strict and not cupy_api.has(qualname):
+                raise TypeError(f"no implementation found for '{module}.{func.__name__}' on types "
+                                f"that implement __array_function__: [<class 'cupy.ndarray'>] "
+                                f"(CuPy {version} has no {qualname})")
+            return device_call(qualname, func, args, kwargs)
+
+        def __getitem__(self, key):
+            # A single element is a 0-d device array in CuPy, not a NumPy scalar.
+            return on_device(np.ndarray.__getitem__(self.view(np.ndarray), unwrap(key)))
+
+        def __setitem__(self, key, value):
+            if strict:
+                if isinstance(value, (list, tuple)):
+                    raise TypeError(f"Unsupported type {type(value)} (CuPy sets items from "
+                                    "device arrays and scalars only)")
+                if _host_array(value) and value.ndim:
+                    raise ValueError("non-scalar numpy.ndarray cannot be used for fill "
+                                     "(CuPy: copy it with cupy.asarray first)")
+            np.ndarray.__setitem__(self.view(np.ndarray), unwrap(key), unwrap(value))
+
+        def __iter__(self):
+            if self.ndim == 0:
+                raise TypeError("iteration over a 0-d array")
+            return (self[i] for i in range(len(self)))
+
+        def __index__(self):
+            raise TypeError("'cupy.ndarray' object cannot be interpreted as an integer")
+
+        if strict:
+            def __getattribute__(self, name):
+                if name in _NUMPY_ONLY and _called_from_code_under_test():
+                    raise AttributeError(f"'cupy.ndarray' object has no attribute {name!r} "
+                                         f"(CuPy {version})")
+                value = np.ndarray.__getattribute__(self, name)
+                if name in _METHODS and _called_from_code_under_test():
+                    return _checked(f"cupy.ndarray.{name}", value)
+                return value
 
     ndarray.__module__ = "cupy"
+    _NUMPY_ONLY = {n for n in dir(np.ndarray) if not cupy_api.has(f"cupy.ndarray.{n}")}
+    _NUMPY_ONLY -= {"__array_ufunc__", "__array_function__", "__array_finalize__",
+                    "__array_priority__", "__class__", "__dict__", "__init_subclass__",
+                    "__subclasshook__", "__reduce__", "__reduce_ex__", "__getstate__",
+                    "__array_wrap__"}
+    _METHODS = {n for n in dir(np.ndarray) if not n.startswith("_") and callable(
+        getattr(np.ndarray, n)) and cupy_api.load()[1].get(f"cupy.ndarray.{n}")}
+
+    def _host_array(x):
+        return isinstance(x, np.ndarray) and not isinstance(x, ndarray)
+
+    def _any_host(x):
+        if isinstance(x, (list, tuple)):
+            return any(_any_host(i) for i in x)
+        if isinstance(x, dict):
+            return any(_any_host(i) for i in x.values())
+        return _host_array(x)
+
+    def _any_device(x):
+        if isinstance(x, (list, tuple)):
+            return any(_any_device(i) for i in x)
+        return isinstance(x, ndarray)
+
+    def unwrap(x):
+        """Plain NumPy views, so that the NumPy doing the fake's work does not
+        dispatch back to the fake."""
+        if isinstance(x, ndarray):
+            return x.view(np.ndarray)
+        if type(x) in (list, tuple):
+            return type(x)(unwrap(i) for i in x)
+        if type(x) is dict:
+            return {k: unwrap(v) for k, v in x.items()}
+        return x
 
     def wrap(a):
         return a.view(ndarray) if isinstance(a, np.ndarray) else a
 
-    cupy.ndarray = ndarray
-    def asarray(a, dtype=None):
-        if isinstance(a, np.ndarray) and not isinstance(a, ndarray):
-            COUNTS["host->device copies"] += 1
-            COUNTS["host->device bytes"] += a.nbytes
-        return wrap(np.asarray(a, dtype=dtype))
-
-    cupy.asarray = asarray
-    cupy.ascontiguousarray = lambda a, dtype=None: wrap(np.ascontiguousarray(a, dtype=dtype))
-    cupy.empty = lambda shape, dtype=np.float64: wrap(np.full(shape, 77, dtype=dtype))  # poisoned
-    cupy.array_equal = lambda a, b, equal_nan=False: np.array_equal(a, b, equal_nan=equal_nan)
-
     def on_device(result):
-        """Results of NumPy functions called through the fake cupy stay 'on the device'."""
+        """Results of NumPy functions called through the fake cupy stay 'on the
+        device'; a scalar result is a 0-d device array, as in CuPy."""
         if isinstance(result, np.ndarray):
             return wrap(result)
+        if isinstance(result, np.generic):
+            return np.array(result).view(ndarray)
         if isinstance(result, tuple):
             items = [on_device(r) for r in result]
             return type(result)(*items) if hasattr(result, "_fields") else tuple(items)
         return result
 
-    def through(namespace):
-        def attr(name):
-            value = getattr(namespace, name)
-            if isinstance(value, (types.FunctionType, types.BuiltinFunctionType)) or (
-                    callable(value) and type(value).__name__ == "_ArrayFunctionDispatcher"):
-                def call(*a, **k):
-                    COUNTS["array operations"] += 1
-                    return on_device(value(*a, **k))
-                return functools.wraps(value)(call)
-            return value
-        return attr
+    def _checked(qualname, fn):
+        @functools.wraps(fn)
+        def call(*a, **k):
+            cupy_api.check_call(qualname, a, k)
+            return fn(*a, **k)
+        return call
 
-    cupy.__getattr__ = through(np)
+    def device_call(qualname, fn, args, kwargs, host_ok=False, launches=1):
+        """``fn`` as the CuPy function ``qualname``: ``launches`` operations on the device."""
+        if strict:
+            cupy_api.check_call(qualname, args, kwargs)
+            if not host_ok and (_any_host(args) or _any_host(kwargs)):
+                raise TypeError(f"{qualname}: Unsupported type {np.ndarray} (a NumPy array "
+                                "where CuPy takes device arrays; copy it with cupy.asarray)")
+        COUNTS["array operations"] += launches
+        return on_device(fn(*unwrap(args), **unwrap(kwargs)))
+
+    def _called_from_code_under_test(depth=2):
+        name = sys._getframe(depth).f_globals.get("__name__", "")
+        return name == "__main__" or name.startswith(_CODE_UNDER_TEST)
+
+    def _strict_numpy():
+        """NumPy's conversions refuse device arrays, as with CuPy, where
+        ``numpy.asarray(cupy_array)`` raises instead of copying implicitly. Only
+        for the code under test: NumPy, SciPy and the fake itself are left alone."""
+        for name in ("asarray", "array", "asanyarray", "ascontiguousarray", "asfortranarray",
+                     "require"):
+            original = getattr(np, name)
+
+            def strict_conversion(a, *args, _original=original, **kwargs):
+                if _any_device(a) and _called_from_code_under_test():
+                    raise TypeError("Implicit conversion to a NumPy array is not allowed. Please "
+                                    "use `.get()` to construct a NumPy array explicitly.")
+                return _original(a, *args, **kwargs)
+
+            setattr(np, name, functools.wraps(original)(strict_conversion))
+
+    if strict:
+        _strict_numpy()
+
+    def module_api(name, namespace):
+        """A module whose functions are ``namespace``'s, run as CuPy's ``name.X``."""
+        def attr(attr_name):
+            qualname = f"{name}.{attr_name}"
+            if strict and not cupy_api.has(qualname):
+                raise AttributeError(f"module '{name}' has no attribute '{attr_name}' "
+                                     f"(CuPy {version})")
+            value = getattr(namespace, attr_name)
+            if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, np.ufunc)) or (
+                    callable(value) and type(value).__name__ == "_ArrayFunctionDispatcher"):
+                return functools.wraps(value)(
+                    lambda *a, **k: device_call(qualname, value, a, k))
+            return value
+        module = types.ModuleType(name)
+        module.__getattr__ = attr
+        return module
+
+    def api(qualname, fn, host_ok=False, launches=1):
+        """``fn`` standing in for CuPy's ``qualname`` (checked against its parameters)."""
+        return functools.wraps(fn)(
+            lambda *a, **k: device_call(qualname, fn, a, k, host_ok=host_ok, launches=launches))
+
+    cupy.ndarray = ndarray
+
+    class DevicePool:
+        """Small device allocations reused as CuPy's memory pool reuses them: a
+        block whose arrays are all gone goes to the next allocation of its size
+        (rounded to 512 B) at once, whatever work queued on other streams still
+        reads it. A kernel queued on a stream does not keep its arguments'
+        blocks (see :func:`on_stream`), so code that drops device arrays a
+        pending kernel uses reads what the next allocation wrote, as on a GPU.
+        Stricter than CuPy in one way: streams are not recorded, so a block is
+        reused at once even where CuPy would order its reuse after the work of
+        the stream that freed it. Blocks are never given back (the memory stays
+        valid for the fake's late-running kernels); large allocations are
+        ordinary NumPy arrays."""
+
+        LIMIT = 1 << 20
+
+        def __init__(self):
+            self.blocks = []
+            self.index = {}
+
+        def empty(self, shape, dtype, order="C"):
+            shape = tuple(shape) if np.iterable(shape) else (int(shape),)
+            dtype = np.dtype(dtype)
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if nbytes > self.LIMIT:
+                return np.empty(shape, dtype, order=order)
+            size = max(512, -(-nbytes // 512) * 512)
+            for i in range(len(self.blocks)):
+                # Only the pool's own reference (and getrefcount's) left: free.
+                if self.blocks[i].nbytes == size and sys.getrefcount(self.blocks[i]) == 2:
+                    break
+            else:
+                self.blocks.append(np.zeros(size, np.uint8))
+                i = len(self.blocks) - 1
+                self.index[id(self.blocks[i])] = i
+            return np.ndarray(shape, dtype, buffer=self.blocks[i], order=order)
+
+        def detach(self, a):
+            """A stand-in for device array ``a`` that does not keep its block."""
+            if not isinstance(a, ndarray):
+                return a
+            base = a.base
+            while isinstance(base, np.ndarray) and id(base) not in self.index:
+                base = base.base
+            i = self.index.get(id(base))
+            if i is None:
+                return a
+            offset = a.__array_interface__["data"][0] - self.blocks[i].ctypes.data
+            spec = (a.shape, a.dtype, offset, a.strides)
+            return lambda: np.ndarray(spec[0], spec[1], buffer=self.blocks[i], offset=spec[2],
+                                      strides=spec[3]).view(ndarray)
+
+    device_pool = DevicePool()
+
+    def asarray(a, dtype=None, order=None, *, copy=None, blocking=False):
+        host = _any_host(a)      # a copy to the device (always a new array, as in CuPy)
+        if not host:
+            return on_device(np.array(unwrap(a), dtype=dtype, order=order or "K", copy=copy))
+        COUNTS["host->device copies"] += 1
+        COUNTS["host->device bytes"] += np.asarray(a).nbytes
+        src = np.asarray(a, dtype=dtype)
+        out = device_pool.empty(src.shape, src.dtype, "F" if order == "F" else "C")
+        out[...] = src
+        return wrap(out)
+
+    cupy.asarray = _checked("cupy.asarray", asarray)
+    # No kernel: a view (or a copy) and an allocation.
+    cupy.ascontiguousarray = api("cupy.ascontiguousarray", np.ascontiguousarray, launches=0)
+    def empty(shape, dtype=np.float64, order="C"):
+        out = device_pool.empty(shape, dtype, order)
+        ctypes.memset(out.ctypes.data, 77, out.nbytes)     # poisoned: never written yet
+        return out
+
+    def full(shape, fill_value, dtype=None, order="C"):
+        out = device_pool.empty(shape, np.result_type(fill_value) if dtype is None else dtype,
+                                order)
+        out[...] = fill_value
+        return out
+
+    cupy.empty = api("cupy.empty", empty, launches=0)
+    cupy.zeros = api("cupy.zeros", lambda shape, dtype=np.float64, order="C":
+                     full(shape, 0, dtype, order))
+    cupy.full = api("cupy.full", full)
+    cupy.array_equal = api("cupy.array_equal", np.array_equal)
+    cupy.__getattr__ = module_api("cupy", np).__getattr__
     for sub in ("linalg", "fft"):
-        module = types.ModuleType(f"cupy.{sub}")
-        module.__getattr__ = through(getattr(np, sub))
-        setattr(cupy, sub, module)
+        setattr(cupy, sub, module_api(f"cupy.{sub}", getattr(np, sub)))
 
     def cholesky(a):
         """As cuSOLVER under CuPy's default ``cupyx.errstate(linalg="ignore")``: no
         error, and a matrix that is not positive definite gets a factor that is
         finite and wrong (here its unfactored lower triangle)."""
-        COUNTS["array operations"] += 1
-        a = np.asarray(a)
         out = np.empty_like(a)
         for i in np.ndindex(a.shape[:-2]):
             try:
                 out[i] = np.linalg.cholesky(a[i])
             except np.linalg.LinAlgError:
                 out[i] = np.tril(a[i])
-        return wrap(out)
+        return out
 
-    cupy.linalg.cholesky = cholesky
-    cupy.lib = np.lib
-    cupy.random = types.SimpleNamespace(
-        random=lambda size=None, dtype=np.float64: wrap(
-            np.asarray(np.random.default_rng(0).random(size), dtype=dtype)))
+    cupy.linalg.cholesky = api("cupy.linalg.cholesky", cholesky)
+    cupy.lib = types.SimpleNamespace(stride_tricks=module_api("cupy.lib.stride_tricks",
+                                                              np.lib.stride_tricks))
+    cupy.random = types.SimpleNamespace(random=api(
+        "cupy.random.random", lambda size=None, dtype=np.float64:
+        np.asarray(np.random.default_rng(0).random(size), dtype=dtype)))
     cupy.__version__ = "fake"
 
     # Streams run lazily and adversarially: work queued on a non-default
@@ -152,7 +386,7 @@ def install(kernels="transcribed"):
     order_rng = random.Random(int(os.environ.get("GPUMATCH_FAKE_STREAM_SEED", "0")))
 
     class Event:
-        def __init__(self, *args, **kwargs):
+        def __init__(self, block=False, disable_timing=False, interprocess=False):
             self.stream, self.position, self.time = None, 0, None
 
         def record(self, stream=None):
@@ -160,21 +394,22 @@ def install(kernels="transcribed"):
             self.stream.enqueue(lambda: setattr(self, "time", time.perf_counter()))
             self.position = self.stream.queued
 
+        @property
         def done(self):
             return self.stream is None or self.stream.done >= self.position
 
         def synchronize(self):
-            run_until(self.done)
+            run_until(lambda: self.done)
 
     def get_elapsed_time(start, stop):
-        assert start.done() and stop.done(), "elapsed time of events not yet completed"
+        assert start.done and stop.done, "elapsed time of events not yet completed"
         return 1e3 * (stop.time - start.time)
 
     class Stream:
         _current = []
 
-        def __init__(self, non_blocking=False, ptr=None):
-            self.ptr = len(streams) + 1000 if ptr is None else ptr
+        def __init__(self, null=False, non_blocking=False, ptds=False, priority=None):
+            self.ptr = 0 if null else len(streams) + 1000
             streams[self.ptr] = self
             self.ops = collections.deque()
             self.queued = self.done = 0
@@ -210,7 +445,7 @@ def install(kernels="transcribed"):
             Stream._current.pop()
             return False
 
-    null_stream = Stream(ptr=0)
+    null_stream = Stream.null = Stream(null=True)
 
     def current_stream():
         return Stream._current[-1] if Stream._current else null_stream
@@ -218,7 +453,7 @@ def install(kernels="transcribed"):
     def run_until(condition):
         while not condition():
             ready = [st for st in streams.values()
-                     if st.ops and (st.ops[0][1] is None or st.ops[0][1].done())]
+                     if st.ops and (st.ops[0][1] is None or st.ops[0][1].done)]
             if not ready:
                 raise AssertionError("deadlock: every stream with work waits on an event "
                                      "that can never complete")
@@ -234,9 +469,18 @@ def install(kernels="transcribed"):
 
     def on_stream(launch):
         """A kernel launch queued on the current stream, as CUDA does."""
-        def queued(grid, block, args, shared_mem=0):
+        def queued(grid, block, args, *, shared_mem=0, stream=None,
+                   enable_cooperative_groups=False):
+            if strict and _any_host(args):
+                raise TypeError(f"Unsupported type {np.ndarray} (a NumPy array as a kernel "
+                                "argument; kernels take device arrays and NumPy scalars)")
+            assert stream is None, "the fake launches on the current stream only"
             COUNTS["gpumatch kernel launches"] += 1
-            current_stream().enqueue(lambda: launch(grid, block, args, shared_mem=shared_mem))
+            # As on a GPU, a queued kernel does not keep its arguments' memory.
+            detached = [device_pool.detach(a) for a in args]
+            current_stream().enqueue(lambda: launch(
+                grid, block, tuple(d() if callable(d) else d for d in detached),
+                shared_mem=shared_mem))
         return queued
 
     class OutOfMemoryError(MemoryError):
@@ -278,9 +522,12 @@ def install(kernels="transcribed"):
                                         "totalGlobalMem": 80 << 30})
 
     class Device:
-        def __init__(self, device_id=0):
-            self.id = device_id
+        def __init__(self, device=None):
+            self.id = 0 if device is None else int(device)
             self.compute_capability = "90"
+
+        def synchronize(self):
+            run_until(lambda: all(st.done == st.queued for st in streams.values()))
 
         def __enter__(self):
             return self
@@ -297,8 +544,8 @@ def install(kernels="transcribed"):
     # pointerGetAttributes tells them from pageable memory as CUDA does.
     pinned = {}
 
-    def empty_pinned(shape, dtype=np.float64):
-        a = np.full(shape, 55, dtype=dtype)
+    def empty_pinned(shape, dtype=np.float64, order="C"):
+        a = np.full(shape, 55, dtype=dtype, order=order)
         start = a.ctypes.data
         pinned[start] = start + a.nbytes
         weakref.finalize(a, pinned.pop, start, None)
@@ -317,8 +564,7 @@ def install(kernels="transcribed"):
 
     cupyx.scipy = types.ModuleType("cupyx.scipy")
     for sub in ("ndimage", "linalg"):
-        module = types.ModuleType(f"cupyx.scipy.{sub}")
-        module.__getattr__ = through(getattr(scipy, sub))
+        module = module_api(f"cupyx.scipy.{sub}", getattr(scipy, sub))
         setattr(cupyx.scipy, sub, module)
         sys.modules[module.__name__] = module
     sys.modules.update({"cupy": cupy, "cupyx": cupyx, "cupyx.scipy": cupyx.scipy})
@@ -346,29 +592,33 @@ def install(kernels="transcribed"):
             def max_dynamic_shared_size_bytes(self, value):
                 self.fn.max_dynamic_shared_size_bytes = value
 
-            def __call__(self, grid, block, args, shared_mem=0):
-                on_stream(lambda *a, **k: self.fn(*a, order=order, **k))(
-                    grid, block, args, shared_mem=shared_mem)
+            def __call__(self, grid, block, args, **kwargs):
+                on_stream(lambda *a, **k: self.fn(*a, order=order, **k))(grid, block, args, **kwargs)
 
-        def function(filename, name, defines, device_id):
-            assert device_id == 0
-            return Launch(cuda_emulator.compile_kernel(filename, name, dict(defines)))
-
-        cm._function = functools.lru_cache(maxsize=None)(function)
+        sources = pathlib.Path(tempfile.mkdtemp(prefix="gpumatch-rawmodule-"))
 
         class RawModule:
-            """Inline CUDA source (the benchmarks' own kernels), compiled for the CPU."""
+            """CUDA source compiled for the CPU, ``-D`` options included: the
+            kernels of ``kernels/`` (through gpumatch's own module loading) and
+            the benchmarks' inline ones."""
 
-            def __init__(self, code, options=()):
-                d = pathlib.Path(tempfile.mkdtemp(prefix="gpumatch-rawmodule-"))
-                (d / "module.cu").write_text(code)
-                self.directory = d
+            def __init__(self, code=None, *, path=None, options=(), backend="nvrtc",
+                         translate_cucomplex=False, enable_cooperative_groups=False,
+                         name_expressions=None, jitify=False):
+                if code is None:
+                    code = pathlib.Path(path).read_text()
+                name = hashlib.sha256(code.encode()).hexdigest()[:16] + ".cu"
+                if not (sources / name).exists():
+                    (sources / name).write_text(code)
+                self.filename = name
+                self.defines = dict(o[2:].split("=", 1) for o in options if o.startswith("-D"))
 
             def get_function(self, name):
-                return Launch(cuda_emulator.compile_kernel("module.cu", name,
-                                                           directory=self.directory))
+                return Launch(cuda_emulator.compile_kernel(self.filename, name, self.defines,
+                                                           directory=sources))
 
         cupy.RawModule = RawModule
+        _check_against_cupy(cupy, cupyx)
         return
     if kernels != "transcribed":
         raise ValueError(f"kernels={kernels!r}")
@@ -450,6 +700,24 @@ def install(kernels="transcribed"):
 
     cm.get_kernel = cne.get_kernel = get_kernel
     cm.device_limits = cne.device_limits = lambda: limits
+    _check_against_cupy(cupy, cupyx)
+
+
+def _check_against_cupy(cupy, cupyx):
+    """The fake offers nothing that the recorded CuPy lacks (else code could
+    pass here and fail on a GPU)."""
+    import cupy_api
+
+    spaces = {"cupy": cupy, "cupy.cuda": cupy.cuda, "cupy.cuda.runtime": cupy.cuda.runtime,
+              "cupy.cuda.memory": cupy.cuda.memory, "cupyx": cupyx,
+              "cupy.cuda.Stream": cupy.cuda.Stream, "cupy.cuda.Event": cupy.cuda.Event,
+              "cupy.cuda.Device": cupy.cuda.Device}
+    extra = [f"{prefix}.{name}" for prefix, space in spaces.items()
+             for name in (vars(space) if not isinstance(space, type) else space.__dict__)
+             if not name.startswith("_") and not cupy_api.has(f"{prefix}.{name}")]
+    extra = [e for e in extra if e not in _FAKE_ONLY]
+    if extra:
+        raise AssertionError(f"the fake CuPy offers what CuPy {cupy_api.load()[0]} lacks: {extra}")
 
 
 def run_installed(code, kernels="compiled", env=None, timeout=600):

@@ -390,3 +390,19 @@ def test_worker_dying_mid_write_leaves_no_partial_file(tmp_path, inputs, client,
     assert no_temporaries(str(out))
     assert sorted(os.listdir(out)) == sorted(names + [SUMMARY_NAME])
     assert_same_pixels(str(out), serial, names)
+
+
+@needs_dask
+def test_dask_cuda_check_script_passes_on_cpu():
+    """benchmarks/dask_cuda_check.py, which a GPU session runs on a dask-cuda cluster,
+    passes here with --cpu (a LocalCluster of 2 processes, backend numpy)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, os.path.join("benchmarks", "dask_cuda_check.py"), "--cpu",
+                          "--files", "3", "--size", "256"], cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "dask_cuda_check: PASSED" in res.stdout
+    assert "3 files of 256x256, backend auto -> numpy expected" in res.stdout

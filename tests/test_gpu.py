@@ -86,7 +86,7 @@ def _reference():
 def _assert_planes(got, want, h, strict=False):
     """Image/variance to 1e-5 relative, identical non-finite pattern and mask."""
     gi, gv, gmask = (to_numpy(a) for a in got)
-    wi, wv, wmask = want
+    wi, wv, wmask = (to_numpy(a) for a in want)
     assert gi.shape == wi.shape and gi.dtype == wi.dtype.newbyteorder("=")
     assert gv.dtype == wv.dtype.newbyteorder("=") and gmask.dtype == wmask.dtype.newbyteorder("=")
     for g, w in ((gi, wi), (gv, wv)):
@@ -408,6 +408,34 @@ def test_apply_two_exposures_in_flight_on_shared_transfers():
                for p, kn, b in zip(planes, kernels, boxes)]
     for i in (1, 0):
         _assert_planes(pending[i].result(), wants[i], ks[i] // 2)
+
+
+def test_apply_in_flight_survives_device_memory_reuse():
+    """CuPy's memory pool gives a dropped block to the next allocation of its size
+    on the stream that allocated it at once, whatever other streams still have
+    queued. While a host-resident application runs on its own streams, device
+    memory freed and written on the current stream must not be any it uses (its
+    term kernels, normalisation and footprint among them)."""
+    import gc
+
+    from gpumatch.cuda import apply as ca
+
+    rng = np.random.default_rng(5)
+    shape, k = (150, 170), 9
+    box = gm.Box(3, -2, shape[1], shape[0])
+    kernel = random_kernel(rng, k, "chebyshev1", 2, box.grown(8, 8))
+    planes = random_planes(rng, shape)
+    want = convolve_planes(*planes, kernel, box, NO_DATA)
+    pending = ca.start_convolve_planes_cupy(*planes, kernel, box, NO_DATA, bands=4)
+    gc.collect()
+    packed = ca.pack_terms(kernel, box)
+    sizes = {a.nbytes for a in (packed.qpack, packed.qsum, packed.support)}
+    # Blocks of each size, poisoned: NaN where a float fits, else all bits set.
+    junk = [cp.full(n // 8, np.nan) if n % 8 == 0 else cp.full(n, 255, dtype=np.uint8)
+            for n in sorted(sizes) for _ in range(4)]
+    got = pending.result()
+    del junk
+    _assert_planes(got, want, k // 2)
 
 
 def test_apply_inf_with_positive_kernel():

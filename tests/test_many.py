@@ -306,6 +306,10 @@ def test_device_batch_size_from_free_memory(monkeypatch):
     monkeypatch.setattr(many.os, "sysconf", lambda name: avail[name])
     planes = 3 * 4000 * 4096 * 4
     assert matcher._batch_limit(job) == int(0.25 * (8 << 30) // planes) == 10
+    # CuPy's pinned pool rounds blocks up to a power of two: planes just over 64 MiB
+    # take 128 MiB each.
+    big = many._Job("visit", exposure=gm.Exposure(np.zeros((4100, 4096), np.float32)))
+    assert matcher._batch_limit(big) == int(0.25 * (8 << 30) // (3 << 27)) == 5
     in_memory = many._Job(job.exposure, exposure=job.exposure)
     assert matcher._batch_limit(in_memory) == min(expected, many.MAX_DEVICE_BATCH) > 10
     matcher._device_limit = 3  # after an out-of-memory error

@@ -491,7 +491,10 @@ def _host_staged(host_planes, launcher, bands, transfers, finish=None):
             for f in pending:
                 f.exception()
             transfers.synchronize()
-    return PendingPlanes(tuple(h_out), done, keep=(staging, d_in, d_out, host_planes),
+    # Everything the queued work reads or writes stays referenced until it is done:
+    # CuPy's pool would hand a dropped buffer (the launcher's term kernels among
+    # them) to the next allocation on the current stream at once.
+    return PendingPlanes(tuple(h_out), done, keep=(staging, d_in, d_out, host_planes, launcher),
                          finish=finish)
 
 

@@ -127,6 +127,42 @@ def test_stamps_rendered_on_device_match():
     np.testing.assert_array_equal(cs_cp.xs, cs_np.xs)
 
 
+def _psfex(bbox):
+    """A degree-2 PSFEx model sampled at 0.8 px, wider towards one corner of ``bbox``."""
+    d = np.arange(25) - 12
+    r2 = (d[None, :] ** 2 + d[:, None] ** 2) * 0.8 ** 2
+
+    def g(s):
+        return np.exp(-0.5 * r2 / s ** 2)
+
+    comps = [g(1.7), 0.08 * (g(1.9) - g(1.7)), -0.05 * (g(1.85) - g(1.7)),
+             0.02 * (g(2.0) - g(1.7)), 0.01 * g(1.2), 0.03 * (g(1.6) - g(1.7))]
+    return gm.PsfexPsf(comps, 0.8, degree=2, polzero=bbox.center,
+                       polscal=(bbox.width / 2, bbox.height / 2), size=13)
+
+
+def test_psfex_stamps_rendered_on_device_match():
+    exp = _exposure()
+    exp.psf = _psfex(exp.bbox)
+    rng = np.random.default_rng(4)
+    xs = rng.uniform(exp.bbox.x0, exp.bbox.x1, 40)
+    ys = rng.uniform(exp.bbox.y0, exp.bbox.y1, 40)
+    want = exp.psf.compute_kernel_images(xs, ys)
+    got = exp.psf.compute_kernel_images(cp.asarray(xs), cp.asarray(ys), xp=cp)
+    assert isinstance(got, cp.ndarray) and got.shape == want.shape == (40, 13, 13)
+    np.testing.assert_allclose(got.get(), want, rtol=1e-12, atol=1e-15)
+
+
+def test_run_psfex_exposure_matches_numpy():
+    exp = _exposure()
+    exp.psf = _psfex(exp.bbox)
+    ref = _reference()
+    res_np = gm.ModelPsfMatchTask(_config(), backend="numpy").run(exp, ref)
+    res_cp = gm.ModelPsfMatchTask(_config(), backend="cupy").run(exp, ref)
+    assert isinstance(res_cp.kernelCellSet.templates, cp.ndarray)
+    _compare_results(res_cp, res_np, exp)
+
+
 @pytest.mark.parametrize("k, size, sigmas, degrees, n", [
     (21, 31, (1.0, 2.0, 4.5), (4, 2, 2), 37),     # production shape
     (9, 13, (0.7, 1.5, 3.0), (4, 2, 2), 5),       # more bases than some good pixels

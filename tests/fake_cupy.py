@@ -135,6 +135,30 @@ def install(kernels="transcribed"):
                                      "(CuPy: copy it with cupy.asarray first)")
             np.ndarray.__setitem__(self.view(np.ndarray), unwrap(key), unwrap(value))
 
+        # Python numbers from a device array: a copy back (and a synchronisation).
+        def _to_host(self, convert):
+            COUNTS["device->host copies"] += 1
+            COUNTS["device->host bytes"] += self.nbytes
+            return convert(self.view(np.ndarray))
+
+        def __float__(self):
+            return self._to_host(float)
+
+        def __int__(self):
+            return self._to_host(int)
+
+        def __bool__(self):
+            return self._to_host(bool)
+
+        def __complex__(self):
+            return self._to_host(complex)
+
+        def item(self, *args):
+            return self._to_host(lambda a: a.item(*args))
+
+        def tolist(self):
+            return self._to_host(np.ndarray.tolist)
+
         def __iter__(self):
             if self.ndim == 0:
                 raise TypeError("iteration over a 0-d array")

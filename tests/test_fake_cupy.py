@@ -58,6 +58,12 @@ outcome("ndimage.correlate(host)", lambda: cupyx.scipy.ndimage.correlate(h, h))
 outcome("Stream(ptr=)", lambda: cupy.cuda.Stream(ptr=5))
 outcome("Event.done", lambda: cupy.cuda.Event().done)
 
+# A Python number from a device array is a copy back (a synchronisation on a GPU).
+import fake_cupy
+before = fake_cupy.COUNTS["device->host copies"]
+bool(d.sum() > 0), float(d[0, 0]), d.max().item()
+out["copies for 3 numbers"] = fake_cupy.COUNTS["device->host copies"] - before
+
 # The pool: a dropped small block is the next allocation of its size.
 a = cupy.full(100, 1.0)
 address = a.data.ptr
@@ -102,6 +108,11 @@ def outcomes():
 ])
 def test_fake_refuses_what_cupy_refuses(outcomes, case, expected):
     assert outcomes[case] == expected
+
+
+def test_fake_counts_numbers_taken_from_the_device(outcomes):
+    """Each is a synchronisation on a GPU, which the launch budget counts."""
+    assert outcomes["copies for 3 numbers"] == 3
 
 
 def test_fake_pool_reuses_dropped_blocks(outcomes):

@@ -205,7 +205,7 @@ class VaryingGaussianPsf(Psf):
         g1 = poly(self.g1_coeffs) + 0 * u
         g2 = poly(self.g2_coeffs) + 0 * u
         g2sq = g1 * g1 + g2 * g2
-        if bool(xp.any(s <= 0)) or bool(xp.any(g2sq >= 1)):
+        if bool(xp.any(s <= 0) | xp.any(g2sq >= 1)):     # one copy back on a device
             raise ValueError("VaryingGaussianPsf: size <= 0 or |g| >= 1 at some requested position")
         # M = s^2 A A^T with A = [[1+g1, g2], [g2, 1-g1]] / sqrt(1 - g^2): det M = s^4.
         f = s * s / (1 - g2sq)

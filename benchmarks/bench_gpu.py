@@ -17,7 +17,7 @@ Prints and writes (markdown, ``--output``):
 * per-stage medians (stamps, normal equations, spatial solve, application, whole
   run) of ``backend="cupy"`` with the exposure on the device and on the host,
   the spatial solve (and the whole run) both with the system solved on the host
-  (LAPACK) and on the device (cuSOLVER), ``CupyStages.spatial_solve``, whose
+  (LAPACK) and on the device (cuSOLVER), ``ModelPsfMatchTask(spatial_solve=...)``, whose
   default these numbers are to decide;
 * in the same run, baselines: the NumPy backend on this machine's CPUs, and a
   straightforward CuPy implementation (im2col + matmul normal equations, and an
@@ -55,7 +55,7 @@ from gpumatch.backend import _cupy_status, cupy_usable, single_threaded_blas  # 
 
 STAGES = [("cellSet", "stamps (cell set)"), ("normalEquations", "normal equations"),
           ("spatialSolve", "spatial solve"), ("apply", "application (image+var+mask)")]
-# Where the spatial system is solved (CupyStages.spatial_solve), and by what.
+# Where the spatial system is solved (ModelPsfMatchTask.spatial_solve), and by what.
 SPATIAL_SOLVERS = {"host": "LAPACK", "device": "cuSOLVER"}
 
 # Datasheet figures, used only when the device does not report its own.
@@ -359,13 +359,13 @@ def main(argv=None):
     exp_bytes = sum(a.nbytes for a in (exp_host.image, exp_host.variance, exp_host.mask))
 
     task = ModelPsfMatchTask(config, backend="cupy")
-    default_solve = task._stages.spatial_solve
+    default_solve = task.spatial_solve
     runs = {}                                        # spatial solve -> (device-, host-resident)
     for where in SPATIAL_SOLVERS:
-        task._stages.spatial_solve = where
+        task.spatial_solve = where
         runs[where] = [time_task(cp, task, exp, reference, args.repeat, pool)
                        for exp in (exp_dev, exp_host)]
-    task._stages.spatial_solve = default_solve
+    task.spatial_solve = default_solve
     (dev_med, dev_peak, res_dev), (host_med, host_peak, res_host) = runs[default_solve]
     md = res_dev.metadata
     md = dict(md, spatialOrder=config.spatialKernelOrder)
@@ -390,11 +390,11 @@ def main(argv=None):
     sf, A_d, rhs_d = task._spatial_system(cs, M_d, b_d, cs.kernel_solutions)
     spatial_only = {}
     for where in SPATIAL_SOLVERS:
-        task._stages.spatial_solve = where
+        task.spatial_solve = where
         with single_threaded_blas():                 # as in a run
             spatial_only[where] = _events_time(cp, lambda: task._stages.solve_spatial(
                 A_d, rhs_d, len(basis), sf.n_terms, 1.0, config.conditionNumberType), args.repeat)
-    task._stages.spatial_solve = default_solve
+    task.spatial_solve = default_solve
     # Host path alone, and its plain (pageable, unpipelined) variant.
     t_staged, t_pageable = [], []
     for _ in range(max(3, args.repeat // 2)):
@@ -511,7 +511,7 @@ def main(argv=None):
         "over the slower pinned PCIe direction (both directions overlap); the spatial solve, a "
         f"{md['numSpatialUnknowns']}x{md['numSpatialUnknowns']} float64 system, is bound by "
         "latency and has no floor")
-    out(f"- spatial solve: CupyStages.spatial_solve is {default_solve!r} by default (the rows "
+    out(f"- spatial solve: ModelPsfMatchTask.spatial_solve is {default_solve!r} by default (the rows "
         "that name no placement); a run's \"spatial solve\" stage assembles the system on the "
         "device and solves it, on the host (copy of the system back, LAPACK) or on the device "
         "(cuSOLVER, copy of the solution back); \"alone\" rows time only the solve")

@@ -545,7 +545,8 @@ class _ManyMatcher:
                     job.solution = sol
 
 def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel_sum=1.0, *,
-               psf=None, batch_size=None, on_error="raise", read_workers=None):
+               psf=None, batch_size=None, on_error="raise", read_workers=None,
+               spatial_solve=None):
     """PSF-match many exposures to one reference model, in batches.
 
     Parameters
@@ -584,6 +585,9 @@ def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel
         each batch in the calling thread when its turn comes. Closing the
         generator (or dropping it) cancels the reads not started and waits for
         those running.
+    spatial_solve : {"host", "device"}, optional
+        As for :class:`ModelPsfMatchTask`: where the GPU backend solves the
+        spatial systems.
 
     Yields
     ------
@@ -601,7 +605,7 @@ def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel
         read_workers = DEFAULT_READ_WORKERS
     if int(read_workers) < 0:
         raise ValueError(f"read_workers={read_workers!r} must be 0 or a positive integer")
-    task = ModelPsfMatchTask(config, backend=backend)
+    task = ModelPsfMatchTask(config, backend=backend, spatial_solve=spatial_solve)
     if psf is not None:
         from .pipeline import resolve_psf
 

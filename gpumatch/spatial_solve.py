@@ -14,7 +14,18 @@ from .linalg import solve_symmetric_many
 log = logging.getLogger("gpumatch")
 
 __all__ = ["assemble_spatial_system", "solve_spatial_system", "solve_spatial_systems",
-           "SpatialSolution"]
+           "SpatialSolution", "SPATIAL_SOLVES", "check_spatial_solve"]
+
+#: Where the GPU backend may solve the spatial system.
+SPATIAL_SOLVES = ("host", "device")
+
+
+def check_spatial_solve(where):
+    """``where`` if it names a place to solve the spatial system, else ValueError."""
+    if where not in SPATIAL_SOLVES:
+        raise ValueError(f"spatial_solve={where!r} is not one of {SPATIAL_SOLVES}: 'host' solves "
+                         "the spatial system with LAPACK, 'device' with cuSOLVER on the GPU")
+    return where
 
 
 def assemble_spatial_system(M, b, P, xp=np):

@@ -24,7 +24,7 @@ from .kernel import SpatialKernel
 from .moments import SIGMA_TO_FWHM
 from .quality import candidate_residuals
 from .spatial import SpatialFunctions
-from .spatial_solve import assemble_spatial_system
+from .spatial_solve import assemble_spatial_system, check_spatial_solve
 
 log = logging.getLogger("gpumatch")
 
@@ -64,11 +64,11 @@ class CellSetResult(NamedTuple):
     referencePsfModel: object
 
 
-def _backend_stages(name):
+def _backend_stages(name, spatial_solve=None):
     if name == "cupy":
         from .cuda.stages import CupyStages
 
-        return CupyStages()
+        return CupyStages(spatial_solve)
     from .stages import NumpyStages
 
     return NumpyStages()
@@ -101,19 +101,38 @@ class ModelPsfMatchTask:
     config : ModelPsfMatchConfig, optional
     backend : {"auto", "numpy", "cupy"}
         ``"auto"`` uses the GPU when CuPy and a device are usable.
+    spatial_solve : {"host", "device"}, optional
+        Where the GPU backend solves the spatial system (float64 either way):
+        ``"host"`` copies it back and uses LAPACK, ``"device"`` uses cuSOLVER
+        and copies back only the solution. Default: the backend's
+        (``"host"`` until measured on GPUs otherwise). The NumPy backend
+        always solves on the host.
     """
 
     ConfigClass = ModelPsfMatchConfig
     _DefaultName = "modelPsfMatch"
 
-    def __init__(self, config=None, backend="auto"):
+    def __init__(self, config=None, backend="auto", *, spatial_solve=None):
         self.config = ModelPsfMatchConfig() if config is None else config
         if not isinstance(self.config, ModelPsfMatchConfig):
             raise TypeError(f"config must be a ModelPsfMatchConfig, got {type(self.config).__name__}")
         self.config.validate()
+        if spatial_solve is not None:
+            check_spatial_solve(spatial_solve)
         self.backend = resolve_backend(backend)
-        self._stages = _backend_stages(self.backend)
+        self._stages = _backend_stages(self.backend, spatial_solve)
         self.metadata = {}
+
+    @property
+    def spatial_solve(self):
+        """Where the spatial system is solved: ``"host"`` or ``"device"``."""
+        return getattr(self._stages, "spatial_solve", "host")
+
+    @spatial_solve.setter
+    def spatial_solve(self, where):
+        check_spatial_solve(where)
+        if hasattr(self._stages, "spatial_solve"):
+            self._stages.spatial_solve = where
 
     # -- stages ---------------------------------------------------------------
 
@@ -298,6 +317,7 @@ class ModelPsfMatchTask:
             "numSpatialUnknowns": solution.n_unknowns,
             "spatialSolveMethod": solution.method,
             "spatialSolveRank": solution.rank,
+            "spatialSolveOn": self.spatial_solve,
             "psfSize": cell_set.psf_size,
             "psfPadding": cell_set.pad,
             "backend": self.backend,

@@ -385,7 +385,7 @@ by.clear()
 task.run(exp, production_reference())
 counts = {"total": dict(fake_cupy.COUNTS), "stages": {k: dict(v) for k, v in by.items()},
           "plane_bytes": int(host.image.nbytes)}
-task._stages.spatial_solve = "device"
+task.spatial_solve = "device"
 fake_cupy.COUNTS.clear()
 by.clear()
 task.run(exp, production_reference())

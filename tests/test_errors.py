@@ -229,3 +229,20 @@ def test_exposure_validation():
     with pytest.raises(ValueError, match="xy0"):
         gm.Exposure(np.zeros((5, 5)), xy0=(1,))
 
+
+
+def test_spatial_solve_option(sec10):
+    """A misspelt place is an error on any backend; the NumPy backend solves on
+    the host whatever is asked (the option is the GPU backend's) and says so."""
+    for bad in ("gpu", "cpu", 1):
+        with pytest.raises(ValueError, match="is not one of \\('host', 'device'\\)"):
+            gm.ModelPsfMatchTask(sec10.config(), backend="numpy", spatial_solve=bad)
+    task = gm.ModelPsfMatchTask(sec10.config(), backend="numpy", spatial_solve="device")
+    assert task.spatial_solve == "host"
+    with pytest.raises(ValueError, match="spatial_solve='GPU'"):
+        task.spatial_solve = "GPU"
+    result = task.run(sec10.exposure, sec10.reference)
+    assert result.metadata["spatialSolveOn"] == "host"
+    with pytest.raises(ValueError, match="spatial_solve='cuda'"):
+        gm.match_many([sec10.exposure], sec10.reference, sec10.config(), backend="numpy",
+                      spatial_solve="cuda")

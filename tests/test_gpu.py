@@ -246,6 +246,11 @@ def test_spatial_solve_setting():
     with pytest.raises(ValueError, match="spatial_solve='cpu' is not one of"):
         CupyStages(spatial_solve="cpu")
     assert stages.spatial_solve == "device"
+    task = gm.ModelPsfMatchTask(_config(), backend="cupy", spatial_solve="device")
+    assert task.spatial_solve == task._stages.spatial_solve == "device"
+    task.spatial_solve = "host"
+    assert task._stages.spatial_solve == "host"
+    assert gm.ModelPsfMatchTask(_config(), backend="cupy").spatial_solve == CupyStages._spatial_solve
 
 
 def _run_both_solves(cfg, exposure, reference):
@@ -253,8 +258,7 @@ def _run_both_solves(cfg, exposure, reference):
     the device."""
     out = []
     for where in ("host", "device"):
-        task = gm.ModelPsfMatchTask(cfg, backend="cupy")
-        task._stages.spatial_solve = where
+        task = gm.ModelPsfMatchTask(cfg, backend="cupy", spatial_solve=where)
         out.append(task.run(exposure, reference))
     return out
 
@@ -272,6 +276,7 @@ def test_run_spatial_solve_on_device_matches_host(resident):
     np.testing.assert_allclose(res_dev.psfMatchingKernel.spatial_coefficients, coeffs, rtol=0,
                                atol=1e-8 * np.abs(coeffs).max())
     md_host, md_dev = res_host.metadata, res_dev.metadata
+    assert (md_host["spatialSolveOn"], md_dev["spatialSolveOn"]) == ("host", "device")
     assert md_dev["spatialSolveMethod"] == md_host["spatialSolveMethod"] == "cholesky"
     assert md_dev["spatialSolveRank"] == md_host["spatialSolveRank"] \
         == md_host["numSpatialUnknowns"]

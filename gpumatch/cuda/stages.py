@@ -9,8 +9,9 @@ copying it back; the kernel coefficients are held by the host-side
 cuSOLVER calls, then one small copy of the solution): the first pays the copy
 and one core's LAPACK, the second a device eigensolver's launch sequence.
 Which is faster depends on the machine, so both exist and
-:attr:`CupyStages.spatial_solve` chooses; the default, ``"host"`` for now, is
-to be decided by measurement on a GPU (``benchmarks/bench_gpu.py`` times both).
+``ModelPsfMatchTask(..., spatial_solve=...)`` chooses; the default, ``"host"``
+for now, is to be decided by measurement on a GPU (``benchmarks/bench_gpu.py``
+times both).
 """
 
 from __future__ import annotations
@@ -22,16 +23,13 @@ import numpy as np
 
 from ..apply import start_apply_kernel
 from ..linalg import solve_symmetric_batch
-from ..spatial_solve import solve_spatial_system, solve_spatial_systems
+from ..spatial_solve import check_spatial_solve, solve_spatial_system, solve_spatial_systems
 from .apply import pinned_empty
 from .normal_equations import candidate_normal_equations_cupy
 
 log = logging.getLogger("gpumatch")
 
 __all__ = ["CupyStages"]
-
-SPATIAL_SOLVES = ("host", "device")
-
 
 class CupyStages:
     """The GPU backend: CuPy arrays, fused CUDA kernels for the heavy stages.
@@ -61,10 +59,7 @@ class CupyStages:
 
     @spatial_solve.setter
     def spatial_solve(self, where):
-        if where not in SPATIAL_SOLVES:
-            raise ValueError(f"spatial_solve={where!r} is not one of {SPATIAL_SOLVES}: "
-                             "'host' solves the spatial system with LAPACK, 'device' with cuSOLVER")
-        self._spatial_solve = where
+        self._spatial_solve = check_spatial_solve(where)
 
     def _spatial_xp(self):
         return np if self._spatial_solve == "host" else cupy

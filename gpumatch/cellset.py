@@ -53,7 +53,8 @@ def realize_stamps(psf, xs, ys, label="PSF", xp=np):
     ys = np.asarray(ys, dtype=np.float64).ravel()
     device = xp is not np and getattr(psf, "supports_device", False)
     try:
-        stamps = psf.compute_kernel_images(xp.asarray(xs), xp.asarray(ys), xp=xp) if device \
+        # Positions stay on the host: models work out their per-stamp numbers there.
+        stamps = psf.compute_kernel_images(xs, ys, xp=xp) if device \
             else psf.compute_kernel_images(xs, ys)
     except PsfEvaluationError:
         raise

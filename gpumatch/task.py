@@ -262,7 +262,8 @@ class ModelPsfMatchTask:
         cell_set.kernel_solutions = solutions
         cell_set.status = ["GOOD"] * len(cell_set)
         sf = SpatialFunctions(cfg.spatialModelType, cfg.spatialKernelOrder, cell_set.region)
-        P = sf.evaluate(xp.asarray(cell_set.xs), xp.asarray(cell_set.ys), xp=xp)
+        # A few numbers per candidate: made on the host, copied once.
+        P = xp.asarray(sf.evaluate(cell_set.xs, cell_set.ys))
         A, rhs = assemble_spatial_system(M, b, P, xp=xp)
         return sf, A, rhs
 

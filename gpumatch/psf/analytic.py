@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
+from ..backend import to_numpy
 from ..basis import polynomial_exponents
 from ..exposure import Box
 from .base import Psf
@@ -18,6 +21,18 @@ def _check_size(width, height):
     return width, height
 
 
+@functools.lru_cache(maxsize=32)
+def _quadratic_terms(width, height):
+    """``u^2, u v, v^2`` at every pixel centre, ``(3, height * width)`` (pixels^2,
+    offsets from the central pixel)."""
+    u = np.arange(width, dtype=np.float64) - width // 2
+    v = np.arange(height, dtype=np.float64) - height // 2
+    uu, vv = np.meshgrid(u, v)
+    terms = np.stack([uu * uu, uu * vv, vv * vv]).reshape(3, -1)
+    terms.setflags(write=False)
+    return terms
+
+
 def render_gaussians(width, height, ixx, iyy, ixy, xp=np):
     """Unnormalised elliptical Gaussians sampled at pixel centres.
 
@@ -26,20 +41,28 @@ def render_gaussians(width, height, ixx, iyy, ixy, xp=np):
     width, height : int
         Odd stamp size; the Gaussian is centred on pixel ``[height//2, width//2]``.
     ixx, iyy, ixy : arrays (n,)
-        Covariance of each Gaussian (pixels^2).
+        Covariance of each Gaussian (pixels^2), on the host or the device.
+    xp : module
+        NumPy or CuPy: where the stamps are made.
 
     Returns
     -------
     array (n, height, width)
     """
-    ixx, iyy, ixy = (xp.asarray(v, dtype=xp.float64).reshape(-1, 1, 1) for v in (ixx, iyy, ixy))
-    u = xp.arange(width, dtype=xp.float64) - width // 2
-    v = xp.arange(height, dtype=xp.float64) - height // 2
-    u = u.reshape(1, 1, -1)
-    v = v.reshape(1, -1, 1)
+    # A few numbers per Gaussian, worked out on the host; then the stamps in two
+    # array operations (a product with the pixels' quadratic terms, and exp), which
+    # on a GPU is two launches whatever the number of stamps.
+    ixx, iyy, ixy = (np.asarray(to_numpy(v), dtype=np.float64).ravel() for v in (ixx, iyy, ixy))
     det = ixx * iyy - ixy * ixy
-    q = (iyy * u * u - 2.0 * ixy * u * v + ixx * v * v) / det
-    return xp.exp(-0.5 * q)
+    coeffs = (-0.5 / det)[:, None] * np.stack([iyy, -2.0 * ixy, ixx], axis=1)
+    q = xp.asarray(coeffs) @ xp.asarray(_quadratic_terms(width, height))
+    return xp.exp(q).reshape(-1, height, width)
+
+
+def _same_stamps(stamp, n, xp):
+    """``n`` copies of one normalised ``stamp`` (a host array), made on ``xp``'s device."""
+    stamp = xp.asarray(stamp / stamp.sum())
+    return xp.ascontiguousarray(xp.broadcast_to(stamp, (n,) + stamp.shape))
 
 
 class GaussianPsf(Psf):
@@ -64,10 +87,9 @@ class GaussianPsf(Psf):
         self.sigma = float(sigma)
 
     def compute_kernel_images(self, xs, ys, xp=np):
-        n = int(np.size(xs))
-        s2 = xp.full(n, self.sigma ** 2)
-        img = render_gaussians(self.width, self.height, s2, s2, xp.zeros(n), xp=xp)
-        return img / img.sum(axis=(1, 2), keepdims=True)
+        s2 = np.array([self.sigma ** 2])
+        stamp = render_gaussians(self.width, self.height, s2, s2, np.zeros(1))[0]
+        return _same_stamps(stamp, int(np.size(to_numpy(xs))), xp)
 
     def compute_kernel_image(self, x, y):
         return self.compute_kernel_images([x], [y])[0]
@@ -116,14 +138,12 @@ class DoubleGaussianPsf(Psf):
         self.b = float(b)
 
     def compute_kernel_images(self, xs, ys, xp=np):
-        n = int(np.size(xs))
-        zero = xp.zeros(n)
-        s1 = xp.full(n, self.sigma1 ** 2)
-        img = render_gaussians(self.width, self.height, s1, s1, zero, xp=xp)
+        s1, zero = np.array([self.sigma1 ** 2]), np.zeros(1)
+        stamp = render_gaussians(self.width, self.height, s1, s1, zero)[0]
         if self.b != 0:
-            s2 = xp.full(n, self.sigma2 ** 2)
-            img = img + self.b * render_gaussians(self.width, self.height, s2, s2, zero, xp=xp)
-        return img / img.sum(axis=(1, 2), keepdims=True)
+            s2 = np.array([self.sigma2 ** 2])
+            stamp = stamp + self.b * render_gaussians(self.width, self.height, s2, s2, zero)[0]
+        return _same_stamps(stamp, int(np.size(to_numpy(xs))), xp)
 
     def compute_kernel_image(self, x, y):
         return self.compute_kernel_images([x], [y])[0]
@@ -188,15 +208,19 @@ class VaryingGaussianPsf(Psf):
         self.g2_coeffs = tuple(float(c) for c in np.atleast_1d(g2))
         self.average_position = (0.5 * (x0 + x1), 0.5 * (y0 + y1))
 
-    def _uv(self, xs, ys, xp):
+    def _uv(self, xs, ys):
         x0, y0, x1, y1 = self.bbox
-        xs = xp.asarray(xs, dtype=xp.float64).ravel()
-        ys = xp.asarray(ys, dtype=xp.float64).ravel()
+        xs = np.asarray(to_numpy(xs), dtype=np.float64).ravel()
+        ys = np.asarray(to_numpy(ys), dtype=np.float64).ravel()
         return (2 * xs - (x0 + x1)) / (x1 - x0), (2 * ys - (y0 + y1)) / (y1 - y0)
 
-    def moments(self, xs, ys, xp=np):
-        """Covariance ``(ixx, iyy, ixy)`` arrays at parent positions (pixels^2)."""
-        u, v = self._uv(xs, ys, xp)
+    def moments(self, xs, ys):
+        """Covariance ``(ixx, iyy, ixy)`` host arrays at parent positions (pixels^2).
+
+        A few numbers per position: worked out on the host even when the stamps
+        are made on a device (see :func:`render_gaussians`).
+        """
+        u, v = self._uv(xs, ys)
 
         def poly(coeffs):
             return sum(c * t for c, t in zip(coeffs, _poly_terms(u, v, len(coeffs))))
@@ -205,7 +229,7 @@ class VaryingGaussianPsf(Psf):
         g1 = poly(self.g1_coeffs) + 0 * u
         g2 = poly(self.g2_coeffs) + 0 * u
         g2sq = g1 * g1 + g2 * g2
-        if bool(xp.any(s <= 0) | xp.any(g2sq >= 1)):     # one copy back on a device
+        if np.any(s <= 0) or np.any(g2sq >= 1):
             raise ValueError("VaryingGaussianPsf: size <= 0 or |g| >= 1 at some requested position")
         # M = s^2 A A^T with A = [[1+g1, g2], [g2, 1-g1]] / sqrt(1 - g^2): det M = s^4.
         f = s * s / (1 - g2sq)
@@ -215,7 +239,7 @@ class VaryingGaussianPsf(Psf):
         return ixx, iyy, ixy
 
     def compute_kernel_images(self, xs, ys, xp=np):
-        ixx, iyy, ixy = self.moments(xs, ys, xp)
+        ixx, iyy, ixy = self.moments(xs, ys)
         img = render_gaussians(self.width, self.height, ixx, iyy, ixy, xp=xp)
         return img / img.sum(axis=(1, 2), keepdims=True)
 

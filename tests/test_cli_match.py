@@ -413,6 +413,52 @@ def test_plots_writes_five_figures_per_input(tmp_path, capsys):
         assert head[:8] == PNG and len(head) > 10_000, name
 
 
+_CUPY_CLI = r"""
+from gpumatch.cli import main
+sys.exit(main(ARGS))
+"""
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="no host C++ compiler for the CUDA emulation")
+def test_match_on_the_gpu_path_equals_numpy(tmp_path, capsys):
+    """``gpumatch match --backend cupy`` with kernels and figures, against the fake
+    CuPy (CUDA sources compiled for the CPU, checked against CuPy 14.2.0's API):
+    the outputs equal the NumPy backend's to the GPU tests' tolerance."""
+    pytest.importorskip("matplotlib")
+    from fake_cupy import run_installed
+
+    a = write_input(tmp_path, "a.fits", seed=14)
+    b = write_input(tmp_path, "b.fits", seed=15)
+    small = ["--set", "alardNGauss=1", "--set", "alardSigGauss=(2.0,)", "--set",
+             "alardDegGauss=[2]"]
+    common = [a, b, "--psf", PSF_SPEC, "--reference", REF_SPEC, "--save-kernel", *small]
+    code, _, stderr = run(capsys, "match", *common, "--output-dir", tmp_path / "cpu")
+    assert code == 0, stderr
+    args = ["match", *map(str, common), "--output-dir", str(tmp_path / "gpu"), "--plots",
+            str(tmp_path / "figs"), "--backend", "cupy"]
+    run_installed(_CUPY_CLI.replace("ARGS", repr(args)))
+    assert files_under(tmp_path / "gpu") == files_under(tmp_path / "cpu") == [
+        "a.fits", "a.kernel.fits", "b.fits", "b.kernel.fits"]
+    assert len(files_under(tmp_path / "figs")) == 2 * len(FIGURES)
+    for name in ("a", "b"):
+        got = gm.Exposure.read_fits(tmp_path / "gpu" / f"{name}.fits")
+        want = gm.Exposure.read_fits(tmp_path / "cpu" / f"{name}.fits")
+        np.testing.assert_array_equal(got.mask, want.mask)
+        for plane in ("image", "variance"):
+            g, w = getattr(got, plane), getattr(want, plane)
+            np.testing.assert_array_equal(np.isfinite(g), np.isfinite(w))
+            fin = np.isfinite(w)
+            np.testing.assert_allclose(g[fin], w[fin], rtol=1e-5, atol=1e-6 * np.abs(w[fin]).max())
+        assert got.meta["GPM_KSUM"] == pytest.approx(want.meta["GPM_KSUM"], abs=1e-9)
+        kg = gm.SpatialKernel.read_fits(tmp_path / "gpu" / f"{name}.kernel.fits")
+        kw = gm.SpatialKernel.read_fits(tmp_path / "cpu" / f"{name}.kernel.fits")
+        for x, y in ((XY0[0], XY0[1]), (XY0[0] + 200.5, XY0[1] + 100.0)):
+            kn = kw.compute_image(x, y)
+            np.testing.assert_allclose(kg.compute_image(x, y), kn, rtol=0,
+                                       atol=1e-5 * np.abs(kn).max())
+
+
 # -- where the exposure's PSF comes from --------------------------------------------------------
 
 

@@ -14,6 +14,13 @@ behind gpumatch's own module loading. Enough of the rest of CuPy is there
 for ``tests/test_gpu.py`` and the benchmark scripts (events with elapsed
 times, ``RawModule`` for inline sources, ``cupyx.scipy.ndimage`` and ``.linalg``, device
 properties of an H100) to run end to end on a CPU; timings mean nothing.
+
+It refuses what CuPy 14.2.0 refuses (:mod:`cupy_api` holds that release's
+names and parameters): implicit conversions between host and device arrays,
+NumPy arrays in device operations, names and keywords CuPy lacks; scalars
+are 0-d device arrays, and small device blocks are reused as soon as they are
+dropped, as CuPy's memory pool does. ``GPUMATCH_FAKE_STRICT=0`` turns the
+boundary and API checks off (for debugging a failure).
 """
 
 from __future__ import annotations
@@ -358,6 +365,7 @@ def install(kernels="transcribed"):
     cupy.asarray = _checked("cupy.asarray", asarray)
     # No kernel: a view (or a copy) and an allocation.
     cupy.ascontiguousarray = api("cupy.ascontiguousarray", np.ascontiguousarray, launches=0)
+
     def empty(shape, dtype=np.float64, order="C"):
         out = device_pool.empty(shape, dtype, order)
         ctypes.memset(out.ctypes.data, 77, out.nbytes)     # poisoned: never written yet

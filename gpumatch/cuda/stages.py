@@ -31,6 +31,7 @@ log = logging.getLogger("gpumatch")
 
 __all__ = ["CupyStages"]
 
+
 class CupyStages:
     """The GPU backend: CuPy arrays, fused CUDA kernels for the heavy stages.
 

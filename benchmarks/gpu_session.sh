@@ -25,10 +25,10 @@
 # the wheels in .whl/ (device image: Python 3.12 with cupy, numpy, scipy, pytest).
 #
 # Budget (the device call's wall limit is 600 s): GPU tests ~2 min, bench_gpu ~3 min,
-# dask-cuda check ~1 min, bench_visit ~3 min. Every step runs under its own `timeout`, so a hanging step cannot eat
-# the whole call and the later steps still run: each step may use what is left of
-# TOTAL_S after reserving the guaranteed minimum of every later step (time an earlier step
-# does not use goes to the later ones). No `set -e`: a failing step does not stop the others.
+# dask-cuda check ~1 min, bench_visit ~3 min. Every step runs under its own `timeout`, so
+# a hanging step cannot eat the whole call and the later steps still run: each step may use
+# what is left of TOTAL_S after reserving the guaranteed minimum of every later step (time
+# an earlier step does not use goes to the later ones). No `set -e`: a failing step does not stop the others.
 
 set -u
 : "${OUT:?OUT must name a writable output directory}"

@@ -355,9 +355,10 @@ def install(kernels="transcribed"):
         host = _any_host(a)      # a copy to the device (always a new array, as in CuPy)
         if not host:
             return on_device(np.array(unwrap(a), dtype=dtype, order=order or "K", copy=copy))
+        src = np.asarray(a)
         COUNTS["host->device copies"] += 1
-        COUNTS["host->device bytes"] += np.asarray(a).nbytes
-        src = np.asarray(a, dtype=dtype)
+        COUNTS["host->device bytes"] += src.nbytes
+        src = src.astype(dtype, copy=False) if dtype is not None else src
         out = device_pool.empty(src.shape, src.dtype, "F" if order == "F" else "C")
         out[...] = src
         return wrap(out)

@@ -230,7 +230,6 @@ def test_exposure_validation():
         gm.Exposure(np.zeros((5, 5)), xy0=(1,))
 
 
-
 def test_spatial_solve_option(sec10):
     """A misspelt place is an error on any backend; the NumPy backend solves on
     the host whatever is asked (the option is the GPU backend's) and says so."""

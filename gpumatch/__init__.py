@@ -10,8 +10,9 @@ import logging as _logging
 from .apply import apply_kernel
 from .backend import cupy_usable
 from .config import ModelPsfMatchConfig
-from .errors import (ConfigError, GpumatchError, InsufficientAreaError, KernelTooLargeError,
-                     MissingPsfError, PsfEvaluationError, SolutionError)
+from .errors import (BackendWarning, ConditioningWarning, ConfigError, GpumatchError,
+                     GpumatchWarning, InputWarning, InsufficientAreaError, KernelTooLargeError,
+                     MissingPsfError, PoorMatchWarning, PsfEvaluationError, SolutionError)
 from .exposure import DEFAULT_MASK_PLANES, Box, Exposure
 from .kernel import SpatialKernel
 from .many import match_many
@@ -29,5 +30,6 @@ __all__ = [
     "ImagePsf", "VaryingGaussianPsf", "PsfexPsf", "GriddedPsf", "GalSimPsf", "PiffPsf",
     "parse_psf", "SpatialKernel", "apply_kernel", "cupy_usable", "match_many",
     "GpumatchError", "ConfigError", "MissingPsfError", "InsufficientAreaError",
-    "KernelTooLargeError", "PsfEvaluationError", "SolutionError",
+    "KernelTooLargeError", "PsfEvaluationError", "SolutionError", "GpumatchWarning",
+    "PoorMatchWarning", "ConditioningWarning", "InputWarning", "BackendWarning",
 ]

@@ -12,6 +12,12 @@ __all__ = [
     "KernelTooLargeError",
     "PsfEvaluationError",
     "SolutionError",
+    "GpumatchWarning",
+    "PoorMatchWarning",
+    "ConditioningWarning",
+    "InputWarning",
+    "BackendWarning",
+    "warn",
 ]
 
 
@@ -41,3 +47,49 @@ class PsfEvaluationError(GpumatchError, RuntimeError):
 
 class SolutionError(GpumatchError, RuntimeError):
     """The kernel solution is not finite."""
+
+
+# -- warnings ------------------------------------------------------------------
+# Anything that changes a user's data or result is a warning of one of these
+# classes (so notebooks, pytest and ``warnings.filterwarnings`` see it) as well
+# as a line in the ``gpumatch`` log; :func:`warn` does both.
+
+
+class GpumatchWarning(UserWarning):
+    """Base class of every gpumatch warning."""
+
+
+class PoorMatchWarning(GpumatchWarning):
+    """A match was computed but does not reach the reference (see the verdict)."""
+
+
+class ConditioningWarning(GpumatchWarning):
+    """The spatial system is conditioned badly enough to threaten the solution."""
+
+
+class InputWarning(GpumatchWarning):
+    """Input data was defaulted, ignored, resized or reinterpreted."""
+
+
+class BackendWarning(GpumatchWarning):
+    """A backend did not behave as expected and another one was used."""
+
+
+def warn(message, category=GpumatchWarning, logger=None, stacklevel=2):
+    """Log ``message`` as a warning and emit it with :func:`warnings.warn`.
+
+    Parameters
+    ----------
+    message : str
+    category : type
+        A :class:`GpumatchWarning` subclass.
+    logger : logging.Logger, optional
+        Default: the ``gpumatch`` logger.
+    stacklevel : int
+        As for :func:`warnings.warn`, counted from the caller of this function.
+    """
+    import logging
+    import warnings
+
+    (logger or logging.getLogger("gpumatch")).warning("%s", message)
+    warnings.warn(message, category, stacklevel=stacklevel + 1)

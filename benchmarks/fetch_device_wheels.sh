@@ -6,7 +6,8 @@
 #
 # The device image (Python 3.12, no network) lacks astropy and Dask. This copies the
 # astropy wheels from ../shared/device-wheels/ and downloads a pinned, consistent Dask set
-# for dask-cuda (benchmarks/dask_cuda_check.py): only the packages the image does not hold,
+# for dask-cuda (benchmarks/dask_cuda_check.py) and pytest-timeout (so a hanging GPU test
+# names itself): only the packages the image does not hold,
 # since a carried copy of an image package would shadow the image's own. The device call
 # then names `.whl` in `carry` and starts with
 #     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
@@ -37,6 +38,7 @@ PINNED=(
     tblib==3.2.2
     partd==1.4.2
     locket==1.0.0
+    pytest-timeout==2.4.0
 )
 
 mkdir -p .whl

@@ -23,6 +23,7 @@ from .errors import MissingPsfError, PsfEvaluationError
 from .kernel import SpatialKernel
 from .moments import SIGMA_TO_FWHM
 from .quality import candidate_residuals
+from .selftest import check_backend_once
 from .spatial import SpatialFunctions
 from .spatial_solve import assemble_spatial_system, check_spatial_solve
 
@@ -120,6 +121,10 @@ class ModelPsfMatchTask:
         if spatial_solve is not None:
             check_spatial_solve(spatial_solve)
         self.backend = resolve_backend(backend)
+        # A GPU backend is trusted in a process only after it has matched a
+        # known case like NumPy does (gpumatch/selftest.py).
+        if not check_backend_once(type(self), self.backend, explicit=backend != "auto"):
+            self.backend = "numpy"
         self._stages = _backend_stages(self.backend, spatial_solve)
         self.metadata = {}
 

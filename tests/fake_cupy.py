@@ -612,6 +612,9 @@ def install(kernels="transcribed"):
         import cuda_emulator
 
         order = int(os.environ.get("GPUMATCH_EMULATOR_ORDER", "0"))
+        # GPUMATCH_FAKE_WRONG=<kernel name>: that kernel's output is made wrong
+        # (tests of gpumatch's self-check).
+        wrong = os.environ.get("GPUMATCH_FAKE_WRONG")
 
         class Launch:
             def __init__(self, fn):
@@ -626,7 +629,14 @@ def install(kernels="transcribed"):
                 self.fn.max_dynamic_shared_size_bytes = value
 
             def __call__(self, grid, block, args, **kwargs):
-                on_stream(lambda *a, **k: self.fn(*a, order=order, **k))(grid, block, args, **kwargs)
+                def run(grid, block, args, **k):
+                    self.fn(grid, block, args, order=order, **k)
+                    if wrong == self.fn.name:
+                        # A device that computes a wrong value: the kernel's last
+                        # array argument (an output) is off by 1e-3 relative.
+                        out = np.asarray([a for a in args if isinstance(a, np.ndarray)][-1])
+                        np.multiply(out, 1.001, out=out)
+                on_stream(run)(grid, block, args, **kwargs)
 
         sources = pathlib.Path(tempfile.mkdtemp(prefix="gpumatch-rawmodule-"))
 

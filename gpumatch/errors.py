@@ -12,6 +12,7 @@ __all__ = [
     "KernelTooLargeError",
     "PsfEvaluationError",
     "SolutionError",
+    "PoorMatchError",
     "GpumatchWarning",
     "PoorMatchWarning",
     "ConditioningWarning",
@@ -47,6 +48,23 @@ class PsfEvaluationError(GpumatchError, RuntimeError):
 
 class SolutionError(GpumatchError, RuntimeError):
     """The kernel solution is not finite."""
+
+
+class PoorMatchError(GpumatchError, RuntimeError):
+    """A match whose verdict is not ``"good"``, with ``on_poor_match="raise"``.
+
+    The match was computed; the verdict (``metadata["matchQuality"]``, see
+    :mod:`gpumatch.verdict`) says it does not reach the reference.
+
+    Attributes
+    ----------
+    result : ModelPsfMatchResult
+        The whole result, so that the caller can still inspect or use it.
+    """
+
+    def __init__(self, message, result=None):
+        super().__init__(message)
+        self.result = result
 
 
 # -- warnings ------------------------------------------------------------------

@@ -31,6 +31,6 @@ __all__ = [
     "ImagePsf", "VaryingGaussianPsf", "PsfexPsf", "GriddedPsf", "GalSimPsf", "PiffPsf",
     "parse_psf", "SpatialKernel", "apply_kernel", "cupy_usable", "match_many",
     "GpumatchError", "ConfigError", "MissingPsfError", "InsufficientAreaError",
-    "KernelTooLargeError", "PsfEvaluationError", "SolutionError", "PoorMatchError", "GpumatchWarning",
-    "PoorMatchWarning", "ConditioningWarning", "InputWarning", "BackendWarning",
+    "KernelTooLargeError", "PsfEvaluationError", "SolutionError", "PoorMatchError",
+    "GpumatchWarning", "PoorMatchWarning", "ConditioningWarning", "InputWarning", "BackendWarning",
 ]

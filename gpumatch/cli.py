@@ -201,8 +201,8 @@ def build_parser():
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     ex.set_defaults(func=_cmd_example)
 
-    m = sub.add_parser("match", parents=[common], help="PSF-match FITS exposures to a reference PSF model",
-                       epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = sub.add_parser("match", parents=[common],
+                       help="PSF-match FITS exposures to a reference PSF model", epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("exposures", nargs="+", metavar="EXPOSURE.fits", help="input exposures")
     m.add_argument("--reference", required=True, metavar="MODEL",
                    help="reference PSF: e.g. 'gaussian:fwhm=7.7,size=23', "

@@ -1,7 +1,8 @@
 """Exceptions raised by gpumatch.
 
 Every error says what is wrong and how to fix it; all of them are raised before
-any output is produced.
+any output is produced, except :class:`PoorMatchError`, which carries the
+finished result.
 """
 
 __all__ = [

@@ -216,7 +216,7 @@ def warn_conditioning(md):
     why = conditioning_threat(md["spatialConditionNumEquilibrated"], md["spatialSolveRank"],
                               md["numSpatialUnknowns"])
     if why is not None:
-        warn(why, ConditioningWarning, stacklevel=4)
+        warn(why, ConditioningWarning, stacklevel=7)  # the caller of ModelPsfMatchTask.run
     return why
 
 

@@ -341,6 +341,7 @@ class ModelPsfMatchTask:
             "candidateMaxAbs": quality["max_abs"].tolist(),
             "candidateFwhmMatched": quality["fwhm_matched"].tolist(),
             "candidateFwhmReference": quality["fwhm_reference"].tolist(),
+            "candidateFwhmExposure": quality["fwhm_exposure"].tolist(),
             "timings": times,
         }
         judge(md, self.config, cell_set, solution, matched.image)

@@ -22,6 +22,8 @@ The quality figures themselves are those of docs/algorithm.md section 8.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .backend import array_namespace, to_numpy
@@ -71,15 +73,19 @@ def equilibrated_condition_number(A):
     This is the system the spatial solve actually factorises
     (:func:`gpumatch.linalg.solve_symmetric`), so it, not the condition
     number of ``A``, bounds the rounding error of the solution. Infinite when
-    ``A`` is singular or has a non-positive diagonal.
+    ``A`` is singular or has a non-positive diagonal. Computed where ``A``
+    lies (host or device).
     """
-    A = np.asarray(to_numpy(A), dtype=np.float64)
-    diag = np.diag(A)
-    if not (np.all(np.isfinite(A)) and np.all(diag > 0)):
+    xp = array_namespace(A)
+    d = 1.0 / xp.sqrt(xp.diag(A))
+    try:
+        lam = xp.abs(xp.linalg.eigvalsh(A * d[:, None] * d[None, :]))
+    except np.linalg.LinAlgError:  # NaN from a non-positive diagonal
         return float("inf")
-    d = 1.0 / np.sqrt(diag)
-    lam = np.abs(np.linalg.eigvalsh(A * d[:, None] * d[None, :]))
-    return float(lam.max() / lam.min()) if lam.min() > 0 else float("inf")
+    # One small copy back: the extreme eigenvalues (NaN where A is not positive
+    # on its diagonal or not finite).
+    hi, lo = (float(v) for v in to_numpy(xp.stack([lam.max(), lam.min()])))
+    return hi / lo if lo > 0 and math.isfinite(hi / lo) else float("inf")
 
 
 def conditioning_threat(cond_equilibrated, rank, n_unknowns):
@@ -106,21 +112,18 @@ def conditioning_threat(cond_equilibrated, rank, n_unknowns):
             f"smaller cells (sizeCellX/sizeCellY, more candidates) or fewer basis functions")
 
 
-def _deconvolution(cell_set, fwhm_reference):
+def _deconvolution(md):
     """``(n_deconvolved, widest exposure FWHM)``: candidates whose reference is
     narrower than the exposure PSF (adaptive-moment FWHM of the stamps, pixels)."""
-    from .moments import SIGMA_TO_FWHM, adaptive_moments_batch
-
-    mom = to_numpy(adaptive_moments_batch(cell_set.templates))
-    fwhm_t = (mom[:, 2] * mom[:, 3] - mom[:, 4] ** 2) ** 0.25 * SIGMA_TO_FWHM
-    ok = np.isfinite(fwhm_t)
+    fwhm_t = np.asarray(md["candidateFwhmExposure"], dtype=float)
+    fwhm_r = np.asarray(md["candidateFwhmReference"], dtype=float)
+    ok = np.isfinite(fwhm_t) & np.isfinite(fwhm_r)
     if not ok.any():
         return 0, float("nan")
-    return int(np.count_nonzero(np.asarray(fwhm_reference)[ok] < fwhm_t[ok])), \
-        float(fwhm_t[ok].max())
+    return int(np.count_nonzero(fwhm_r[ok] < fwhm_t[ok])), float(fwhm_t[ok].max())
 
 
-def match_verdict(md, config, cell_set, image):
+def match_verdict(md, config, image):
     """The verdict on one match, from its metadata and matched image.
 
     Parameters
@@ -128,12 +131,10 @@ def match_verdict(md, config, cell_set, image):
     md : dict
         The result's metadata (``matchedPsfRelL2Max``,
         ``matchedPsfFwhmRatioWorst``, ``candidateFwhmReference``,
+        ``candidateFwhmExposure``,
         ``ALKernelSize``, ``ALBasisSigGauss``, ``numKernelCandidates``).
     config : ModelPsfMatchConfig
         ``maxMatchedPsfResidual`` and ``maxFwhmError``.
-    cell_set : KernelCellSet
-        Its template stamps are measured only for a poor match, to tell a
-        deconvolution apart.
     image : array (ny, nx)
         The matched image (host or device).
 
@@ -170,7 +171,7 @@ def match_verdict(md, config, cell_set, image):
                f"worst FWHM ratio {ratio:.4f} (maxFwhmError={max_fwhm:g})")
     if resid <= max_res and abs(ratio - 1.0) <= max_fwhm:
         return "good", f"{numbers} over {n} candidates", valid
-    n_dec, fwhm_t = _deconvolution(cell_set, md["candidateFwhmReference"])
+    n_dec, fwhm_t = _deconvolution(md)
     if n_dec:
         fwhm_r = float(np.min(md["candidateFwhmReference"]))
         return "poor", (
@@ -234,6 +235,6 @@ def judge(md, config, cell_set, solution, image):
             matrix = getattr(cell_set, "spatial_matrix", None)
             cond = float("nan") if matrix is None else equilibrated_condition_number(matrix)
         md["spatialConditionNumEquilibrated"] = float(cond)
-    quality, reason, valid = match_verdict(md, config, cell_set, image)
+    quality, reason, valid = match_verdict(md, config, image)
     md.update(matchQuality=quality, matchQualityReason=reason, numValidPixels=valid)
     return md

@@ -133,16 +133,16 @@ def test_thresholds_come_from_the_configuration():
     """The same match judged under other thresholds (no rerun: match_verdict on its metadata)."""
     exposure, reference, task = readme_case()
     result = task.run(exposure, reference, on_poor_match="ignore")
-    md, cells = result.metadata, result.kernelCellSet
+    md = result.metadata
     image = result.psfMatchedExposure.image
     res, ratio = md["matchedPsfRelL2Max"], md["matchedPsfFwhmRatioWorst"]
     loose = ModelPsfMatchConfig(maxMatchedPsfResidual=res * 1.01,
                                 maxFwhmError=abs(ratio - 1) * 1.01)
-    assert match_verdict(md, loose, cells, image)[0] == "good"
+    assert match_verdict(md, loose, image)[0] == "good"
     # Just below either threshold: poor, and the reason names that threshold's value.
     for tight in (loose.copy(maxMatchedPsfResidual=res * 0.99),
                   loose.copy(maxFwhmError=abs(ratio - 1) * 0.99)):
-        quality, reason, _ = match_verdict(md, tight, cells, image)
+        quality, reason, _ = match_verdict(md, tight, image)
         assert quality == "poor"
         assert f"maxMatchedPsfResidual={tight.maxMatchedPsfResidual:g}" in reason
         assert f"maxFwhmError={tight.maxFwhmError:g}" in reason
@@ -162,6 +162,7 @@ def test_deconvolution_is_poor_and_says_so():
     exp_fwhm = float(reason.split("FWHM up to ")[1].split(" px")[0])
     assert ref_fwhm == pytest.approx(2.0 * FWHM, rel=1e-2)
     assert exp_fwhm == pytest.approx(3.0 * FWHM, rel=1e-2)
+    np.testing.assert_allclose(md["candidateFwhmExposure"], 3.0 * FWHM, rtol=1e-2)
     assert f"of {md['numKernelCandidates']} candidates" in reason
     assert f"{md['matchedPsfRelL2Max']:.3g}" in reason
     assert any(issubclass(w.category, gm.PoorMatchWarning) and "deconvolution" in str(w.message)

@@ -12,7 +12,8 @@ from .backend import cupy_usable
 from .config import ModelPsfMatchConfig
 from .errors import (BackendWarning, ConditioningWarning, ConfigError, GpumatchError,
                      GpumatchWarning, InputWarning, InsufficientAreaError, KernelTooLargeError,
-                     MissingPsfError, PoorMatchWarning, PsfEvaluationError, SolutionError)
+                     MissingPsfError, PoorMatchError, PoorMatchWarning, PsfEvaluationError,
+                     SolutionError)
 from .exposure import DEFAULT_MASK_PLANES, Box, Exposure
 from .kernel import SpatialKernel
 from .many import match_many
@@ -30,6 +31,6 @@ __all__ = [
     "ImagePsf", "VaryingGaussianPsf", "PsfexPsf", "GriddedPsf", "GalSimPsf", "PiffPsf",
     "parse_psf", "SpatialKernel", "apply_kernel", "cupy_usable", "match_many",
     "GpumatchError", "ConfigError", "MissingPsfError", "InsufficientAreaError",
-    "KernelTooLargeError", "PsfEvaluationError", "SolutionError", "GpumatchWarning",
-    "PoorMatchWarning", "ConditioningWarning", "InputWarning", "BackendWarning",
+    "KernelTooLargeError", "PsfEvaluationError", "SolutionError", "PoorMatchError",
+    "GpumatchWarning", "PoorMatchWarning", "ConditioningWarning", "InputWarning", "BackendWarning",
 ]

@@ -82,6 +82,35 @@ def _one_line(exc):
     return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
 
 
+#: Exit codes of ``gpumatch`` (also in ``gpumatch --help`` and the README).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_POOR = 0, 1, 2, 3
+EXIT_CODES_HELP = """exit codes:
+  0  every match is good (or an existing good output was skipped)
+  1  at least one input failed with an error (its output is not written)
+  2  bad command line, configuration, model or input: nothing was matched
+  3  no errors, but at least one match is POOR (does not reach the reference) or
+     UNUSABLE (no valid output pixel); those outputs are written and the summary
+     says why and how to fix it"""
+
+
+def _exit_code(rows):
+    """The exit code of a run with these rows, after saying what went wrong on stderr."""
+    n_bad = sum(r["status"] == "failed" for r in rows)
+    n_poor = sum(r["status"] != "failed" and r.get("verdict") in ("poor", "failed")
+                 for r in rows)
+    if n_bad:
+        print(f"gpumatch: {n_bad} of {len(rows)} inputs failed", file=sys.stderr)
+    if n_poor:
+        print(f"gpumatch: {n_poor} of {len(rows)} matches are poor or unusable (outputs written; "
+              "see the summary)", file=sys.stderr)
+    return EXIT_FAILED if n_bad else EXIT_POOR if n_poor else EXIT_OK
+
+
+def _all_good(rows):
+    return all(r["status"] != "failed" and r.get("verdict") not in ("poor", "failed")
+               for r in rows)
+
+
 def _cmd_match_distributed(args):
     """``gpumatch match --scheduler ADDRESS`` / ``--workers N``: one Dask task per file."""
     from .distributed import SUMMARY_NAME, format_summary, match_files
@@ -100,13 +129,10 @@ def _cmd_match_distributed(args):
                        kernel_sum=args.kernel_sum, overwrite=args.overwrite,
                        n_workers=args.workers, progress=not args.quiet,
                        save_kernel=args.save_kernel, plots_dir=args.plots)
-    n_bad = sum(r["status"] == "failed" for r in rows)
-    if not args.quiet or n_bad:
+    if not args.quiet or not _all_good(rows):
         print(format_summary(rows))
         print(f"summary: {os.path.join(args.output_dir, SUMMARY_NAME)}")
-    if n_bad:
-        print(f"gpumatch: {n_bad} of {len(rows)} inputs failed", file=sys.stderr)
-    return 1 if n_bad else 0
+    return _exit_code(rows)
 
 
 def _cmd_match(args):
@@ -157,7 +183,8 @@ def _cmd_match(args):
                 # match_file refuses a missing input or a bad output before any work.
                 row = match_file(path, reference, out, psf=psf, kernel_sum=args.kernel_sum,
                                  save_kernel=args.save_kernel, plots_dir=args.plots,
-                                 overwrite=args.overwrite, task=task)
+                                 overwrite=args.overwrite, task=task,
+                                 on_poor_match="ignore")  # said in the summary
             except Exception as exc:  # one bad input must not stop the others
                 row = {"input": path, "output": out, "status": "failed",
                        "error": _one_line(exc)}
@@ -170,12 +197,9 @@ def _cmd_match(args):
             n_ok = sum(r["status"] == "ok" for r in rows)
             bar.set_postfix_str(f"ok {n_ok}, failed {len(rows) - n_ok}")
             bar.close()
-    if not args.quiet or any(r["status"] != "ok" for r in rows):
+    if not args.quiet or not _all_good(rows):
         print(format_summary(rows, fwhm_ratio=True))
-    n_bad = sum(r["status"] != "ok" for r in rows)
-    if n_bad:
-        print(f"gpumatch: {n_bad} of {len(rows)} inputs failed", file=sys.stderr)
-    return 1 if n_bad else 0
+    return _exit_code(rows)
 
 
 def build_parser():
@@ -183,6 +207,7 @@ def build_parser():
         prog="gpumatch",
         description="PSF-match astronomical exposures to a reference PSF model "
                     "(Alard-Lupton spatial kernels, GPU or CPU).",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
@@ -197,7 +222,8 @@ def build_parser():
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     ex.set_defaults(func=_cmd_example)
 
-    m = sub.add_parser("match", parents=[common], help="PSF-match FITS exposures to a reference PSF model")
+    m = sub.add_parser("match", parents=[common],
+                       help="PSF-match FITS exposures to a reference PSF model", epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("exposures", nargs="+", metavar="EXPOSURE.fits", help="input exposures")
     m.add_argument("--reference", required=True, metavar="MODEL",
                    help="reference PSF: e.g. 'gaussian:fwhm=7.7,size=23', "
@@ -249,7 +275,7 @@ def main(argv=None):
         return args.func(args)
     except (GpumatchError, OSError, ValueError, ImportError) as exc:
         print(f"gpumatch: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -56,6 +56,8 @@ class ModelPsfMatchConfig:
     constantVarianceWeighting: bool = True
     conditionNumberType: str = "EIGENVALUE"
     maxSpatialConditionNumber: float = 1e10
+    maxMatchedPsfResidual: float = 0.01
+    maxFwhmError: float = 0.01
     doAutoPadPsf: bool = True
     autoPadPsfTo: float = 1.4
     padPsfBy: int = 0
@@ -181,6 +183,11 @@ class ModelPsfMatchConfig:
         need(cnt in ("EIGENVALUE", "SVD"), "conditionNumberType", "must be 'EIGENVALUE' or 'SVD'")
         self.conditionNumberType = cnt
         need(as_float("maxSpatialConditionNumber") > 0, "maxSpatialConditionNumber", "must be > 0")
+        # The verdict's thresholds (gpumatch.verdict): relative, so 0.01 is 1%.
+        need(as_float("maxMatchedPsfResidual") > 0, "maxMatchedPsfResidual",
+             "must be > 0 (a relative L2 residual, e.g. 0.01)")
+        need(as_float("maxFwhmError") > 0, "maxFwhmError",
+             "must be > 0 (a relative FWHM error, e.g. 0.01)")
         as_bool("doAutoPadPsf")
         need(1.0 <= as_float("autoPadPsfTo") <= 2.0, "autoPadPsfTo", "must lie in [1.0, 2.0]")
         need(as_int("padPsfBy") >= 0, "padPsfBy", "must be >= 0")

@@ -204,6 +204,8 @@ def _header_summary(header):
                       ("GPM_RESL2", "residual_l2_max")):
         if key in header:
             out[name] = float(header[key])
+    if "GPM_QUAL" in header:
+        out["verdict"] = str(header["GPM_QUAL"])
     return out
 
 
@@ -248,10 +250,11 @@ def match_one(path, reference, output, psf=None, config=None, backend="auto", ke
             row.update(_header_summary(header))
             row["status"] = "skipped"
         else:
+            # The verdict goes into the row (and the summary), not a worker's warning.
             summary = match_file(path, reference, output, psf=psf, config=config,
                                  backend=row["backend"], kernel_sum=kernel_sum,
                                  save_kernel=save_kernel, plots_dir=plots_dir,
-                                 overwrite=overwrite)
+                                 overwrite=overwrite, on_poor_match="ignore")
             row.update(summary)
             row["status"] = "ok"
     except Exception as exc:
@@ -294,7 +297,9 @@ def format_summary(rows, fwhm_ratio=False):
     """A plain-text table of :func:`match_files` rows, then one line per failure.
 
     ``fwhm_ratio`` adds a column of the median matched/reference FWHM ratio
-    (``fwhm_ratio_median``, known for files matched in this run).
+    (``fwhm_ratio_median``, known for files matched in this run). A match
+    whose verdict is not good is shown ``POOR`` or ``UNUSABLE`` and its
+    reason is listed after the failures.
     """
     head = ("input", "status", "kernel sum", "cond", "resid L2 max") \
         + (("FWHM ratio",) if fwhm_ratio else ()) + ("s",)
@@ -304,8 +309,8 @@ def format_summary(rows, fwhm_ratio=False):
             v = r.get(key)
             return format(v, fmt) if isinstance(v, numbers.Real) and not isinstance(v, bool) \
                 else ""
-        data.append((os.path.basename(r["input"]), r["status"].upper() if r["status"] == "failed"
-                     else r["status"], num("kernel_sum", ".5f"), num("condition_number", ".3g"),
+        data.append((os.path.basename(r["input"]), _shown_status(r),
+                     num("kernel_sum", ".5f"), num("condition_number", ".3g"),
                      num("residual_l2_max", ".2e"))
                     + ((num("fwhm_ratio_median", ".4f"),) if fwhm_ratio else ())
                     + (num("seconds", ".2f"),))
@@ -314,7 +319,22 @@ def format_summary(rows, fwhm_ratio=False):
     lines = [fmt.format(*head), "  ".join("-" * w for w in widths)]
     lines.extend(fmt.format(*d) for d in data)
     lines.extend(f"FAILED {r['input']}: {r['error']}" for r in rows if r["status"] == "failed")
+    lines.extend(f"{_shown_status(r)} {r['input']}: {r['verdict_reason']}" for r in rows
+                 if r["status"] != "failed" and r.get("verdict") in VERDICT_WORDS
+                 and r.get("verdict_reason"))
     return "\n".join(lines)
+
+
+#: How a row whose match is not good is shown: ``FAILED`` stays for errors
+#: (nothing written), so a written output with no valid pixel is ``UNUSABLE``.
+VERDICT_WORDS = {"poor": "POOR", "failed": "UNUSABLE"}
+
+
+def _shown_status(row):
+    """The status column of ``row``: FAILED (an error), POOR, UNUSABLE, ok or skipped."""
+    if row["status"] == "failed":
+        return "FAILED"
+    return VERDICT_WORDS.get(row.get("verdict"), row["status"])
 
 
 def _progress_bar(total, enabled):

@@ -1,7 +1,8 @@
 """Exceptions raised by gpumatch.
 
 Every error says what is wrong and how to fix it; all of them are raised before
-any output is produced.
+any output is produced, except :class:`PoorMatchError`, which carries the
+finished result.
 """
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "KernelTooLargeError",
     "PsfEvaluationError",
     "SolutionError",
+    "PoorMatchError",
     "GpumatchWarning",
     "PoorMatchWarning",
     "ConditioningWarning",
@@ -47,6 +49,23 @@ class PsfEvaluationError(GpumatchError, RuntimeError):
 
 class SolutionError(GpumatchError, RuntimeError):
     """The kernel solution is not finite."""
+
+
+class PoorMatchError(GpumatchError, RuntimeError):
+    """A match whose verdict is not ``"good"``, with ``on_poor_match="raise"``.
+
+    The match was computed; the verdict (``metadata["matchQuality"]``, see
+    :mod:`gpumatch.verdict`) says it does not reach the reference.
+
+    Attributes
+    ----------
+    result : ModelPsfMatchResult
+        The whole result, so that the caller can still inspect or use it.
+    """
+
+    def __init__(self, message, result=None):
+        super().__init__(message)
+        self.result = result
 
 
 # -- warnings ------------------------------------------------------------------

@@ -103,10 +103,12 @@ def run_example(backend="auto", reference_sigma=3.0, exposure=None, reference_ps
         f" spatial solve {1e3 * tm['spatialSolve']:.1f})",
         f"  apply time    : {1e3 * tm['apply']:.1f} ms (total {1e3 * wall:.1f} ms)",
         f"  kernel sum    : {md['spatialKernelSum']:.6f}",
-        f"  condition no. : {md['spatialConditionNum']:.4g} ({md['spatialSolveMethod']})",
+        f"  condition no. : {md['spatialConditionNum']:.4g} ({md['spatialSolveMethod']}; "
+        f"equilibrated {md['spatialConditionNumEquilibrated']:.4g})",
         f"  candidates    : {md['numUsedCandidates']} used of {md['numKernelCandidates']}",
         f"  matched PSF vs reference (model stamps): relative L2 median "
         f"{md['matchedPsfRelL2Median']:.2e}, worst {md['matchedPsfRelL2Max']:.2e}",
+        f"  verdict       : {md['matchQuality']}: {md['matchQualityReason']}",
     ]
     if positions is not None and len(positions):
         rel, sig = star_quality(result.psfMatchedExposure, positions, result.referencePsfModel,

@@ -67,6 +67,7 @@ from .basis import alard_lupton_basis
 from .cellset import next_odd
 from .psf.base import Psf
 from .spatial_solve import solve_spatial_systems
+from .verdict import apply_policy, check_on_poor_match
 from .task import ModelPsfMatchTask
 
 log = logging.getLogger("gpumatch")
@@ -286,6 +287,7 @@ class _ManyMatcher:
         self.psf = psf
         self.batch_size = batch_size
         self.read_workers = int(read_workers)
+        self.on_poor_match = "warn"  # match_many's on_poor_match
         self.stages = task._stages
         self.xp = task._stages.xp
         self.oom = _oom_errors(task.backend)
@@ -403,7 +405,8 @@ class _ManyMatcher:
         if job.error is None:
             try:
                 with single_threaded_blas():
-                    result = self.task._complete(job.finishing)
+                    result = apply_policy(self.task._complete(job.finishing),
+                                          self.on_poor_match, stacklevel=5)
             except self.oom:
                 raise
             except Exception as exc:
@@ -546,7 +549,7 @@ class _ManyMatcher:
 
 def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel_sum=1.0, *,
                psf=None, batch_size=None, on_error="raise", read_workers=None,
-               spatial_solve=None):
+               spatial_solve=None, on_poor_match="warn"):
     """PSF-match many exposures to one reference model, in batches.
 
     Parameters
@@ -588,6 +591,11 @@ def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel
     spatial_solve : {"host", "device"}, optional
         As for :class:`ModelPsfMatchTask`: where the GPU backend solves the
         spatial systems.
+    on_poor_match : {"warn", "raise", "ignore"}
+        As for :meth:`ModelPsfMatchTask.run`, exposure by exposure. With
+        ``"raise"`` a poor or failed verdict is that exposure's error
+        (:class:`~gpumatch.errors.PoorMatchError`, its ``result`` the whole
+        result), handled as ``on_error`` says.
 
     Yields
     ------
@@ -599,6 +607,7 @@ def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel
     """
     if on_error not in ("raise", "yield"):
         raise ValueError(f"on_error={on_error!r} must be 'raise' or 'yield'")
+    check_on_poor_match(on_poor_match)
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     if read_workers is None:
@@ -612,4 +621,5 @@ def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel
         psf = resolve_psf(psf)
     matcher = _ManyMatcher(task, referencePsfModel, kernel_sum, psf, batch_size,
                            read_workers=int(read_workers))
+    matcher.on_poor_match = on_poor_match
     return matcher.run(exposures, on_error)

@@ -173,7 +173,8 @@ def check_output(path, output, overwrite):
 
 
 def match_file(path, reference, output, psf=None, config=None, backend="auto", kernel_sum=1.0,
-               save_kernel=False, plots_dir=None, overwrite=False, task=None):
+               save_kernel=False, plots_dir=None, overwrite=False, task=None,
+               on_poor_match="warn"):
     """Read one exposure, PSF-match it and write the result atomically.
 
     Parameters
@@ -186,12 +187,15 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
         Output FITS path.
     psf : Psf or str, optional
         The exposure's PSF; otherwise read from the header/sidecar file.
+    on_poor_match : {"warn", "raise", "ignore"}
+        As for :meth:`ModelPsfMatchTask.run`; a poor match's output is
+        written unless this is ``"raise"``.
 
     Returns
     -------
     dict
         Summary: input, output, status, kernel sum, condition number,
-        residuals, timings.
+        residuals, the verdict (``verdict``, ``verdict_reason``), timings.
     """
     from .task import ModelPsfMatchTask
 
@@ -202,7 +206,8 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
     task = task or ModelPsfMatchTask(config, backend=backend)
     # On the GPU the planes are read into pinned memory: copied to it without staging.
     exposure = read_exposure_with_psf(path, psf, empty=task._stages.empty_host)
-    result = task.run(exposure, resolve_psf(reference), kernelSum=kernel_sum)
+    result = task.run(exposure, resolve_psf(reference), kernelSum=kernel_sum,
+                      on_poor_match=on_poor_match)
     md = result.metadata
     result.psfMatchedExposure.meta.update({
         # Kernel sum at the region centre, spatial condition number, worst
@@ -210,6 +215,7 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
         "GPM_KSUM": md["spatialKernelSum"],
         "GPM_COND": md["spatialConditionNum"],
         "GPM_RESL2": md["matchedPsfRelL2Max"],
+        "GPM_QUAL": md["matchQuality"],  # the verdict: good, poor or failed
     })
     summary = {
         "input": path, "output": output, "status": "ok",
@@ -218,6 +224,7 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
         "fwhm_ratio_median": md["matchedPsfFwhmRatioMedian"],
         "fwhm_ratio_worst": md["matchedPsfFwhmRatioWorst"],
         "candidates": md["numUsedCandidates"],
+        "verdict": md["matchQuality"], "verdict_reason": md["matchQualityReason"],
     }
     written = []
     try:

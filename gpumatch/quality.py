@@ -58,8 +58,9 @@ def candidate_residuals(cell_set, kernel):
     -------
     dict
         ``relative_l2`` and ``max_abs`` (per candidate, on the good region),
-        ``fwhm_matched`` and ``fwhm_reference`` (per candidate, adaptive
-        moments of the whole stamps, pixels), and summaries.
+        ``fwhm_matched``, ``fwhm_reference`` and ``fwhm_exposure`` (the
+        exposure PSF's; per candidate, adaptive moments of the whole stamps,
+        pixels), and summaries.
     """
     # On the device when the stamps are there: only per-candidate numbers come back.
     xp = array_namespace(cell_set.templates)
@@ -71,13 +72,16 @@ def candidate_residuals(cell_set, kernel):
     rel = to_numpy(xp.sqrt((diff ** 2).sum(axis=(1, 2)) / (target ** 2).sum(axis=(1, 2))))
     mx = to_numpy(xp.abs(diff).max(axis=(1, 2)))
     n = len(full_m)
-    # A spatially constant reference (the usual case) is measured once.
+    # A spatially constant reference (the usual case) is measured once; the
+    # exposure PSF (template) stamps in the same batch tell a deconvolution.
     constant_ref = bool((full_t == full_t[:1]).all())
-    mom = adaptive_moments_batch(xp.concatenate([full_m, full_t[:1] if constant_ref else full_t]),
-                                 xp=xp)
+    n_ref = 1 if constant_ref else n
+    templates = xp.asarray(cell_set.templates) if xp is not np else to_numpy(cell_set.templates)
+    mom = adaptive_moments_batch(xp.concatenate([full_m, full_t[:n_ref], templates]), xp=xp)
     radius = to_numpy((mom[:, 2] * mom[:, 3] - mom[:, 4] ** 2) ** 0.25 * SIGMA_TO_FWHM)
     fm = radius[:n]
-    ft = np.full(n, radius[n]) if constant_ref else radius[n:]
+    ft = np.full(n, radius[n]) if constant_ref else radius[n:n + n_ref]
+    fx = radius[n + n_ref:]
     ratio = fm / ft
     worst = int(np.nanargmax(np.abs(ratio - 1))) if np.isfinite(ratio).any() else 0
     return {
@@ -85,6 +89,7 @@ def candidate_residuals(cell_set, kernel):
         "max_abs": mx,
         "fwhm_matched": fm,
         "fwhm_reference": ft,
+        "fwhm_exposure": fx,
         "relative_l2_median": float(np.median(rel)),
         "relative_l2_max": float(rel.max()),
         "max_abs_max": float(mx.max()),

@@ -34,6 +34,9 @@ SPEC_DEFAULTS = {
     "doAutoPadPsf": True,
     "autoPadPsfTo": 1.4,
     "padPsfBy": 0,
+    # The verdict's thresholds (gpumatch.verdict), added to section 2's table.
+    "maxMatchedPsfResidual": 0.01,
+    "maxFwhmError": 0.01,
 }
 
 
@@ -75,6 +78,12 @@ def test_task_default_config_is_spec_default():
     ("conditionNumberType", "TRACE"),
     ("maxSpatialConditionNumber", 0.0),
     ("maxSpatialConditionNumber", float("nan")),
+    ("maxMatchedPsfResidual", 0.0),
+    ("maxMatchedPsfResidual", -0.01),
+    ("maxMatchedPsfResidual", float("inf")),
+    ("maxMatchedPsfResidual", "1%"),
+    ("maxFwhmError", 0.0),
+    ("maxFwhmError", float("nan")),
     ("doAutoPadPsf", 1),
     ("autoPadPsfTo", 0.99),
     ("autoPadPsfTo", 2.01),

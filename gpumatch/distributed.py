@@ -296,8 +296,9 @@ def format_summary(rows, fwhm_ratio=False):
     ``fwhm_ratio`` adds a column of the median matched/reference FWHM ratio
     (``fwhm_ratio_median``, known for files matched in this run).
     """
+    psf_col = any(r.get("psf_source") for r in rows)  # where each file's PSF came from
     head = ("input", "status", "kernel sum", "cond", "resid L2 max") \
-        + (("FWHM ratio",) if fwhm_ratio else ()) + ("s",)
+        + (("FWHM ratio",) if fwhm_ratio else ()) + ("s",) + (("PSF",) if psf_col else ())
     data = []
     for r in rows:
         def num(key, fmt):
@@ -308,7 +309,8 @@ def format_summary(rows, fwhm_ratio=False):
                      else r["status"], num("kernel_sum", ".5f"), num("condition_number", ".3g"),
                      num("residual_l2_max", ".2e"))
                     + ((num("fwhm_ratio_median", ".4f"),) if fwhm_ratio else ())
-                    + (num("seconds", ".2f"),))
+                    + (num("seconds", ".2f"),)
+                    + ((str(r.get("psf_source") or ""),) if psf_col else ()))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *data)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
     lines = [fmt.format(*head), "  ".join("-" * w for w in widths)]

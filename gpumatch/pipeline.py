@@ -130,17 +130,34 @@ def read_exposure_with_psf(path, psf=None, *, psf_hint="give --psf MODEL", empty
 
     path = os.fspath(path)
     exposure = Exposure.read_fits(path, empty=empty)
-    if psf is not None:
-        exposure.psf = resolve_psf(psf)
-    elif exposure.psf is None:
-        found = find_psf(path, exposure.meta)
-        if found is None:
-            hint = f"{psf_hint}, " if psf_hint else ""
-            raise GpumatchError(
-                f"{path}: no PSF model; {hint}put a PSF_FILE card in the header, or place a "
-                f"PSFEx file next to it ({', '.join(p.format(stem='<stem>') for p in PSF_SIDECARS)})")
-        exposure.psf = _psf_from_file(found)
+    exposure.psf, exposure.psf_source = exposure_psf(exposure, path, psf, psf_hint)
     return exposure
+
+
+def exposure_psf(exposure, path, psf=None, psf_hint="give --psf MODEL"):
+    """``(model, source)``: the PSF of the exposure read from ``path``, and where it came from.
+
+    The order: ``psf`` (the caller's, ``"--psf"``), then the model archived in
+    the file itself (``"archive (PcaPsf)"``), then a PSF file named by a header
+    card or lying next to the exposure (``"file NAME"``).
+    """
+    if psf is not None:
+        return resolve_psf(psf), "--psf"
+    if exposure.psf is not None:
+        return exposure.psf, exposure.psf_source or "exposure"
+    archive = getattr(exposure, "archive", None)
+    problem = getattr(archive, "psf_problem", None)
+    found = find_psf(path, exposure.meta)
+    if found is None:
+        if problem:
+            raise GpumatchError(problem)
+        hint = f"{psf_hint}, " if psf_hint else ""
+        raise GpumatchError(
+            f"{path}: no PSF model; {hint}put a PSF_FILE card in the header, or place a "
+            f"PSFEx file next to it ({', '.join(p.format(stem='<stem>') for p in PSF_SIDECARS)})")
+    if problem:
+        log.info("%s; using %s instead", problem, found)
+    return _psf_from_file(found), f"file {os.path.basename(found)}"
 
 
 def output_path_for(path, output_dir=None, output=None):
@@ -217,7 +234,7 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
         "residual_l2_median": md["matchedPsfRelL2Median"], "residual_l2_max": md["matchedPsfRelL2Max"],
         "fwhm_ratio_median": md["matchedPsfFwhmRatioMedian"],
         "fwhm_ratio_worst": md["matchedPsfFwhmRatioWorst"],
-        "candidates": md["numUsedCandidates"],
+        "candidates": md["numUsedCandidates"], "psf_source": exposure.psf_source,
     }
     written = []
     try:

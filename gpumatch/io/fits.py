@@ -421,6 +421,8 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
         planes = _mask_planes(mask_header) if mask_header is not None else {}
         if not planes:
             planes = dict(DEFAULT_MASK_PLANES)
+        elif "NO_DATA" not in planes:
+            _add_no_data_plane(planes, msk, p)
         width = 8 * msk.dtype.itemsize
         bad = {k: v for k, v in planes.items() if not 0 <= v < width}
         if bad:
@@ -454,8 +456,23 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
             id=fields.get("GM_ID"), meta=meta, mask_planes=planes)
     except ValueError as exc:
         raise FitsFormatError(f"{p}: {exc}") from None
+    if layout != "plain":
+        from .afw_archive import attach_archive
+
+        attach_archive(exposure, hdul, primary, p)  # LSST's archived PSF, calibration, ...
     log.debug("read %s (%s, %dx%d, xy0=%s)", p, layout, shape[1], shape[0], xy0)
     return exposure
+
+
+def _add_no_data_plane(planes, mask, path):
+    """Define ``NO_DATA`` (the plane that marks pixels a convolution cannot fill) on the
+    first free bit of a file's plane list that lacks it, as LSST adds planes on use."""
+    used = set(planes.values())
+    free = [b for b in range(8 * mask.dtype.itemsize) if b not in used]
+    if free:
+        planes["NO_DATA"] = free[0]
+        log.info("%s: its mask planes have no NO_DATA; defined as bit %d (no pixel has it)",
+                 path, free[0])
 
 
 def _plain_image_hdu(hdul, path, which):
@@ -552,26 +569,51 @@ def _exposure_hdul(exposure):
         hdr["CUNIT1A"] = "PIXEL"
         hdr["CUNIT2A"] = "PIXEL"
         hdr["WCSNAMEA"] = "PHYSICAL"
+        if name == "VARIANCE":
+            # astropy's CCDData.read(..., hdu_uncertainty="VARIANCE") reads this card.
+            hdr["UTYPE"] = ("VarianceUncertainty", "this plane is a variance")
         if name == "MASK":
             for plane, bit in sorted(exposure.mask_planes.items(), key=lambda kv: kv[1]):
                 key = f"MP_{plane}"
                 with quiet():
                     hdr[key] = (int(bit), f"mask plane {plane}")
         hdus.append(h)
+    from .afw_archive import archive_hdus
+
+    hdus.extend(archive_hdus(exposure, primary.header, len(hdus)))
     return fits.HDUList(hdus)
 
 
-def write_exposure(exposure, path, overwrite=False):
+def _compressed(hdul):
+    """``hdul`` with its image planes tile-compressed losslessly (GZIP_2, floats not
+    quantised), as LSST's ``lossless`` recipe writes them."""
+    fits = _fits()
+    out = [hdul[0]]
+    for h in hdul[1:]:
+        if isinstance(h, fits.ImageHDU) and h.data is not None:
+            h = fits.CompImageHDU(h.data, h.header, compression_type="GZIP_2",
+                                  quantize_level=0.0)
+        out.append(h)
+    return fits.HDUList(out)
+
+
+def write_exposure(exposure, path, overwrite=False, compress=None):
     """Write ``exposure`` to ``path`` atomically (see the module docstring).
 
     The file is complete when it appears: it is written to a temporary file in
     the same directory and renamed. An existing ``path`` raises
-    :class:`FileExistsError` unless ``overwrite`` is True.
+    :class:`FileExistsError` unless ``overwrite`` is True. ``compress`` (default:
+    ``path`` ends in ``.fz``) tile-compresses the planes losslessly.
     """
+    if compress is None:
+        compress = os.fspath(path).lower().endswith(".fz")
+
     def writer(tmp):
         # Built here, after atomic_write has checked ``path``: a refused
         # output costs no copy of the planes.
         hdul = _exposure_hdul(exposure)
+        if compress:
+            hdul = _compressed(hdul)
         with quiet():
             hdul.writeto(tmp, overwrite=True, output_verify="silentfix", checksum=True)
 

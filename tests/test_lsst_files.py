@@ -1,0 +1,212 @@
+"""LSST-native files: the afw archive (PSF, calibration, WCS), the PSF search order
+of the command line, and outputs that astropy and LSST software read back."""
+
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+import gpumatch as gm
+from gpumatch.errors import InputWarning
+from gpumatch.io.afw_archive import ARCHIVE_POINTER
+from gpumatch.moments import adaptive_moments
+
+CALEXP = os.path.join("..", "shared", "data", "lsst", "calexp_pcapsf.fits")
+DES_PSF = os.path.join("..", "shared", "data", "des")
+needs_calexp = pytest.mark.skipif(not os.path.exists(CALEXP),
+                                  reason=f"{CALEXP} (LSST calexp test data) is absent")
+
+
+# -- archives built here, with the column layout of the real files ----------------
+
+
+def _index(rows, spelling):
+    """An ARCHIVE_INDEX table; ``spelling`` is '_' (cat_archive) or '.' (cat.archive)."""
+    cols = [fits.Column(name="id", format="1J", array=[r[0] for r in rows]),
+            fits.Column(name=f"cat{spelling}archive", format="1J", array=[r[1] for r in rows]),
+            fits.Column(name=f"cat{spelling}persistable", format="1J", array=[0] * len(rows)),
+            fits.Column(name="row0", format="1J", array=[r[2] for r in rows]),
+            fits.Column(name="nrows", format="1J", array=[1] * len(rows)),
+            fits.Column(name="name", format="64A", array=[r[3] for r in rows]),
+            fits.Column(name="module", format="64A", array=["lsst.afw.detection"] * len(rows))]
+    hdu = fits.BinTableHDU.from_columns(cols)
+    hdu.header["EXTTYPE"] = "ARCHIVE_INDEX"
+    hdu.header["AR_NCAT"] = 1 + len({r[1] for r in rows})
+    return hdu
+
+
+def _catalog(name, **columns):
+    cols = [fits.Column(name=k, format=f, array=a) for k, (f, a) in columns.items()]
+    hdu = fits.BinTableHDU.from_columns(cols)
+    hdu.header["EXTTYPE"] = "ARCHIVE_DATA"
+    hdu.header["AR_NAME"] = name
+    return hdu
+
+
+def _write_lsst(path, catalogs, index_rows, spelling="_", pointers=None, image=None):
+    """An LSST-layout file: primary, IMAGE/MASK/VARIANCE, then the archive."""
+    image = np.zeros((40, 50), np.float32) if image is None else image
+    primary = fits.PrimaryHDU()
+    primary.header["AR_HDU"] = 5
+    for k, v in (pointers or {"PSF_ID": 1}).items():
+        primary.header[f"HIERARCH {k}" if len(k) > 8 else k] = v
+    planes = []
+    for name, data in (("IMAGE", image), ("MASK", np.zeros(image.shape, np.int32)),
+                       ("VARIANCE", np.ones(image.shape, np.float32))):
+        h = fits.ImageHDU(data)
+        h.header["EXTTYPE"] = name
+        h.header["LTV1"], h.header["LTV2"] = -100, -200
+        planes.append(h)
+    fits.HDUList([primary] + planes + [_index(index_rows, spelling)] + catalogs).writeto(path)
+    return path
+
+
+def _gaussian_file(path, spelling="_", sigma=2.0, pointers=None, image=None):
+    cats = [_catalog("GaussianPsf", dimensions_x=("1J", [21]), dimensions_y=("1J", [21]),
+                     sigma=("1D", [sigma])),
+            _catalog("PhotoCalib", calibrationMean=("1D", [0.25]),
+                     calibrationErr=("1D", [0.01])),
+            _catalog("FilterLabel", band=("8A", ["r"]), physical=("16A", ["r_03"]))]
+    rows = [(1, 1, 0, "GaussianPsf"), (2, 2, 0, "PhotoCalib"), (3, 3, 0, "FilterLabel")]
+    return _write_lsst(path, cats, rows, spelling,
+                       pointers or {"PSF_ID": 1, "PHOTOCALIB_ID": 2}, image)
+
+
+@pytest.mark.parametrize("spelling", ["_", "."])
+def test_gaussian_psf_calibration_and_filter_from_archive(tmp_path, spelling):
+    exp = gm.Exposure.read_fits(_gaussian_file(str(tmp_path / "g.fits"), spelling))
+    assert isinstance(exp.psf, gm.GaussianPsf)
+    assert (exp.psf.width, exp.psf.height, exp.psf.sigma) == (21, 21, 2.0)
+    # The stamp is the analytic one: exp(-r^2 / 2 sigma^2), normalised.
+    y, x = np.mgrid[-10:11, -10:11]
+    g = np.exp(-(x * x + y * y) / 8.0)
+    np.testing.assert_allclose(exp.psf.compute_kernel_image(130, 220), g / g.sum(), atol=1e-14)
+    assert exp.psf_source == "archive (GaussianPsf)"
+    assert exp.photo_calib == 0.25 and exp.filter == "r" and exp.xy0 == (100, 200)
+    assert not any(ARCHIVE_POINTER.match(k) for k in exp.meta)
+
+
+@pytest.mark.parametrize("spelling", ["_", "."])
+def test_double_gaussian_psf_from_archive(tmp_path, spelling):
+    cats = [_catalog("DoubleGaussianPsf", dimensions_x=("1J", [25]), dimensions_y=("1J", [25]),
+                     sigma1=("1D", [1.5]), sigma2=("1D", [4.0]), b=("1D", [0.2]))]
+    path = _write_lsst(str(tmp_path / "d.fits"), cats, [(1, 1, 0, "DoubleGaussianPsf")], spelling)
+    psf = gm.Exposure.read_fits(path).psf
+    assert isinstance(psf, gm.DoubleGaussianPsf)
+    assert (psf.width, psf.sigma1, psf.sigma2, psf.b) == (25, 1.5, 4.0, 0.2)
+    # Independent: two circular Gaussians, the second b times the first at the peak.
+    y, x = np.mgrid[-12:13, -12:13]
+    r2 = x * x + y * y
+    want = np.exp(-r2 / (2 * 1.5 ** 2)) + 0.2 * np.exp(-r2 / (2 * 4.0 ** 2))
+    np.testing.assert_allclose(psf.compute_kernel_image(0, 0), want / want.sum(), atol=1e-12)
+
+
+def test_kernel_psf_with_off_centre_fixed_kernel(tmp_path):
+    # A 4x3 FixedKernel whose centre is pixel (x=1, y=1): padded to 5x5 around it.
+    img = np.arange(12, dtype=float).reshape(3, 4) + 1
+    cats = [_catalog("KernelPsf", kernel=("1J", [2]), averagePosition=("2D", [[10.0, 20.0]])),
+            _catalog("FixedKernel", dimensions=("2J", [[4, 3]]), center=("2J", [[1, 1]]),
+                     image=("12D", [img.ravel()]))]
+    path = _write_lsst(str(tmp_path / "k.fits"), cats,
+                       [(1, 1, 0, "KernelPsf"), (2, 2, 0, "FixedKernel")])
+    psf = gm.Exposure.read_fits(path).psf
+    stamp = psf.compute_kernel_image(0, 0)
+    assert stamp.shape == (5, 5) and psf.average_position == (10.0, 20.0)
+    want = np.zeros((5, 5))
+    want[1:4, 1:5] = img  # centre (1, 1) of the kernel lands on (2, 2)
+    np.testing.assert_allclose(stamp, want / want.sum(), atol=1e-15)
+
+
+class _Boom:
+    """Unpickling this would raise: the test proves the pickle is never loaded."""
+
+    def __reduce__(self):
+        return (_explode, ())
+
+
+def _explode():
+    raise AssertionError("the PiffPsf pickle was loaded")
+
+
+def test_piff_psf_refused_without_unpickling(tmp_path, monkeypatch):
+    blob = np.frombuffer(pickle.dumps(_Boom()), dtype=np.uint8)
+    cats = [_catalog("PiffPsf", piffPsf=(f"{blob.size}B", [blob]))]
+    path = _write_lsst(str(tmp_path / "piff.fits"), cats, [(1, 1, 0, "PiffPsf")])
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("pickle used")
+
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    exp = gm.Exposure.read_fits(path)
+    assert exp.psf is None
+    problem = exp.archive.psf_problem
+    assert "PiffPsf" in problem and "--psf piff:" in problem and path in problem
+    assert "\n" not in problem
+    from gpumatch.pipeline import exposure_psf
+
+    with pytest.raises(gm.errors.GpumatchError, match="PiffPsf"):
+        exposure_psf(exp, path)
+
+
+def test_other_psf_class_named(tmp_path):
+    cats = [_catalog("CoaddPsf", dummy=("1J", [0]))]
+    path = _write_lsst(str(tmp_path / "c.fits"), cats, [(1, 1, 0, "CoaddPsf")])
+    exp = gm.Exposure.read_fits(path)
+    assert exp.psf is None and "is a CoaddPsf" in exp.archive.psf_problem
+
+
+def test_broken_archive_is_one_warning(tmp_path):
+    path = _gaussian_file(str(tmp_path / "g.fits"))
+    with fits.open(path, mode="update") as h:
+        h[0].header["AR_HDU"] = 42
+    with pytest.warns(InputWarning, match="afw archive cannot be read"):
+        exp = gm.Exposure.read_fits(path)
+    assert exp.psf is None and exp.archive is None
+
+
+def _chebyshev_independent(coeffs, lo, hi, x, y):
+    """Chebyshev1Function2D by numpy's chebval2d (term order 1, x, y, x^2, xy, y^2...)."""
+    from numpy.polynomial.chebyshev import chebval2d
+
+    n = len(coeffs)
+    order = int(round((np.sqrt(8 * n + 1) - 3) / 2))
+    c = np.zeros((order + 1, order + 1))
+    k = 0
+    for total in range(order + 1):
+        for j in range(total + 1):
+            c[total - j, j] = coeffs[k]
+            k += 1
+    u = (2 * x - lo[0] - hi[0]) / (hi[0] - lo[0])
+    v = (2 * y - lo[1] - hi[1]) / (hi[1] - lo[1])
+    return chebval2d(u, v, c)
+
+
+@needs_calexp
+def test_pcapsf_of_the_real_calexp():
+    exp = gm.Exposure.read_fits(CALEXP)
+    assert exp.xy0 == (1868, 2100) and exp.filter == "i"
+    assert exp.psf_source == "archive (PcaPsf)"
+    # FLUXMAG0 -> nJy per count: 3631 Jy / FLUXMAG0.
+    assert exp.photo_calib == pytest.approx(3631e9 / 104525881029524.0, rel=1e-4)
+    assert exp.wcs is not None  # the FITS WCS of the IMAGE header
+    # Independent evaluation straight from the tables (HDU 7: functions, 8: images).
+    with fits.open(CALEXP) as h:
+        funcs, comps = h[7].data, h[8].data
+        x, y = 1941.0, 2127.0
+        w = [_chebyshev_independent(f["coefficients"], f["min"], f["max"], x, y) for f in funcs]
+        want = sum(wk * c["image"].reshape(25, 25) for wk, c in zip(w, comps))
+    want = want / want.sum()
+    got = exp.psf.compute_kernel_image(x, y)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-14)
+    # The figures of the data README.
+    yy, xx = np.mgrid[:25, :25] - 12.0
+    assert abs((got * xx).sum()) < 0.005 and abs((got * yy).sum()) < 0.005
+    assert (got * xx * xx).sum() == pytest.approx(5.040, abs=5e-4)
+    assert (got * yy * yy).sum() == pytest.approx(5.007, abs=5e-4)
+    batch = exp.psf.compute_kernel_images([x, 1880.0], [y, 2190.0])
+    np.testing.assert_allclose(batch[0], got, atol=1e-15)
+    assert adaptive_moments(batch[1])[2] > 0

@@ -190,7 +190,7 @@ def check_output(path, output, overwrite):
 
 
 def match_file(path, reference, output, psf=None, config=None, backend="auto", kernel_sum=1.0,
-               save_kernel=False, plots_dir=None, overwrite=False, task=None):
+               save_kernel=False, plots_dir=None, overwrite=False, task=None, compress=None):
     """Read one exposure, PSF-match it and write the result atomically.
 
     Parameters
@@ -202,7 +202,10 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
     output : str
         Output FITS path.
     psf : Psf or str, optional
-        The exposure's PSF; otherwise read from the header/sidecar file.
+        The exposure's PSF; otherwise the file's archived PSF, else a PSF file
+        (:func:`exposure_psf`).
+    compress : bool, optional
+        Tile-compress the output losslessly (default: ``output`` ends in ``.fz``).
 
     Returns
     -------
@@ -252,7 +255,8 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
                                                        prefix=f"{stem}_", overwrite=overwrite)
             written.extend(summary["plots"])
         # The exposure goes last: its presence means the whole job finished.
-        result.psfMatchedExposure.write_fits(output, overwrite=overwrite)
+        extra = {} if compress is None else {"compress": compress}  # None: by the name
+        result.psfMatchedExposure.write_fits(output, overwrite=overwrite, **extra)
     except BaseException:
         for p in written:
             if os.path.exists(p):

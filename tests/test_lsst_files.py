@@ -210,3 +210,203 @@ def test_pcapsf_of_the_real_calexp():
     batch = exp.psf.compute_kernel_images([x, 1880.0], [y, 2190.0])
     np.testing.assert_allclose(batch[0], got, atol=1e-15)
     assert adaptive_moments(batch[1])[2] > 0
+
+
+# -- PSF search order ---------------------------------------------------------------
+
+
+def test_psf_search_order(tmp_path):
+    from gpumatch.pipeline import exposure_psf, read_exposure_with_psf
+
+    sidecar = os.path.join(DES_PSF, "DECam_00154912_12_psfcat.psf")
+    if not os.path.exists(sidecar):
+        pytest.skip(f"{sidecar} (DES PSFEx test data) is absent")
+    path = _gaussian_file(str(tmp_path / "g.fits"))
+    shutil.copy(sidecar, tmp_path / "g.psf")
+    # --psf first, then the archive, although a sidecar lies next to the file.
+    exp = read_exposure_with_psf(path, "gaussian:sigma=3,size=21")
+    assert exp.psf_source == "--psf" and exp.psf.sigma == 3
+    exp = read_exposure_with_psf(path)
+    assert exp.psf_source == "archive (GaussianPsf)" and exp.psf.sigma == 2
+    # An archived PSF that cannot be used gives way to the sidecar.
+    cats = [_catalog("CoaddPsf", dummy=("1J", [0]))]
+    other = _write_lsst(str(tmp_path / "c.fits"), cats, [(1, 1, 0, "CoaddPsf")])
+    shutil.copy(sidecar, tmp_path / "c.psf")
+    exp = gm.Exposure.read_fits(other)
+    psf, source = exposure_psf(exp, other)
+    assert isinstance(psf, gm.PsfexPsf) and source == "file c.psf"
+
+
+@needs_calexp
+@pytest.mark.parametrize("given, source", [(None, "archive (PcaPsf)"),
+                                           ("gaussian:fwhm=5.2,size=25", "--psf")])
+def test_cli_round_trip_of_the_calexp(tmp_path, capsys, given, source):
+    from gpumatch.cli import main
+
+    out = str(tmp_path / "out.fits")
+    argv = ["match", CALEXP, "--reference", "gaussian:fwhm=6,size=25", "-o", out]
+    assert main(argv + (["--psf", given] if given else [])) == 0
+    summary = capsys.readouterr().out
+    assert source in summary.splitlines()[-1]
+    back = gm.Exposure.read_fits(out)
+    # The output's PSF is the reference, written as a GaussianPsf archive entry.
+    assert isinstance(back.psf, gm.GaussianPsf) and back.psf_source == "archive (GaussianPsf)"
+    assert back.psf.sigma == pytest.approx(6 / (2 * np.sqrt(2 * np.log(2))), rel=1e-12)
+    assert back.photo_calib == pytest.approx(3631e9 / 104525881029524.0, rel=1e-4)
+    _check_archive_consistent(out)
+    with fits.open(out) as h, fits.open(CALEXP) as src:
+        names = [n.strip() for n in h[h[0].header["AR_HDU"] - 1].data["name"]]
+        assert sorted(names) == ["GaussianPsf", "TanWcs"]
+        # The archived WCS is copied through unchanged and still found by its id.
+        wcs_hdu = next(x for x in h[4:] if x.header.get("AR_NAME") == "TanWcs")
+        _assert_same_rows(wcs_hdu, src[9])
+        assert h[0].header["WCS_ID"] == 19
+
+
+def _assert_same_rows(a, b):
+    assert a.columns.names == b.columns.names and len(a.data) == len(b.data)
+    for name in a.columns.names:
+        x, y = a.data[name], b.data[name]
+        if x.dtype.kind in "SU":
+            assert [str(v).strip() for v in x] == [str(v).strip() for v in y]
+        else:
+            np.testing.assert_array_equal(x, y)
+
+
+def _check_archive_consistent(path):
+    """Every pointer card and index row of ``path`` points at something that exists."""
+    with fits.open(path) as h:
+        hdr = h[0].header
+        start = hdr["AR_HDU"] - 1
+        index = h[start]
+        assert index.header["EXTTYPE"] == "ARCHIVE_INDEX"
+        n_cat = index.header["AR_NCAT"]
+        assert start + n_cat == len(h)
+        for i in range(1, n_cat):
+            assert h[start + i].header["AR_CATN"] == i
+        col = "cat_archive" if "cat_archive" in index.columns.names else "cat.archive"
+        ids = set()
+        for row in index.data:
+            cat = h[start + row[col]]
+            assert row["row0"] + row["nrows"] <= len(cat.data)
+            assert cat.header["AR_NAME"] == row["name"].strip()
+            ids.add(int(row["id"]))
+        for key in hdr:
+            if ARCHIVE_POINTER.match(key) and key != "AR_HDU":
+                assert hdr[key] in ids, key
+
+
+# -- outputs ------------------------------------------------------------------------
+
+
+@needs_calexp
+def test_unchanged_exposure_writes_its_archive_as_it_came(tmp_path):
+    exp = gm.Exposure.read_fits(CALEXP)
+    out = exp.write_fits(str(tmp_path / "same.fits"))
+    _check_archive_consistent(out)
+    with fits.open(out) as h, fits.open(CALEXP) as src:
+        assert len(h) == len(src) == 10
+        for i in range(4, 10):
+            _assert_same_rows(h[i], src[i])
+    back = gm.Exposure.read_fits(out)
+    np.testing.assert_array_equal(back.psf.compute_kernel_image(1941, 2127),
+                                  exp.psf.compute_kernel_image(1941, 2127))
+
+
+@needs_calexp
+def test_other_reference_models_are_written_as_a_kernel_psf_stamp(tmp_path):
+    exp = gm.Exposure.read_fits(CALEXP)
+    y, x = np.mgrid[-7:8, -7:8]
+    stamp = np.exp(-(x * x / 6.0 + y * y / 3.0))
+    exp.psf = gm.ImagePsf(stamp)
+    out = exp.write_fits(str(tmp_path / "k.fits"))
+    _check_archive_consistent(out)
+    back = gm.Exposure.read_fits(out)
+    assert back.psf_source == "archive (KernelPsf)"
+    np.testing.assert_allclose(back.psf.compute_kernel_image(0, 0), stamp / stamp.sum(),
+                               atol=1e-15)
+
+
+def test_no_archive_pointer_without_its_archive(tmp_path):
+    meta = {"PSF_ID": 1, "SKYWCS_ID": 3, "PHOTOCALIB_ID": 4, "EXPINFO_V": 2,
+            "ARCHIVE_ID_DETECTOR": 5, "AR_HDU": 5, "OBSID": 7}
+    exp = gm.Exposure(np.ones((5, 6)), meta=meta, psf=gm.GaussianPsf(5, 5, 1.0))
+    out = exp.write_fits(str(tmp_path / "plain.fits"))
+    with fits.open(out) as h:
+        assert len(h) == 4 and h[0].header["OBSID"] == 7
+        assert not [k for k in h[0].header if ARCHIVE_POINTER.match(k)]
+
+
+@needs_calexp
+def test_dropping_the_archive_drops_its_pointers(tmp_path):
+    exp = gm.Exposure.read_fits(CALEXP)
+    exp.archive = None
+    out = exp.write_fits(str(tmp_path / "noarch.fits"))
+    with fits.open(out) as h:
+        assert len(h) == 4
+        assert not [k for k in h[0].header if ARCHIVE_POINTER.match(k)]
+        assert h[0].header["FLUXMAG0"] == 104525881029524.0  # the calibration stays
+
+
+def _planes_exposure():
+    rng = np.random.default_rng(5)
+    planes = {"BAD": 0, "SAT": 1, "DETECTED_NEGATIVE": 6, "NO_DATA": 8, "VERY_LONG_PLANE": 12}
+    mask = rng.integers(0, 2 ** 13, size=(30, 40)).astype(np.int32)
+    return gm.Exposure(rng.normal(size=(30, 40)).astype(np.float32),
+                       rng.uniform(1, 2, size=(30, 40)).astype(np.float32), mask,
+                       xy0=(7, -3), meta={"BUNIT": "adu", "LONGKEYWORD": 3},
+                       mask_planes=planes)
+
+
+def test_ccddata_reads_variance_as_variance_and_the_mask_bits(tmp_path):
+    from astropy.nddata import CCDData, VarianceUncertainty
+
+    exp = _planes_exposure()
+    out = exp.write_fits(str(tmp_path / "o.fits"))
+    ccd = CCDData.read(out, hdu_uncertainty="VARIANCE", hdu_mask="MASK", hdu_flags="MASK")
+    assert isinstance(ccd.uncertainty, VarianceUncertainty)
+    np.testing.assert_array_equal(ccd.uncertainty.array, exp.variance)
+    np.testing.assert_array_equal(ccd.flags, exp.mask)
+    np.testing.assert_array_equal(ccd.mask, exp.mask != 0)
+    assert str(ccd.unit) == "adu"
+
+
+def test_to_ccddata_write_round_trip(tmp_path):
+    from astropy.nddata import CCDData
+
+    exp = _planes_exposure()
+    path = str(tmp_path / "ccd.fits")
+    exp.to_ccddata().write(path, hdu_flags="FLAGS")
+    back = gm.Exposure.from_nddata(CCDData.read(path, hdu_flags="FLAGS"))
+    np.testing.assert_array_equal(back.mask, exp.mask)
+    np.testing.assert_array_equal(back.variance, exp.variance)
+    assert back.xy0 == exp.xy0 and back.mask_planes == exp.mask_planes
+    assert back.meta["LONGKEYWORD"] == 3
+
+
+@pytest.mark.parametrize("name, compress", [("o.fits.fz", None), ("o.fits", True)])
+def test_compressed_output_is_lossless(tmp_path, name, compress):
+    exp = _planes_exposure()
+    out = exp.write_fits(str(tmp_path / name), compress=compress)
+    with fits.open(out) as h:
+        assert [type(x).__name__ for x in h[1:4]] == ["CompImageHDU"] * 3
+    back = gm.Exposure.read_fits(out)
+    np.testing.assert_array_equal(back.mask, exp.mask)
+    np.testing.assert_array_equal(back.variance, exp.variance)
+    np.testing.assert_array_equal(back.image, exp.image)
+    assert back.xy0 == exp.xy0 and back.mask_planes == exp.mask_planes
+    # Random bits do not compress: the point is only that compression is lossless.
+    plain = exp.write_fits(str(tmp_path / "plain.fits"))
+    assert os.path.getsize(plain) > 0
+
+
+@needs_calexp
+def test_compressed_calexp_output_keeps_its_archive(tmp_path):
+    exp = gm.Exposure.read_fits(CALEXP)
+    out = exp.write_fits(str(tmp_path / "c.fits.fz"))
+    _check_archive_consistent(out)
+    assert os.path.getsize(out) < os.path.getsize(CALEXP)
+    back = gm.Exposure.read_fits(out)
+    np.testing.assert_array_equal(back.mask, exp.mask)
+    np.testing.assert_array_equal(back.variance, exp.variance)
+    assert back.psf_source == "archive (PcaPsf)"

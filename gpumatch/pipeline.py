@@ -237,7 +237,8 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
         "residual_l2_median": md["matchedPsfRelL2Median"], "residual_l2_max": md["matchedPsfRelL2Max"],
         "fwhm_ratio_median": md["matchedPsfFwhmRatioMedian"],
         "fwhm_ratio_worst": md["matchedPsfFwhmRatioWorst"],
-        "candidates": md["numUsedCandidates"], "psf_source": exposure.psf_source,
+        "candidates": md["numUsedCandidates"],
+        "psf_source": exposure.psf_source,  # --psf, the file's archive, or a PSF file
     }
     written = []
     try:

@@ -60,6 +60,8 @@ def _write_lsst(path, catalogs, index_rows, spelling="_", pointers=None, image=N
         h.header["EXTTYPE"] = name
         h.header["LTV1"], h.header["LTV2"] = -100, -200
         planes.append(h)
+    for i, cat in enumerate(catalogs, start=1):
+        cat.header["AR_CATN"] = i
     fits.HDUList([primary] + planes + [_index(index_rows, spelling)] + catalogs).writeto(path)
     return path
 
@@ -410,3 +412,21 @@ def test_compressed_calexp_output_keeps_its_archive(tmp_path):
     np.testing.assert_array_equal(back.mask, exp.mask)
     np.testing.assert_array_equal(back.variance, exp.variance)
     assert back.psf_source == "archive (PcaPsf)"
+
+
+def test_wcs_only_in_the_archive_is_said_once(tmp_path, recwarn):
+    cats = [_catalog("GaussianPsf", dimensions_x=("1J", [11]), dimensions_y=("1J", [11]),
+                     sigma=("1D", [1.0])),
+            _catalog("TanWcs", crval=("2D", [[80.0, -10.0]]))]
+    path = _write_lsst(str(tmp_path / "w.fits"), cats,
+                       [(1, 1, 0, "GaussianPsf"), (2, 2, 0, "TanWcs")],
+                       pointers={"PSF_ID": 1, "WCS_ID": 2, "FLUXMAG0": 1e12})
+    exp = gm.Exposure.read_fits(path)
+    said = [w for w in recwarn if issubclass(w.category, InputWarning)]
+    assert len(said) == 1 and "only in the afw archive" in str(said[0].message)
+    assert exp.wcs is None
+    assert exp.photo_calib == pytest.approx(3.631e12 / 1e12, rel=1e-4)
+    # Written back, the archived WCS keeps its id and its pointer.
+    out = exp.write_fits(str(tmp_path / "w_out.fits"))
+    _check_archive_consistent(out)
+    assert fits.getheader(out)["WCS_ID"] == 2

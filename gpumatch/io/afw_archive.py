@@ -418,7 +418,14 @@ def read_archive(hdul, primary, path):
         if not 0 < start < len(hdul) or not isinstance(hdul[start], fits.BinTableHDU) \
                 or isinstance(hdul[start], fits.CompImageHDU):
             raise ArchiveError(f"AR_HDU = {ar} is not a table HDU of this {len(hdul)}-HDU file")
-        n_cat = hdul[start].header.get("AR_NCAT", len(hdul) - start)
+        n_cat = hdul[start].header.get("AR_NCAT")
+        if n_cat is None:  # the archive's tables, up to the first HDU that is not one
+            n_cat = 1
+            while start + n_cat < len(hdul) and \
+                    hdul[start + n_cat].header.get("EXTTYPE") == "ARCHIVE_DATA":
+                n_cat += 1
+        if start + int(n_cat) > len(hdul):
+            raise ArchiveError(f"AR_NCAT = {n_cat} catalogues do not fit in the file")
         # Detached from the file (closed after reading) by copying the rows.
         hdus = [fits.BinTableHDU(data=np.array(h.data), header=h.header.copy())
                 for h in hdul[start:start + int(n_cat)]]
@@ -441,6 +448,12 @@ def attach_archive(exposure, hdul, primary, path):
             del exposure.meta[key]
     archive = read_archive(hdul, primary, path)
     exposure.archive = archive
+    if exposure.photo_calib is None and archive is not None:
+        exposure.photo_calib = archive.photo_calib()
+    fluxmag0 = exposure.meta.get("FLUXMAG0")
+    if exposure.photo_calib is None and isinstance(fluxmag0, (int, float)) \
+            and not isinstance(fluxmag0, bool) and fluxmag0 > 0:
+        exposure.photo_calib = _NJY_AB_ZERO / float(fluxmag0)
     if archive is None:
         return None
     if exposure.psf is None:
@@ -448,11 +461,6 @@ def attach_archive(exposure, hdul, primary, path):
         if exposure.psf is not None:
             exposure.psf_source = f"archive ({archive.psf_class})"
             log.info("%s: PSF read from its archive (%s)", path, archive.psf_class)
-    if exposure.photo_calib is None:
-        exposure.photo_calib = archive.photo_calib()
-        fluxmag0 = exposure.meta.get("FLUXMAG0")
-        if exposure.photo_calib is None and isinstance(fluxmag0, (int, float)) and fluxmag0 > 0:
-            exposure.photo_calib = _NJY_AB_ZERO / float(fluxmag0)
     if exposure.filter is None:
         exposure.filter = archive.filter_label()
     if exposure.wcs is None and archive.has_wcs():

@@ -8,7 +8,9 @@ HDU  EXTNAME      content
 0    (primary)    no data; the exposure's ``meta`` cards, ``FILTER``
 1    ``IMAGE``    image plane (its dtype); WCS, ``LTV1/LTV2``, ``EXTTYPE``
 2    ``MASK``     integer bit planes; ``MP_<NAME> = bit`` for every plane
-3    ``VARIANCE`` variance plane (its dtype)
+3    ``VARIANCE`` variance plane (its dtype); ``UTYPE`` for astropy's CCDData
+4..  (tables)     the afw object archive of an LSST input, PSF replaced
+                  (:mod:`gpumatch.io.afw_archive`); ``AR_HDU`` points to it
 ==== ============ ==========================================================
 
 Conventions:

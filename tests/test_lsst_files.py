@@ -430,3 +430,25 @@ def test_wcs_only_in_the_archive_is_said_once(tmp_path, recwarn):
     out = exp.write_fits(str(tmp_path / "w_out.fits"))
     _check_archive_consistent(out)
     assert fits.getheader(out)["WCS_ID"] == 2
+
+
+def test_origin_in_linear_alternate_wcs_only_unit_per_plane_and_unknown_mask_cards(tmp_path):
+    planes = []
+    for name, data in (("IMAGE", np.zeros((4, 5), np.float32)),
+                       ("MASK", np.zeros((4, 5), np.int32)),
+                       ("VARIANCE", np.ones((4, 5), np.float32))):
+        h = fits.ImageHDU(data, name=name)
+        # No LTV cards and no WCSNAMEA: only the linear pixel alternate WCS.
+        for k, v in (("CTYPE1A", "LINEAR"), ("CTYPE2A", "LINEAR"), ("CRPIX1A", 1.0),
+                     ("CRPIX2A", 1.0), ("CRVAL1A", 1868.0), ("CRVAL2A", 2100.0),
+                     ("CUNIT1A", "pixel"), ("CUNIT2A", "pixel"), ("BUNIT", "nJy")):
+            h.header[k] = v
+        if name == "MASK":
+            h.header["MSKN0001"] = "NO_DATA"
+            h.header["MSKM0001"] = 256
+        planes.append(h)
+    path = str(tmp_path / "vi.fits")
+    fits.HDUList([fits.PrimaryHDU()] + planes).writeto(path)
+    with pytest.warns(InputWarning, match="MSKN/MSKM"):
+        exp = gm.Exposure.read_fits(path)
+    assert exp.xy0 == (1868, 2100) and exp.meta["BUNIT"] == "nJy"

@@ -246,7 +246,12 @@ def _xy0_from_header(header, path):
     ltv = [header.get("LTV1"), header.get("LTV2")]
     if ltv[0] is None and ltv[1] is None:
         name = str(header.get("WCSNAMEA", "")).strip().upper()
-        if name == "PHYSICAL" and "CRVAL1A" in header:
+        # The physical (parent pixel) alternate WCS, named or recognisable by its
+        # linear pixel axes as LSST writes it.
+        linear = all(str(header.get(f"CTYPE{i}A", "")).strip().upper() == "LINEAR"
+                     and str(header.get(f"CUNIT{i}A", "pixel")).strip().lower() in ("pixel", "")
+                     for i in (1, 2))
+        if (name == "PHYSICAL" or linear) and "CRVAL1A" in header:
             ltv = [-(header.get("CRVAL1A", 0) - (header.get("CRPIX1A", 1) - 1)),
                    -(header.get("CRVAL2A", 0) - (header.get("CRPIX2A", 1) - 1))]
         else:
@@ -421,6 +426,13 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
 
     if mask_planes is None:
         planes = _mask_planes(mask_header) if mask_header is not None else {}
+        if mask_header is not None and not planes and any(
+                k.startswith(("MSKN", "MSKM")) for k in mask_header):
+            from ..errors import InputWarning, warn
+
+            warn(f"{p}: its mask planes are described by MSKN/MSKM cards, which gpumatch does "
+                 "not read; the standard LSST planes are assumed (pass mask_planes= to set "
+                 "them)", InputWarning)
         if not planes:
             planes = dict(DEFAULT_MASK_PLANES)
         elif "NO_DATA" not in planes:
@@ -439,6 +451,8 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
     if wcs is None and layout == "plain" and image_hdu is not hdul[0]:
         wcs = _wcs_from_header(primary, p)
     meta = header_to_meta(primary, skip_wcs=True)
+    if layout != "plain" and "BUNIT" not in meta and isinstance(hdr.get("BUNIT"), str):
+        meta["BUNIT"] = hdr["BUNIT"]  # files that give the unit per plane
     # LSST files keep the metadata in the primary header; a plain image in an
     # extension (e.g. a tile-compressed one) has its own cards too.
     if layout == "plain" and image_hdu is not hdul[0]:

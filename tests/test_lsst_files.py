@@ -432,7 +432,7 @@ def test_wcs_only_in_the_archive_is_said_once(tmp_path, recwarn):
     assert fits.getheader(out)["WCS_ID"] == 2
 
 
-def test_origin_in_linear_alternate_wcs_only_unit_per_plane_and_unknown_mask_cards(tmp_path):
+def test_origin_in_linear_alternate_wcs_only_unit_per_plane_and_msk_cards(tmp_path):
     planes = []
     for name, data in (("IMAGE", np.zeros((4, 5), np.float32)),
                        ("MASK", np.zeros((4, 5), np.int32)),
@@ -444,11 +444,14 @@ def test_origin_in_linear_alternate_wcs_only_unit_per_plane_and_unknown_mask_car
                      ("CUNIT1A", "pixel"), ("CUNIT2A", "pixel"), ("BUNIT", "nJy")):
             h.header[k] = v
         if name == "MASK":
-            h.header["MSKN0001"] = "NO_DATA"
-            h.header["MSKM0001"] = 256
+            h.header["MSKN0000"] = "NO_DATA"
+            h.header["MSKM0000"] = 256
+            h.header["MSKN0001"] = "TWO_BITS"
+            h.header["MSKM0001"] = 3
         planes.append(h)
     path = str(tmp_path / "vi.fits")
     fits.HDUList([fits.PrimaryHDU()] + planes).writeto(path)
-    with pytest.warns(InputWarning, match="MSKN/MSKM"):
+    with pytest.warns(InputWarning, match="MSKN0001='TWO_BITS' have no one-bit MSKM"):
         exp = gm.Exposure.read_fits(path)
     assert exp.xy0 == (1868, 2100) and exp.meta["BUNIT"] == "nJy"
+    assert exp.mask_planes == {"NO_DATA": 8}

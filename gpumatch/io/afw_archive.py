@@ -40,7 +40,7 @@ import re
 import numpy as np
 
 from ..errors import InputWarning, warn
-from ..psf.base import Psf
+from ..psf.base import Psf, centred_on
 
 log = logging.getLogger("gpumatch")
 
@@ -292,11 +292,7 @@ def _fixed_image(hdu, row):
     w, h = (int(v) for v in _point(row, hdu, "dimensions"))
     cx, cy = (int(v) for v in _point(row, hdu, "center"))
     img = np.asarray(row[_col(hdu, "image")], dtype=np.float64).reshape(h, w)  # row-major
-    # Pad so that the kernel's centre pixel becomes the middle of an odd square.
-    half = max(cx, w - 1 - cx, cy, h - 1 - cy)
-    out = np.zeros((2 * half + 1, 2 * half + 1))
-    out[half - cy:half - cy + h, half - cx:half - cx + w] = img
-    return out
+    return centred_on(img, cx, cy)
 
 
 class SpatialFunction:

@@ -426,13 +426,10 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
 
     if mask_planes is None:
         planes = _mask_planes(mask_header) if mask_header is not None else {}
-        if mask_header is not None and not planes and any(
-                k.startswith(("MSKN", "MSKM")) for k in mask_header):
-            from ..errors import InputWarning, warn
+        if mask_header is not None and not planes:
+            from .lsst_images import mask_planes_from_cards
 
-            warn(f"{p}: its mask planes are described by MSKN/MSKM cards, which gpumatch does "
-                 "not read; the standard LSST planes are assumed (pass mask_planes= to set "
-                 "them)", InputWarning)
+            planes = mask_planes_from_cards(mask_header, p)  # lsst-images' MSKN/MSKM
         if not planes:
             planes = dict(DEFAULT_MASK_PLANES)
         elif "NO_DATA" not in planes:
@@ -476,6 +473,10 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
         from .afw_archive import attach_archive
 
         attach_archive(exposure, hdul, primary, p)  # LSST's archived PSF, calibration, ...
+        from .lsst_images import attach_lsst_images, is_lsst_images
+
+        if is_lsst_images(primary):
+            attach_lsst_images(exposure, hdul, primary, p)
     log.debug("read %s (%s, %dx%d, xy0=%s)", p, layout, shape[1], shape[0], xy0)
     return exposure
 

@@ -68,6 +68,9 @@ def _cmd_match_distributed(args):
 
     if args.output or not args.output_dir:
         raise ValueError("--scheduler/--workers write to --output-dir DIR (not -o FILE)")
+    if getattr(args, "compress", False):
+        raise ValueError("--compress is not available with --scheduler/--workers (outputs of "
+                         "inputs named *.fz are compressed); run without them to compress")
     if args.scheduler and args.workers is not None:
         raise ValueError("give --scheduler ADDRESS (an existing cluster) or --workers N (a local "
                          "one), not both")

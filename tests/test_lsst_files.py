@@ -455,3 +455,12 @@ def test_origin_in_linear_alternate_wcs_only_unit_per_plane_and_msk_cards(tmp_pa
         exp = gm.Exposure.read_fits(path)
     assert exp.xy0 == (1868, 2100) and exp.meta["BUNIT"] == "nJy"
     assert exp.mask_planes == {"NO_DATA": 8}
+
+
+def test_compress_with_a_cluster_is_refused_before_any_work(tmp_path, capsys):
+    from gpumatch.cli import main
+
+    rc = main(["match", "in.fits", "--reference", "gaussian:fwhm=6,size=25", "--output-dir",
+               str(tmp_path / "out"), "--workers", "1", "--compress"])
+    assert rc == 2 and "--compress is not available" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -118,6 +118,9 @@ def _cmd_match_distributed(args):
 
     if args.output or not args.output_dir:
         raise ValueError("--scheduler/--workers write to --output-dir DIR (not -o FILE)")
+    if getattr(args, "compress", False):
+        raise ValueError("--compress is not available with --scheduler/--workers (outputs of "
+                         "inputs named *.fz are compressed); run without them to compress")
     if args.scheduler and args.workers is not None:
         raise ValueError("give --scheduler ADDRESS (an existing cluster) or --workers N (a local "
                          "one), not both")
@@ -184,6 +187,7 @@ def _cmd_match(args):
                 row = match_file(path, reference, out, psf=psf, kernel_sum=args.kernel_sum,
                                  save_kernel=args.save_kernel, plots_dir=args.plots,
                                  overwrite=args.overwrite, task=task,
+                                 compress=args.compress or None,
                                  on_poor_match="ignore")  # said in the summary
             except Exception as exc:  # one bad input must not stop the others
                 row = {"input": path, "output": out, "status": "failed",
@@ -230,8 +234,9 @@ def build_parser():
                         "'doublegaussian:sigma1=3.27,sigma2=8.175,b=0.1,size=23', "
                         "'psfex:FILE.psf' or a PSF file")
     m.add_argument("--psf", metavar="MODEL",
-                   help="PSF of the exposures (same forms); default: the file named by the "
-                        "header card PSF_FILE or lying next to each exposure (<stem>.psf)")
+                   help="PSF of the exposures (same forms); default: the PSF archived in an "
+                        "LSST file, else the file named by the header card PSF_FILE or lying "
+                        "next to each exposure (<stem>.psf)")
     m.add_argument("--output-dir", metavar="DIR", help="write outputs here (same file names)")
     m.add_argument("-o", "--output", metavar="FILE", help="output file for a single input")
     m.add_argument("--config", metavar="FILE.toml", help="configuration (SPEC field names)")
@@ -243,6 +248,8 @@ def build_parser():
                    help="also write each solved kernel as <output>.kernel.fits")
     m.add_argument("--plots", metavar="DIR", help="save diagnostic figures in DIR")
     m.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    m.add_argument("--compress", action="store_true",
+                   help="tile-compress the outputs losslessly (the default for names ending .fz)")
     m.add_argument("--scheduler", metavar="ADDRESS",
                    help="run one Dask task per file on this scheduler (e.g. tcp://host:8786); "
                         "complete outputs are skipped, a JSON summary is written in --output-dir")

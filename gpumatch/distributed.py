@@ -301,8 +301,9 @@ def format_summary(rows, fwhm_ratio=False):
     whose verdict is not good is shown ``POOR`` or ``UNUSABLE`` and its
     reason is listed after the failures.
     """
+    psf_col = any(r.get("psf_source") for r in rows)  # where each file's PSF came from
     head = ("input", "status", "kernel sum", "cond", "resid L2 max") \
-        + (("FWHM ratio",) if fwhm_ratio else ()) + ("s",)
+        + (("FWHM ratio",) if fwhm_ratio else ()) + ("s",) + (("PSF",) if psf_col else ())
     data = []
     for r in rows:
         def num(key, fmt):
@@ -313,7 +314,8 @@ def format_summary(rows, fwhm_ratio=False):
                      num("kernel_sum", ".5f"), num("condition_number", ".3g"),
                      num("residual_l2_max", ".2e"))
                     + ((num("fwhm_ratio_median", ".4f"),) if fwhm_ratio else ())
-                    + (num("seconds", ".2f"),))
+                    + (num("seconds", ".2f"),)
+                    + ((str(r.get("psf_source") or ""),) if psf_col else ()))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *data)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
     lines = [fmt.format(*head), "  ".join("-" * w for w in widths)]

@@ -87,11 +87,20 @@ class Exposure:
         Carried through unchanged.
     mask_planes : dict, optional
         Plane name to bit index; :data:`DEFAULT_MASK_PLANES` when omitted.
+    archive : gpumatch.io.afw_archive.AfwArchive, optional
+        The afw object archive of the LSST file this exposure came from; written
+        back with the exposure's PSF in place of the archived one.
+
+    Attributes
+    ----------
+    psf_source : str or None
+        Where :attr:`psf` came from when a reader attached it (``"archive
+        (PcaPsf)"``, ``"--psf"``, a sidecar file), for summaries.
     """
 
     def __init__(self, image, variance=None, mask=None, *, xy0=(0, 0), psf=None, wcs=None,
                  photo_calib=None, filter=None, visit_info=None, id=None, meta=None,
-                 mask_planes=None):
+                 mask_planes=None, archive=None):
         xp = array_namespace(image)
         if not hasattr(image, "ndim"):
             image = np.asarray(image)
@@ -139,6 +148,8 @@ class Exposure:
             if not (0 <= int(bit) < 8 * mask.dtype.itemsize):
                 raise ValueError(f"mask plane {name!r} has bit {bit}, outside the {mask.dtype} mask")
         self.mask_planes = {str(k): int(v) for k, v in planes.items()}
+        self.archive = archive
+        self.psf_source = None
 
     @property
     def bbox(self):
@@ -165,6 +176,7 @@ class Exposure:
             image, variance, mask, xy0=self.xy0, psf=psf, wcs=self.wcs,
             photo_calib=self.photo_calib, filter=self.filter, visit_info=self.visit_info,
             id=self.id, meta=copy.deepcopy(self.meta), mask_planes=self.mask_planes,
+            archive=self.archive,
         )
 
     # -- files and astropy (gpumatch.io) ----------------------------------------
@@ -181,15 +193,16 @@ class Exposure:
 
         return read_exposure(path, **kwargs)
 
-    def write_fits(self, path, overwrite=False):
+    def write_fits(self, path, overwrite=False, compress=None):
         """Write this exposure to ``path`` in the LSST multi-extension layout.
 
         The write is atomic; an existing file raises :class:`FileExistsError`
-        unless ``overwrite`` is True. Returns the path.
+        unless ``overwrite`` is True. ``compress`` (default: ``path`` ends in
+        ``.fz``) writes the planes tile-compressed, losslessly. Returns the path.
         """
         from .io.fits import write_exposure
 
-        return write_exposure(self, path, overwrite=overwrite)
+        return write_exposure(self, path, overwrite=overwrite, compress=compress)
 
     @classmethod
     def from_nddata(cls, obj, psf=None, **kwargs):

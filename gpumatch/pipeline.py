@@ -130,17 +130,34 @@ def read_exposure_with_psf(path, psf=None, *, psf_hint="give --psf MODEL", empty
 
     path = os.fspath(path)
     exposure = Exposure.read_fits(path, empty=empty)
-    if psf is not None:
-        exposure.psf = resolve_psf(psf)
-    elif exposure.psf is None:
-        found = find_psf(path, exposure.meta)
-        if found is None:
-            hint = f"{psf_hint}, " if psf_hint else ""
-            raise GpumatchError(
-                f"{path}: no PSF model; {hint}put a PSF_FILE card in the header, or place a "
-                f"PSFEx file next to it ({', '.join(p.format(stem='<stem>') for p in PSF_SIDECARS)})")
-        exposure.psf = _psf_from_file(found)
+    exposure.psf, exposure.psf_source = exposure_psf(exposure, path, psf, psf_hint)
     return exposure
+
+
+def exposure_psf(exposure, path, psf=None, psf_hint="give --psf MODEL"):
+    """``(model, source)``: the PSF of the exposure read from ``path``, and where it came from.
+
+    The order: ``psf`` (the caller's, ``"--psf"``), then the model archived in
+    the file itself (``"archive (PcaPsf)"``), then a PSF file named by a header
+    card or lying next to the exposure (``"file NAME"``).
+    """
+    if psf is not None:
+        return resolve_psf(psf), "--psf"
+    if exposure.psf is not None:
+        return exposure.psf, exposure.psf_source or "exposure"
+    archive = getattr(exposure, "archive", None)
+    problem = getattr(archive, "psf_problem", None)
+    found = find_psf(path, exposure.meta)
+    if found is None:
+        if problem:
+            raise GpumatchError(problem)
+        hint = f"{psf_hint}, " if psf_hint else ""
+        raise GpumatchError(
+            f"{path}: no PSF model; {hint}put a PSF_FILE card in the header, or place a "
+            f"PSFEx file next to it ({', '.join(p.format(stem='<stem>') for p in PSF_SIDECARS)})")
+    if problem:
+        log.info("%s; using %s instead", problem, found)
+    return _psf_from_file(found), f"file {os.path.basename(found)}"
 
 
 def output_path_for(path, output_dir=None, output=None):
@@ -173,7 +190,7 @@ def check_output(path, output, overwrite):
 
 
 def match_file(path, reference, output, psf=None, config=None, backend="auto", kernel_sum=1.0,
-               save_kernel=False, plots_dir=None, overwrite=False, task=None,
+               save_kernel=False, plots_dir=None, overwrite=False, task=None, compress=None,
                on_poor_match="warn"):
     """Read one exposure, PSF-match it and write the result atomically.
 
@@ -186,7 +203,10 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
     output : str
         Output FITS path.
     psf : Psf or str, optional
-        The exposure's PSF; otherwise read from the header/sidecar file.
+        The exposure's PSF; otherwise the file's archived PSF, else a PSF file
+        (:func:`exposure_psf`).
+    compress : bool, optional
+        Tile-compress the output losslessly (default: ``output`` ends in ``.fz``).
     on_poor_match : {"warn", "raise", "ignore"}
         As for :meth:`ModelPsfMatchTask.run`; a poor match's output is
         written unless this is ``"raise"``.
@@ -225,6 +245,7 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
         "fwhm_ratio_worst": md["matchedPsfFwhmRatioWorst"],
         "candidates": md["numUsedCandidates"],
         "verdict": md["matchQuality"], "verdict_reason": md["matchQualityReason"],
+        "psf_source": exposure.psf_source,  # --psf, the file's archive, or a PSF file
     }
     written = []
     try:
@@ -242,7 +263,8 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
                                                        prefix=f"{stem}_", overwrite=overwrite)
             written.extend(summary["plots"])
         # The exposure goes last: its presence means the whole job finished.
-        result.psfMatchedExposure.write_fits(output, overwrite=overwrite)
+        extra = {} if compress is None else {"compress": compress}  # None: by the name
+        result.psfMatchedExposure.write_fits(output, overwrite=overwrite, **extra)
     except BaseException:
         for p in written:
             if os.path.exists(p):

@@ -8,7 +8,9 @@ HDU  EXTNAME      content
 0    (primary)    no data; the exposure's ``meta`` cards, ``FILTER``
 1    ``IMAGE``    image plane (its dtype); WCS, ``LTV1/LTV2``, ``EXTTYPE``
 2    ``MASK``     integer bit planes; ``MP_<NAME> = bit`` for every plane
-3    ``VARIANCE`` variance plane (its dtype)
+3    ``VARIANCE`` variance plane (its dtype); ``UTYPE`` for astropy's CCDData
+4..  (tables)     the afw object archive of an LSST input, PSF replaced
+                  (:mod:`gpumatch.io.afw_archive`); ``AR_HDU`` points to it
 ==== ============ ==========================================================
 
 Conventions:
@@ -244,7 +246,12 @@ def _xy0_from_header(header, path):
     ltv = [header.get("LTV1"), header.get("LTV2")]
     if ltv[0] is None and ltv[1] is None:
         name = str(header.get("WCSNAMEA", "")).strip().upper()
-        if name == "PHYSICAL" and "CRVAL1A" in header:
+        # The physical (parent pixel) alternate WCS, named or recognisable by its
+        # linear pixel axes as LSST writes it.
+        linear = all(str(header.get(f"CTYPE{i}A", "")).strip().upper() == "LINEAR"
+                     and str(header.get(f"CUNIT{i}A", "pixel")).strip().lower() in ("pixel", "")
+                     for i in (1, 2))
+        if (name == "PHYSICAL" or linear) and "CRVAL1A" in header:
             ltv = [-(header.get("CRVAL1A", 0) - (header.get("CRPIX1A", 1) - 1)),
                    -(header.get("CRVAL2A", 0) - (header.get("CRPIX2A", 1) - 1))]
         else:
@@ -419,8 +426,14 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
 
     if mask_planes is None:
         planes = _mask_planes(mask_header) if mask_header is not None else {}
+        if mask_header is not None and not planes:
+            from .lsst_images import mask_planes_from_cards
+
+            planes = mask_planes_from_cards(mask_header, p)  # lsst-images' MSKN/MSKM
         if not planes:
             planes = dict(DEFAULT_MASK_PLANES)
+        elif "NO_DATA" not in planes:
+            _add_no_data_plane(planes, msk, p)
         width = 8 * msk.dtype.itemsize
         bad = {k: v for k, v in planes.items() if not 0 <= v < width}
         if bad:
@@ -435,6 +448,8 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
     if wcs is None and layout == "plain" and image_hdu is not hdul[0]:
         wcs = _wcs_from_header(primary, p)
     meta = header_to_meta(primary, skip_wcs=True)
+    if layout != "plain" and "BUNIT" not in meta and isinstance(hdr.get("BUNIT"), str):
+        meta["BUNIT"] = hdr["BUNIT"]  # files that give the unit per plane
     # LSST files keep the metadata in the primary header; a plain image in an
     # extension (e.g. a tile-compressed one) has its own cards too.
     if layout == "plain" and image_hdu is not hdul[0]:
@@ -454,8 +469,27 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
             id=fields.get("GM_ID"), meta=meta, mask_planes=planes)
     except ValueError as exc:
         raise FitsFormatError(f"{p}: {exc}") from None
+    if layout != "plain":
+        from .afw_archive import attach_archive
+
+        attach_archive(exposure, hdul, primary, p)  # LSST's archived PSF, calibration, ...
+        from .lsst_images import attach_lsst_images, is_lsst_images
+
+        if is_lsst_images(primary):
+            attach_lsst_images(exposure, hdul, primary, p)
     log.debug("read %s (%s, %dx%d, xy0=%s)", p, layout, shape[1], shape[0], xy0)
     return exposure
+
+
+def _add_no_data_plane(planes, mask, path):
+    """Define ``NO_DATA`` (the plane that marks pixels a convolution cannot fill) on the
+    first free bit of a file's plane list that lacks it, as LSST adds planes on use."""
+    used = set(planes.values())
+    free = [b for b in range(8 * mask.dtype.itemsize) if b not in used]
+    if free:
+        planes["NO_DATA"] = free[0]
+        log.info("%s: its mask planes have no NO_DATA; defined as bit %d (no pixel has it)",
+                 path, free[0])
 
 
 def _plain_image_hdu(hdul, path, which):
@@ -552,26 +586,51 @@ def _exposure_hdul(exposure):
         hdr["CUNIT1A"] = "PIXEL"
         hdr["CUNIT2A"] = "PIXEL"
         hdr["WCSNAMEA"] = "PHYSICAL"
+        if name == "VARIANCE":
+            # astropy's CCDData.read(..., hdu_uncertainty="VARIANCE") reads this card.
+            hdr["UTYPE"] = ("VarianceUncertainty", "this plane is a variance")
         if name == "MASK":
             for plane, bit in sorted(exposure.mask_planes.items(), key=lambda kv: kv[1]):
                 key = f"MP_{plane}"
                 with quiet():
                     hdr[key] = (int(bit), f"mask plane {plane}")
         hdus.append(h)
+    from .afw_archive import archive_hdus
+
+    hdus.extend(archive_hdus(exposure, primary.header, len(hdus)))
     return fits.HDUList(hdus)
 
 
-def write_exposure(exposure, path, overwrite=False):
+def _compressed(hdul):
+    """``hdul`` with its image planes tile-compressed losslessly (GZIP_2, floats not
+    quantised), as LSST's ``lossless`` recipe writes them."""
+    fits = _fits()
+    out = [hdul[0]]
+    for h in hdul[1:]:
+        if isinstance(h, fits.ImageHDU) and h.data is not None:
+            h = fits.CompImageHDU(h.data, h.header, compression_type="GZIP_2",
+                                  quantize_level=0.0)
+        out.append(h)
+    return fits.HDUList(out)
+
+
+def write_exposure(exposure, path, overwrite=False, compress=None):
     """Write ``exposure`` to ``path`` atomically (see the module docstring).
 
     The file is complete when it appears: it is written to a temporary file in
     the same directory and renamed. An existing ``path`` raises
-    :class:`FileExistsError` unless ``overwrite`` is True.
+    :class:`FileExistsError` unless ``overwrite`` is True. ``compress`` (default:
+    ``path`` ends in ``.fz``) tile-compresses the planes losslessly.
     """
+    if compress is None:
+        compress = os.fspath(path).lower().endswith(".fz")
+
     def writer(tmp):
         # Built here, after atomic_write has checked ``path``: a refused
         # output costs no copy of the planes.
         hdul = _exposure_hdul(exposure)
+        if compress:
+            hdul = _compressed(hdul)
         with quiet():
             hdul.writeto(tmp, overwrite=True, output_verify="silentfix", checksum=True)
 

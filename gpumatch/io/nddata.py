@@ -221,12 +221,23 @@ def exposure_to_ccddata(exposure, unit=None):
     variance = np.asarray(to_numpy(exposure.variance))
     flags = np.asarray(to_numpy(exposure.mask))
     mask = flags != 0
-    meta = dict(exposure.meta)
-    meta["BUNIT"] = _unit_string(unit)
-    meta["LTV1"] = -int(exposure.xy0[0])
-    meta["LTV2"] = -int(exposure.xy0[1])
-    for name, bit in exposure.mask_planes.items():
-        meta[f"MP_{name}"] = int(bit)
+    from astropy.io import fits
+
+    from .._warnings import quiet
+    from .fits import meta_to_header
+
+    # A FITS header, not a dict: CCDData.write copies a dict's entries itself and
+    # fails on keys over 8 characters with non-string values (MP_DETECTED_NEGATIVE);
+    # meta_to_header writes them as HIERARCH cards and JSON-encodes what a card
+    # cannot hold.
+    meta = fits.Header()
+    meta_to_header(exposure.meta, meta)
+    with quiet():
+        meta["BUNIT"] = _unit_string(unit)
+        meta["LTV1"] = -int(exposure.xy0[0])
+        meta["LTV2"] = -int(exposure.xy0[1])
+        for name, bit in exposure.mask_planes.items():
+            meta[f"MP_{name}"] = int(bit)
     wcs = exposure.wcs
     try:
         return CCDData(image, unit=unit, uncertainty=VarianceUncertainty(variance), mask=mask,

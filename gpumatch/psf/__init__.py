@@ -4,7 +4,7 @@ Models backed by files or other packages (:class:`PsfexPsf`, :class:`GriddedPsf`
 :class:`GalSimPsf`, :class:`PiffPsf`) import what they need only when used.
 """
 
-from .adapters import GalSimPsf, PiffPsf
+from .adapters import GalSimPsf, LsstImagesPsf, PiffPsf
 from .analytic import DoubleGaussianPsf, GaussianPsf, VaryingGaussianPsf
 from .base import Psf, ResizedPsf, pad_or_crop
 from .gridded import GriddedPsf
@@ -15,5 +15,5 @@ from .psfex import PsfexPsf, PsfStamp
 __all__ = [
     "Psf", "ResizedPsf", "pad_or_crop", "GaussianPsf", "DoubleGaussianPsf",
     "VaryingGaussianPsf", "ImagePsf", "PsfexPsf", "PsfStamp", "GriddedPsf", "GalSimPsf",
-    "PiffPsf", "parse_psf",
+    "PiffPsf", "LsstImagesPsf", "parse_psf",
 ]

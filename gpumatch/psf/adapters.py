@@ -1,4 +1,4 @@
-"""Adapters for PSF models from other packages: GalSim and Piff.
+"""Adapters for PSF models from other packages: GalSim, Piff and lsst.images.
 
 Neither package is a dependency: each is imported only when an adapter needs
 it, and the adapters also work with any object offering the same methods.
@@ -12,11 +12,11 @@ import os
 import numpy as np
 
 from ..errors import PsfEvaluationError
-from .base import Psf
+from .base import Psf, centred_on
 
 log = logging.getLogger("gpumatch")
 
-__all__ = ["GalSimPsf", "PiffPsf"]
+__all__ = ["GalSimPsf", "PiffPsf", "LsstImagesPsf"]
 
 
 def _check_size(size):
@@ -174,3 +174,32 @@ class PiffPsf(Psf):
 
     def __repr__(self):
         return f"PiffPsf({self.path or type(self.model).__name__!r}, size={self.size})"
+
+
+class LsstImagesPsf(Psf):
+    """A PSF object of Rubin's ``lsst.images`` package as a gpumatch PSF.
+
+    Parameters
+    ----------
+    model : lsst.images PointSpreadFunction
+        Or any object with ``compute_kernel_image(*, x, y)`` returning an image
+        with ``.array`` and ``.bbox`` (intervals ``bbox.y``/``bbox.x`` with
+        ``start``), whose pixel ``(0, 0)`` is the PSF centre. Positions are
+        parent pixels in both packages.
+    """
+
+    def __init__(self, model):
+        if not hasattr(model, "compute_kernel_image"):
+            raise TypeError(f"LsstImagesPsf needs an lsst.images PSF, got {type(model).__name__}")
+        self.model = model
+
+    def compute_kernel_image(self, x, y):
+        x, y = float(x), float(y)
+        image = self.model.compute_kernel_image(x=x, y=y)
+        bbox = image.bbox
+        # The package puts the centre at (0, 0) of the stamp's own coordinates.
+        stamp = centred_on(np.asarray(image.array), -int(bbox.x.start), -int(bbox.y.start))
+        return _normalised(stamp, f"lsst.images PSF {type(self.model).__name__}", x, y)
+
+    def __repr__(self):
+        return f"LsstImagesPsf({type(self.model).__name__})"

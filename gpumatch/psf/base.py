@@ -11,7 +11,7 @@ from ..moments import SIGMA_TO_FWHM, adaptive_moments, determinant_radius
 
 log = logging.getLogger("gpumatch")
 
-__all__ = ["Psf", "pad_or_crop"]
+__all__ = ["Psf", "pad_or_crop", "centred_on"]
 
 
 def pad_or_crop(stamp, width, height):
@@ -29,6 +29,17 @@ def pad_or_crop(stamp, width, height):
     sx0, dx0 = max(0, -ox), max(0, ox)
     ny, nx = min(h - sy0, height - dy0), min(w - sx0, width - dx0)
     out[..., dy0:dy0 + ny, dx0:dx0 + nx] = stamp[..., sy0:sy0 + ny, sx0:sx0 + nx]
+    return out
+
+
+def centred_on(stamp, cx, cy):
+    """``stamp`` zero-padded to the smallest odd square whose middle pixel is
+    ``stamp[cy, cx]`` (for models whose centre pixel is not the middle one)."""
+    stamp = np.asarray(stamp, dtype=np.float64)
+    h, w = stamp.shape
+    half = max(cx, w - 1 - cx, cy, h - 1 - cy)
+    out = np.zeros((2 * half + 1, 2 * half + 1))
+    out[half - cy:half - cy + h, half - cx:half - cx + w] = stamp
     return out
 
 

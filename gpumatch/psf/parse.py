@@ -15,7 +15,7 @@ __all__ = ["parse_psf", "FORMS"]
 #: The accepted string forms, as shown in error messages.
 FORMS = ("gaussian:fwhm=F[,size=N] | gaussian:sigma=S[,size=N] | "
          "doublegaussian:sigma1=S1[,sigma2=S2,b=B][,size=N] | psfex:PATH.psf | "
-         "image:PATH.fits | piff:PATH")
+         "image:PATH.fits | piff:PATH | lsstimages:PATH.fits")
 
 _NAME = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_\-]*)\s*:(.*)$", re.S)
 _SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
@@ -145,6 +145,10 @@ def _from_object(obj):
         from .adapters import PiffPsf
 
         return PiffPsf(obj)
+    if type(obj).__module__.startswith("lsst.images") and hasattr(obj, "kernel_bbox"):
+        from .adapters import LsstImagesPsf
+
+        return LsstImagesPsf(obj)
     if hasattr(obj, "compute_kernel_image"):
         return obj
     raise TypeError(f"cannot use a {type(obj).__name__} as a PSF model; give a gpumatch Psf, "
@@ -164,6 +168,7 @@ def parse_psf(spec):
         psfex:PATH.psf          (PsfexPsf.read)
         image:PATH.fits         (ImagePsf of the first 2-d image)
         piff:PATH               (PiffPsf.read; needs piff)
+        lsstimages:PATH.fits    (a PSF file written by lsst.images)
 
     Objects: a gpumatch :class:`Psf` is returned as is; a photutils
     ``GriddedPSFModel`` becomes a :class:`GriddedPsf`, a GalSim profile a
@@ -194,6 +199,10 @@ def parse_psf(spec):
         return PsfexPsf.read(_path(spec, body))
     if name == "image":
         return read_image_psf(_path(spec, body))
+    if name in ("lsstimages", "lsst"):
+        from ..io.lsst_images import read_psf
+
+        return read_psf(_path(spec, body))
     if name == "piff":
         from .adapters import PiffPsf
 

@@ -206,8 +206,23 @@ class ModelPsfMatchTask:
             return self._run(exposure, referencePsfModel, kernelSum)
 
     def _run(self, exposure, referencePsfModel, kernelSum):
-        stages = self._stages
         times = {}
+        parts = self._solve(exposure, referencePsfModel, kernelSum, times)
+        return self._finish(exposure, *parts, times)
+
+    def _solve(self, exposure, referencePsfModel, kernelSum, times):
+        """Input checks -> cell set -> normal equations -> spatial solve.
+
+        Shared by :meth:`run` and :func:`gpumatch.recommend.evaluate_config`
+        (which needs only the PSFs and the bounding box of ``exposure``).
+
+        Returns
+        -------
+        tuple
+            ``(cell_set, choice, basis, sf, solution, reference)``; ``times``
+            gets the seconds spent in each stage.
+        """
+        stages = self._stages
         t0 = time.perf_counter()
 
         kernel_sum, choice, cell_set, reference, basis = self._prepare(
@@ -226,7 +241,7 @@ class ModelPsfMatchTask:
         solution = stages.solve_spatial(A, rhs, len(basis), sf.n_terms, kernel_sum,
                                         self.config.conditionNumberType)
         times["spatialSolve"] = time.perf_counter() - t2
-        return self._finish(exposure, cell_set, choice, basis, sf, solution, reference, times)
+        return cell_set, choice, basis, sf, solution, reference
 
     def _prepare(self, exposure, referencePsfModel, kernelSum, basis_for=alard_lupton_basis):
         """Input checks -> basis choice -> cell set -> basis.

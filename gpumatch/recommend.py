@@ -36,7 +36,7 @@ from .psf.base import pad_or_crop
 log = logging.getLogger("gpumatch")
 
 __all__ = ["Recommendation", "recommend_config", "evaluate_config", "ideal_kernel",
-           "detector_box"]
+           "detector_box", "recommended_per_exposure", "task_for_exposure"]
 
 
 #: Largest kernel the recommended mode chooses unless ``kernelSizeMax`` is given (pixels).
@@ -277,16 +277,18 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
     wide = int(np.argmax(t_radii))
 
     # Kernel size: the ideal kernel, cut to the size, must leave well under the
-    # target at every position (or as little as any allowed size leaves: a model
-    # with a cut-off edge, such as PSFEx, has an ideal kernel that rings out to
-    # its own size).
+    # target at every position, or within half the target of what the largest
+    # allowed size leaves: a model with a cut-off edge, such as PSFEx, has an
+    # ideal kernel that rings out to the stamp's edge, which no kernel of useful
+    # size follows (and the matched-PSF residual is measured on the stamp's
+    # centre, docs/algorithm.md section 8).
     ideals = np.stack([ideal_kernel(t, target) for t in templates])
     floor = _truncation_residuals(templates, target, ideals, [k_max])[0]
     lo, hi = 5, k_max // 2  # half sizes: the first that meets the bound, by bisection
     while lo < hi:
         mid = (lo + hi) // 2
         if _truncation_residuals(templates, target, ideals, [2 * mid + 1])[0] \
-                <= max(0.2 * max_res, 1.1 * floor):
+                <= max(0.2 * max_res, floor + 0.5 * max_res):
             hi = mid
         else:
             lo = mid + 1
@@ -316,9 +318,10 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
               and abs(got["fwhm_ratio"] - 1) <= MARGIN * max_fwhm)
         if best is None or got["residual"] < best[1]["residual"]:
             best = (cfg, got)
-        if ok:
+        if ok or (attempt > 0 and size == k_max and fields["kernelSize"] == k_max):
             break
-        # Escalate: a narrower first width (degree 4 on it), then a larger kernel.
+        # Escalate: a narrower first width (degree 4 on it) for structure finer
+        # than the core, then a larger kernel.
         if attempt == 0:
             sigmas = (max(0.7, core / 2),) + tuple(sigmas)
         else:
@@ -339,3 +342,23 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
              f"(exposure PSF sigma {rec.exposure_sigma[0]:.3g} to {rec.exposure_sigma[1]:.3g} "
              f"px, reference {r_sigma:.3g} px)", PoorMatchWarning)
     return cfg
+
+
+def recommended_per_exposure(config, overrides):
+    """Mark ``config`` so that :func:`task_for_exposure` replaces it, for each
+    exposure, by :meth:`ModelPsfMatchConfig.for_psfs` with ``overrides`` on top
+    (the command line's default mode). Returns ``config``."""
+    config.recommend_overrides = dict(overrides or {})
+    return config
+
+
+def task_for_exposure(task, exposure, reference):
+    """``task``, its configuration recommended for ``exposure`` when marked by
+    :func:`recommended_per_exposure` (the mark is kept, so the next exposure
+    gets its own); an unmarked task is returned unchanged."""
+    overrides = getattr(task.config, "recommend_overrides", None)
+    if overrides is None:
+        return task
+    config = type(task.config).for_psfs(exposure.psf, reference, bbox=exposure.bbox, **overrides)
+    task.config = recommended_per_exposure(config, overrides)
+    return task

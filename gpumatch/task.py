@@ -93,6 +93,15 @@ def _psf_sigma(psf, x, y, label, tries=4, jitter=2.0, seed=0):
     )
 
 
+def _noise_gains(kernel, bbox, n=5):
+    """``noiseVarianceGain`` at the centre of ``bbox`` and its range on an
+    ``n x n`` grid over it (see :meth:`SpatialKernel.noise_variance_gain`)."""
+    xs, ys = np.meshgrid(np.linspace(bbox.x0, bbox.x1, n), np.linspace(bbox.y0, bbox.y1, n))
+    grid = kernel.noise_variance_gain(xs.ravel(), ys.ravel())
+    return {"noiseVarianceGain": kernel.noise_variance_gain(*bbox.center),
+            "noiseVarianceGainMin": float(grid.min()), "noiseVarianceGainMax": float(grid.max())}
+
+
 class ModelPsfMatchTask:
     """Match an exposure's PSF to a reference PSF model (SPEC section 1).
 
@@ -342,6 +351,7 @@ class ModelPsfMatchTask:
             "matchedPsfMaxAbs": quality["max_abs_max"],
             "matchedPsfFwhmRatioMedian": quality["fwhm_ratio_median"],
             "matchedPsfFwhmRatioWorst": quality["fwhm_ratio_worst"],
+            **_noise_gains(kernel, state.exposure.bbox),
             "candidateRelL2": quality["relative_l2"].tolist(),
             "candidateMaxAbs": quality["max_abs"].tolist(),
             "candidateFwhmMatched": quality["fwhm_matched"].tolist(),

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import PoorMatchWarning, warn
+from .errors import GpumatchError, PoorMatchWarning, warn
 from .exposure import Box
 from .moments import adaptive_moments_batch, determinant_radius
 from .psf.base import pad_or_crop
@@ -310,7 +310,12 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
         fields.update(overrides)
         fields.setdefault("kernelSizeMax", max(k_max, int(fields["kernelSize"])))
         cfg = cls(**fields)
-        got = evaluate_config(cfg, exposure_psf, reference, box)
+        try:
+            got = evaluate_config(cfg, exposure_psf, reference, box)
+        except (np.linalg.LinAlgError, ValueError, GpumatchError) as exc:
+            log.debug("recommend: %s failed: %s", fields, exc)
+            got = {"residual": math.inf, "fwhm_ratio": math.nan,
+                   "noise_variance_gain": math.nan}
         tried.append({**{k: fields[k] for k in ("kernelSize", "alardSigGauss", "alardDegGauss")},
                       **got})
         log.debug("recommend: tried %s -> %s", tried[-1], got)
@@ -322,8 +327,8 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
             break
         # Escalate: a narrower first width (degree 4 on it) for structure finer
         # than the core, then a larger kernel.
-        if attempt == 0:
-            sigmas = (max(0.7, core / 2),) + tuple(sigmas)
+        if attempt == 0 and core / 2 >= 0.7:
+            sigmas = (core / 2,) + tuple(sigmas)
         else:
             size = min(k_max, _odd(size * 1.25 + 1))
     cfg, got = best

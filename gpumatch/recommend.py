@@ -42,9 +42,15 @@ __all__ = ["Recommendation", "recommend_config", "evaluate_config", "ideal_kerne
 #: Largest kernel the recommended mode chooses unless ``kernelSizeMax`` is given (pixels).
 DEFAULT_MAX_KERNEL = 71
 
-#: Fraction of the targets the coarse check must reach, leaving room for the
-#: finer candidate grid and spatial model of the real run.
+#: Fraction of the targets at which the coarse check stops escalating, and the
+#: fraction within which the first (smallest) setting tried is taken: room for
+#: the real run's finer candidate grid.
 MARGIN = 0.5
+ACCEPT = 0.8
+
+
+def _within(got, max_res, max_fwhm):
+    return got["residual"] <= max_res and abs(got["fwhm_ratio"] - 1) <= max_fwhm
 
 
 @dataclass
@@ -300,7 +306,7 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
     outer = max(core, size / 6.0)
     sigmas = _widths(core, outer)
     tried = []
-    best = None
+    best, candidates = None, []
     for attempt in range(4):
         fields = {"kernelSize": size, "alardNGauss": len(sigmas),
                   "alardSigGauss": tuple(round(s, 3) for s in sigmas),
@@ -319,8 +325,9 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
         tried.append({**{k: fields[k] for k in ("kernelSize", "alardSigGauss", "alardDegGauss")},
                       **got})
         log.debug("recommend: tried %s -> %s", tried[-1], got)
-        ok = (got["residual"] <= MARGIN * max_res
-              and abs(got["fwhm_ratio"] - 1) <= MARGIN * max_fwhm)
+        candidates.append((cfg, got))
+        ok = _within(got, MARGIN * max_res, MARGIN * max_fwhm) or (
+            attempt > 0 and _within(got, ACCEPT * max_res, ACCEPT * max_fwhm))
         if best is None or got["residual"] < best[1]["residual"]:
             best = (cfg, got)
         if ok or (attempt > 0 and size == k_max and fields["kernelSize"] == k_max):
@@ -331,9 +338,12 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
             sigmas = (core / 2,) + tuple(sigmas)
         else:
             size = min(k_max, _odd(size * 1.25 + 1))
-    cfg, got = best
+    # The first (smallest, least noisy) setting within ACCEPT of the targets, else
+    # the one with the smallest residual.
+    cfg, got = next((c for c in candidates if _within(c[1], ACCEPT * max_res, ACCEPT * max_fwhm)),
+                    best)
     rec = Recommendation(
-        reached=bool(got["residual"] <= max_res and abs(got["fwhm_ratio"] - 1) <= max_fwhm),
+        reached=_within(got, max_res, max_fwhm),
         residual=got["residual"], fwhm_ratio=got["fwhm_ratio"],
         noise_variance_gain=got["noise_variance_gain"], ideal_noise_variance_gain=ideal_gain,
         exposure_sigma=(float(t_radii.min()), float(t_radii.max())), reference_sigma=r_sigma,

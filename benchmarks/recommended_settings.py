@@ -14,7 +14,9 @@ ideal kernel's noise gain is 1 / (4 pi (r^2 - t^2)).
 Each row is a real run (NumPy backend) on an empty image: the numbers are the
 worst matched-PSF residual and FWHM ratio over the candidates, and the noise
 variance gain at the image centre, with that of the ideal matching kernel (the
-reference deconvolved by the exposure PSF at the centre).
+reference deconvolved by the exposure PSF at the centre; "unbounded" where the
+reference has more power than the exposure PSF at high frequencies, so that exact
+matching would deconvolve).
 
     python3 benchmarks/recommended_settings.py [--des-size 512]
 """
@@ -34,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import gpumatch as gm  # noqa: E402
 from gpumatch.moments import SIGMA_TO_FWHM  # noqa: E402
-from gpumatch.recommend import _stamps, ideal_kernel  # noqa: E402
+from gpumatch.recommend import _stamps, ideal_noise_gain  # noqa: E402
 
 DES_PSF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
                        "des", "DECam_00154912_12_psfcat.psf")
@@ -42,7 +44,11 @@ DES_PSF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "
 
 def _ideal_gain(psf, reference, x, y):
     t, r = _stamps(psf, [x], [y], 151)[0], _stamps(reference, [x], [y], 151)[0]
-    return float((ideal_kernel(t, r) ** 2).sum())
+    return ideal_noise_gain(t, r)
+
+
+def _num(value, fmt):
+    return "unbounded" if math.isnan(value) else format(value, fmt)
 
 
 def _row(name, settings, config, psf, reference, shape, xy0=(0, 0)):
@@ -58,7 +64,8 @@ def _row(name, settings, config, psf, reference, shape, xy0=(0, 0)):
     degrees = "/".join(str(d) for d in config.alardDegGauss)
     return (f"| {name} | {settings} | {config.kernelSize} | {widths} | {degrees} | "
             f"{md['matchedPsfRelL2Max']:.4f} | {md['matchedPsfFwhmRatioWorst']:.4f} | "
-            f"{md['noiseVarianceGain']:.5f} | {ideal:.5f} | {md['noiseVarianceGain'] / ideal:.3f} |"
+            f"{md['noiseVarianceGain']:.5f} | {_num(ideal, '.5f')} | "
+            f"{_num(md['noiseVarianceGain'] / ideal, '.3f')} |"
             f" {time.perf_counter() - t0:.1f} |")
 
 

@@ -36,6 +36,7 @@ from .psf.base import pad_or_crop
 log = logging.getLogger("gpumatch")
 
 __all__ = ["Recommendation", "recommend_config", "evaluate_config", "ideal_kernel",
+           "ideal_noise_gain",
            "detector_box", "recommended_per_exposure", "task_for_exposure"]
 
 
@@ -66,7 +67,8 @@ class Recommendation:
         (coarse candidate grid).
     noise_variance_gain, ideal_noise_variance_gain : float
         Sum of the squared normalised kernel at the detector centre, for the
-        chosen kernel and for the ideal matching kernel.
+        chosen kernel and for the ideal matching kernel (NaN where that is
+        unbounded, see :func:`ideal_noise_gain`).
     exposure_sigma, reference_sigma : (float, float) and float
         Smallest and largest determinant radius of the exposure PSF over the
         detector, and that of the reference (pixels).
@@ -91,7 +93,8 @@ class Recommendation:
         return (f"recommended settings {verdict} the target (residual <= {self.max_residual:g}, "
                 f"FWHM within {self.max_fwhm_error:g}): expected worst residual "
                 f"{self.residual:.3g}, FWHM ratio {self.fwhm_ratio:.4f}, noise variance gain "
-                f"{self.noise_variance_gain:.4g} (ideal kernel {self.ideal_noise_variance_gain:.4g})")
+                f"{self.noise_variance_gain:.4g} (ideal kernel "
+                f"{'unbounded' if math.isnan(self.ideal_noise_variance_gain) else format(self.ideal_noise_variance_gain, '.4g')})")
 
 
 class _Footprint:
@@ -162,6 +165,15 @@ def ideal_kernel(template, target, rcond=1e-6):
     eps = (rcond * np.abs(t).max()) ** 2
     k = np.fft.fftshift(np.real(np.fft.ifft2(r * np.conj(t) / (np.abs(t) ** 2 + eps))))
     return k / k.sum()
+
+
+def ideal_noise_gain(template, target):
+    """Sum of the squared ideal kernel (:func:`ideal_kernel`), or NaN where it is
+    unbounded: where the reference has more power than the exposure PSF at high
+    frequencies (a Moffat core against a Gaussian), exact matching deconvolves and
+    the sum grows without limit as the damping is lowered."""
+    gains = [float((ideal_kernel(template, target, rcond) ** 2).sum()) for rcond in (1e-6, 1e-9)]
+    return gains[0] if abs(gains[1] - gains[0]) <= 0.01 * gains[0] else math.nan
 
 
 def _truncation_residuals(templates, target, kernels, sizes):
@@ -300,7 +312,7 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
             lo = mid + 1
     size = 2 * lo + 1
     # Widths: from the core of the narrowest ideal kernel to the wings of the widest.
-    ideal_gain = float((ideals[4] ** 2).sum())
+    ideal_gain = ideal_noise_gain(templates[4], target)
     m = 4 * _odd(r_sigma) + 1
     core = max(0.7, float(_radii(pad_or_crop(ideals[wide], m, m)[None])[0]))
     outer = max(core, size / 6.0)

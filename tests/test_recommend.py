@@ -169,3 +169,17 @@ def test_recommended_settings_reach_a_gaussian_reference_from_des_psfex():
     assert config.recommendation.reached
     md = _run(config, exposure, reference).metadata
     _assert_reaches(md)
+
+
+def test_ideal_kernel_noise_gain_is_analytic_or_unbounded():
+    from gpumatch.recommend import _stamps, ideal_noise_gain
+
+    t, r = 1.8, 2.7
+    template = _stamps(gm.GaussianPsf(21, 21, t), [0], [0], 101)[0]
+    target = _stamps(gm.GaussianPsf(21, 21, r), [0], [0], 101)[0]
+    assert ideal_noise_gain(template, target) == pytest.approx(
+        1 / (4 * math.pi * (r * r - t * t)), rel=1e-3)
+    # A Moffat core has more power at high frequencies than a Gaussian: matching
+    # it exactly would deconvolve, and no finite gain is ideal.
+    moffat = _stamps(gm.MoffatPsf(41, 41, 1.3 * t * 2.3548, 3.0), [0], [0], 101)[0]
+    assert math.isnan(ideal_noise_gain(template, moffat))

@@ -1,23 +1,28 @@
 """Recommended settings: a configuration chosen from the two PSFs.
 
-:meth:`ModelPsfMatchConfig.for_psfs` measures the exposure PSF over the
-detector and the reference PSF, works out the ideal matching kernel (the
-reference deconvolved by the exposure PSF) where it is widest, and chooses
+:meth:`ModelPsfMatchConfig.for_psfs` measures the exposure PSF on a 3 x 3 grid
+over the detector and the reference PSF, works out the ideal matching kernel
+(the reference deconvolved by the exposure PSF) at each position, and chooses
 
-- ``kernelSize``: the smallest odd size whose truncation of the ideal kernel
-  still reproduces the reference (wings included) to a fraction of the target;
-- ``alardSigGauss``: widths from the ideal kernel's core to its wings, none
-  narrower than the core, so the fit has no narrow high-degree terms to
-  spend on a checkerboard that only adds noise (docs/algorithm.md section 4);
+- ``kernelSize``: the smallest odd size whose cut of the ideal kernels still
+  reproduces the reference (wings included) to a fifth of the target at every
+  position (or to within half the target of the largest allowed size);
+- ``alardSigGauss``: widths from the core of the narrowest ideal kernel to a
+  sixth of the kernel size, none narrower than the core, so the fit has no
+  narrow high-degree terms to spend on a checkerboard that only adds noise
+  (docs/algorithm.md section 4);
 - ``alardDegGauss``: degree 2, enough for the kernel's change of width and
   shape across the detector.
 
-It then solves the match on a coarse grid of candidates (no image needed) and,
-when the worst residual or FWHM ratio misses the target, raises the degrees,
-adds a width and grows the kernel, up to ``kernelSizeMax``. What it expects is
-kept in :class:`Recommendation` (``config.recommendation``); when even the
-largest allowed kernel cannot reach the target, a :class:`PoorMatchWarning`
-says so with the residual it expects.
+It then solves the match on a coarse 5 x 5 grid of candidates (no image needed,
+:func:`evaluate_config`) and, while the worst residual or FWHM error is above
+half the target, adds a narrower Gaussian of degree 4 and then grows the kernel,
+up to ``kernelSizeMax`` (:data:`DEFAULT_MAX_KERNEL` unless given). The first
+setting within 80% of the targets is taken, else the best one. What it expects
+is kept in :class:`Recommendation` (``config.recommendation``); when no setting
+reaches the target, a :class:`PoorMatchWarning` says so with the residual it
+expects. The stamp padding stays ``autoPadPsfTo = 1.4`` (padding to 2.0 gained
+little at several times the cost, see benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -90,11 +95,12 @@ class Recommendation:
     def summary(self):
         """One line: what the recommended settings are expected to reach."""
         verdict = "reaches" if self.reached else "does NOT reach"
+        ideal = self.ideal_noise_variance_gain
+        ideal = "unbounded" if math.isnan(ideal) else format(ideal, ".4g")
         return (f"recommended settings {verdict} the target (residual <= {self.max_residual:g}, "
                 f"FWHM within {self.max_fwhm_error:g}): expected worst residual "
                 f"{self.residual:.3g}, FWHM ratio {self.fwhm_ratio:.4f}, noise variance gain "
-                f"{self.noise_variance_gain:.4g} (ideal kernel "
-                f"{'unbounded' if math.isnan(self.ideal_noise_variance_gain) else format(self.ideal_noise_variance_gain, '.4g')})")
+                f"{self.noise_variance_gain:.4g} (ideal kernel {ideal})")
 
 
 class _Footprint:

@@ -511,7 +511,8 @@ def test_psf_found_from_header_card_or_sidecar(tmp_path, capsys, how):
     # Not the Gaussian default of these tests: the DES model was used.
     assert not np.array_equal(np.asarray(direct(inp).psfMatchedExposure.image), got.image)
     # The 25-px PSFEx stamps, padded to 1.4 times the recommended kernel.
-    assert expected.metadata["psfSize"] == max(25, next_odd(1.4 * expected.metadata["ALKernelSize"]))
+    kernel_size = expected.metadata["ALKernelSize"]
+    assert expected.metadata["psfSize"] == max(25, next_odd(1.4 * kernel_size))
     np.testing.assert_allclose(star_sizes(got.image), REF_SIGMA, rtol=0.01)
 
 

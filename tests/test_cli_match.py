@@ -371,6 +371,27 @@ def test_one_output_for_several_inputs_is_refused(tmp_path, capsys):
 # -- kernels and figures ---------------------------------------------------------------------
 
 
+def test_lsst_defaults_flag_and_set_on_top_of_the_recommendation(tmp_path, capsys):
+    inp = write_input(tmp_path, "a.fits", seed=12)
+    lsst, rec = tmp_path / "lsst.fits", tmp_path / "rec.fits"
+    code, _, stderr = run(capsys, "match", inp, "--psf", PSF_SPEC, "--reference", REF_SPEC,
+                          "-o", lsst, "--save-kernel", "--lsst-defaults")
+    assert code == 0, stderr
+    assert gm.SpatialKernel.read_fits(tmp_path / "lsst.kernel.fits").config == \
+        gm.ModelPsfMatchConfig().to_dict()
+    assert_same_pixels(lsst, direct(inp, config=gm.ModelPsfMatchConfig()))
+    # --set applies on top of the recommended settings.
+    code, _, stderr = run(capsys, "match", inp, "--psf", PSF_SPEC, "--reference", REF_SPEC,
+                          "-o", rec, "--save-kernel", "--set", "spatialKernelOrder=1")
+    assert code == 0, stderr
+    exposure = gm.Exposure.read_fits(inp)
+    want = gm.ModelPsfMatchConfig.for_psfs(gm.parse_psf(PSF_SPEC), gm.parse_psf(REF_SPEC),
+                                           bbox=exposure.bbox, spatialKernelOrder=1)
+    assert gm.SpatialKernel.read_fits(tmp_path / "rec.kernel.fits").config == want.to_dict()
+    assert want.spatialKernelOrder == 1 and want.kernelSize != 21
+    assert_same_pixels(rec, direct(inp, config=want))
+
+
 def test_saved_kernel_reads_back_and_reapplies_identically(tmp_path, capsys):
     inp = write_input(tmp_path, "a.fits", seed=11)
     outdir = tmp_path / "out"

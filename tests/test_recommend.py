@@ -3,8 +3,9 @@ and the Moffat model.
 
 Matches are measured against independent answers: the analytic Moffat profile, the
 analytic noise gain of the ideal Gaussian matching kernel, 1 / (4 pi (r^2 - t^2)),
-and the targets of docs/algorithm.md section 8 (worst matched-PSF residual <= 1%,
-FWHM within 1%). Images are small (256-512 px) to keep the suite fast.
+and the recommended mode's targets on the matched-PSF diagnostics of
+docs/algorithm.md section 8 (worst residual <= 1%, FWHM within 1%). Images are
+small (256-512 px) to keep the suite fast.
 """
 
 import math

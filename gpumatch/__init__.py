@@ -17,8 +17,8 @@ from .errors import (BackendWarning, ConditioningWarning, ConfigError, GpumatchE
 from .exposure import DEFAULT_MASK_PLANES, Box, Exposure
 from .kernel import SpatialKernel
 from .many import match_many
-from .psf import (DoubleGaussianPsf, GalSimPsf, GaussianPsf, GriddedPsf, ImagePsf, PiffPsf, Psf,
-                  PsfexPsf, VaryingGaussianPsf, parse_psf)
+from .psf import (DoubleGaussianPsf, GalSimPsf, GaussianPsf, GriddedPsf, ImagePsf, MoffatPsf,
+                  PiffPsf, Psf, PsfexPsf, VaryingGaussianPsf, parse_psf)
 from .task import CellSetResult, ModelPsfMatchResult, ModelPsfMatchTask
 
 __version__ = "0.1.0"
@@ -27,7 +27,7 @@ _logging.getLogger("gpumatch").addHandler(_logging.NullHandler())
 
 __all__ = [
     "ModelPsfMatchTask", "ModelPsfMatchConfig", "ModelPsfMatchResult", "CellSetResult",
-    "Exposure", "Box", "DEFAULT_MASK_PLANES", "Psf", "GaussianPsf", "DoubleGaussianPsf",
+    "Exposure", "Box", "DEFAULT_MASK_PLANES", "Psf", "GaussianPsf", "DoubleGaussianPsf", "MoffatPsf",
     "ImagePsf", "VaryingGaussianPsf", "PsfexPsf", "GriddedPsf", "GalSimPsf", "PiffPsf",
     "parse_psf", "SpatialKernel", "apply_kernel", "cupy_usable", "match_many",
     "GpumatchError", "ConfigError", "MissingPsfError", "InsufficientAreaError",

@@ -111,10 +111,22 @@ def _all_good(rows):
                for r in rows)
 
 
+def _load_config(args):
+    """``--config``/``--set``; without ``--config`` or ``--lsst-defaults``, the
+    recommended settings are chosen per exposure with ``--set`` on top."""
+    from .pipeline import load_config, parse_overrides
+    from .recommend import recommended_per_exposure
+
+    overrides = parse_overrides(args.set)
+    config = load_config(args.config, overrides)
+    if args.config or args.lsst_defaults:
+        return config
+    return recommended_per_exposure(config, overrides)
+
+
 def _cmd_match_distributed(args):
     """``gpumatch match --scheduler ADDRESS`` / ``--workers N``: one Dask task per file."""
     from .distributed import SUMMARY_NAME, format_summary, match_files
-    from .pipeline import load_config, parse_overrides
 
     if args.output or not args.output_dir:
         raise ValueError("--scheduler/--workers write to --output-dir DIR (not -o FILE)")
@@ -126,7 +138,7 @@ def _cmd_match_distributed(args):
                          "one), not both")
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers}: give a positive number of worker processes")
-    config = load_config(args.config, parse_overrides(args.set))
+    config = _load_config(args)
     rows = match_files(args.exposures, args.reference, args.output_dir,
                        client=args.scheduler, psf=args.psf, config=config, backend=args.backend,
                        kernel_sum=args.kernel_sum, overwrite=args.overwrite,
@@ -144,7 +156,7 @@ def _cmd_match(args):
     import contextlib
 
     from .distributed import _progress_bar, format_summary
-    from .pipeline import load_config, match_file, output_path_for, parse_overrides, resolve_psf
+    from .pipeline import match_file, output_path_for, resolve_psf
     from .task import ModelPsfMatchTask
 
     if args.output and len(args.exposures) > 1:
@@ -153,7 +165,7 @@ def _cmd_match(args):
         raise ValueError("give --output-dir DIR (or -o FILE for a single input)")
     # Everything that can be checked before touching the disk is checked first,
     # so a bad configuration or model string leaves nothing behind.
-    config = load_config(args.config, parse_overrides(args.set))
+    config = _load_config(args)
     reference = resolve_psf(args.reference)
     psf = resolve_psf(args.psf) if args.psf else None
     task = ModelPsfMatchTask(config, backend=args.backend)
@@ -240,6 +252,10 @@ def build_parser():
     m.add_argument("--output-dir", metavar="DIR", help="write outputs here (same file names)")
     m.add_argument("-o", "--output", metavar="FILE", help="output file for a single input")
     m.add_argument("--config", metavar="FILE.toml", help="configuration (SPEC field names)")
+    m.add_argument("--lsst-defaults", action="store_true",
+                   help="use LSST's default configuration (and --set) instead of the settings "
+                        "recommended for each exposure's PSF and the reference (the default "
+                        "without --config)")
     m.add_argument("--set", action="append", metavar="FIELD=VALUE", default=[],
                    help="override one configuration field (repeatable)")
     m.add_argument("--backend", default="auto", choices=("auto", "numpy", "cupy"))

@@ -84,6 +84,37 @@ class ModelPsfMatchConfig:
                 )
         return cls(**values)
 
+    @classmethod
+    def for_psfs(cls, exposure_psf, reference, *, bbox=None, **overrides):
+        """Recommended settings for matching ``exposure_psf`` to ``reference``.
+
+        Kernel size, stamp padding, basis widths and degrees are chosen from
+        the two PSFs (measured over the detector, wings included) so that the
+        match reaches a worst matched-PSF residual of 1% and FWHM within 1%
+        with as little added noise as the match needs; see
+        :mod:`gpumatch.recommend`. ``ModelPsfMatchConfig()`` keeps LSST's
+        defaults instead.
+
+        Parameters
+        ----------
+        exposure_psf, reference : Psf
+        bbox : Box, optional
+            The detector area (parent pixels); default: the PSF model's own
+            domain where it has one.
+        **overrides
+            Configuration fields applied on top of the recommendation.
+
+        Returns
+        -------
+        ModelPsfMatchConfig
+            With ``recommendation`` (:class:`gpumatch.recommend.Recommendation`):
+            the residual, FWHM ratio and noise gain it expects. When no kernel up
+            to ``kernelSizeMax`` reaches the target, a ``PoorMatchWarning`` says so.
+        """
+        from .recommend import recommend_config
+
+        return recommend_config(cls, exposure_psf, reference, bbox, overrides)
+
     def to_dict(self):
         """Plain dict of the field values (tuples as lists)."""
         out = {}

@@ -79,6 +79,23 @@ class SpatialKernel:
         """
         return self.compute_images([x], [y], normalize)[0]
 
+    def noise_variance_gain(self, x, y):
+        """Sum of the squared normalised kernel at parent position(s) ``(x, y)``.
+
+        The factor by which matching multiplies the variance of white noise
+        (docs/algorithm.md section 7): the matched variance plane is
+        ``sum(Khat**2 * variance)``. For a Gaussian exposure PSF of width ``t``
+        matched to a Gaussian of width ``r`` (pixels) the ideal kernel gives
+        ``1 / (4 pi (r^2 - t^2))``.
+
+        Returns
+        -------
+        float, or ndarray for array ``x``, ``y``
+        """
+        images = self.compute_images(np.ravel(x), np.ravel(y), normalize=True)
+        gains = (images ** 2).sum(axis=(1, 2))
+        return float(gains[0]) if np.ndim(x) == 0 else gains
+
     def sum_at(self, x, y):
         """Unnormalised kernel sum at parent position(s)."""
         P = self.spatial_functions.evaluate(np.ravel(x), np.ravel(y))

@@ -217,6 +217,7 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
         Summary: input, output, status, kernel sum, condition number,
         residuals, the verdict (``verdict``, ``verdict_reason``), timings.
     """
+    from .recommend import task_for_exposure
     from .task import ModelPsfMatchTask
 
     t0 = time.perf_counter()
@@ -226,8 +227,9 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
     task = task or ModelPsfMatchTask(config, backend=backend)
     # On the GPU the planes are read into pinned memory: copied to it without staging.
     exposure = read_exposure_with_psf(path, psf, empty=task._stages.empty_host)
-    result = task.run(exposure, resolve_psf(reference), kernelSum=kernel_sum,
-                      on_poor_match=on_poor_match)
+    reference = resolve_psf(reference)
+    task = task_for_exposure(task, exposure, reference)  # the recommended mode
+    result = task.run(exposure, reference, kernelSum=kernel_sum, on_poor_match=on_poor_match)
     md = result.metadata
     result.psfMatchedExposure.meta.update({
         # Kernel sum at the region centre, spatial condition number, worst

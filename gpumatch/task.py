@@ -95,6 +95,15 @@ def _psf_sigma(psf, x, y, label, tries=4, jitter=2.0, seed=0):
     )
 
 
+def _noise_gains(kernel, bbox, n=5):
+    """``noiseVarianceGain`` at the centre of ``bbox`` and its range on an
+    ``n x n`` grid over it (see :meth:`SpatialKernel.noise_variance_gain`)."""
+    xs, ys = np.meshgrid(np.linspace(bbox.x0, bbox.x1, n), np.linspace(bbox.y0, bbox.y1, n))
+    grid = kernel.noise_variance_gain(xs.ravel(), ys.ravel())
+    return {"noiseVarianceGain": kernel.noise_variance_gain(*bbox.center),
+            "noiseVarianceGainMin": float(grid.min()), "noiseVarianceGainMax": float(grid.max())}
+
+
 class ModelPsfMatchTask:
     """Match an exposure's PSF to a reference PSF model (SPEC section 1).
 
@@ -220,8 +229,23 @@ class ModelPsfMatchTask:
         return apply_policy(result, on_poor_match)
 
     def _run(self, exposure, referencePsfModel, kernelSum):
-        stages = self._stages
         times = {}
+        parts = self._solve(exposure, referencePsfModel, kernelSum, times)
+        return self._finish(exposure, *parts, times)
+
+    def _solve(self, exposure, referencePsfModel, kernelSum, times):
+        """Input checks -> cell set -> normal equations -> spatial solve.
+
+        Shared by :meth:`run` and :func:`gpumatch.recommend.evaluate_config`
+        (which needs only the PSFs and the bounding box of ``exposure``).
+
+        Returns
+        -------
+        tuple
+            ``(cell_set, choice, basis, sf, solution, reference)``; ``times``
+            gets the seconds spent in each stage.
+        """
+        stages = self._stages
         t0 = time.perf_counter()
 
         kernel_sum, choice, cell_set, reference, basis = self._prepare(
@@ -240,7 +264,7 @@ class ModelPsfMatchTask:
         solution = stages.solve_spatial(A, rhs, len(basis), sf.n_terms, kernel_sum,
                                         self.config.conditionNumberType)
         times["spatialSolve"] = time.perf_counter() - t2
-        return self._finish(exposure, cell_set, choice, basis, sf, solution, reference, times)
+        return cell_set, choice, basis, sf, solution, reference
 
     def _prepare(self, exposure, referencePsfModel, kernelSum, basis_for=alard_lupton_basis):
         """Input checks -> basis choice -> cell set -> basis.
@@ -342,6 +366,7 @@ class ModelPsfMatchTask:
             "matchedPsfMaxAbs": quality["max_abs_max"],
             "matchedPsfFwhmRatioMedian": quality["fwhm_ratio_median"],
             "matchedPsfFwhmRatioWorst": quality["fwhm_ratio_worst"],
+            **_noise_gains(kernel, state.exposure.bbox),
             "candidateRelL2": quality["relative_l2"].tolist(),
             "candidateMaxAbs": quality["max_abs"].tolist(),
             "candidateFwhmMatched": quality["fwhm_matched"].tolist(),

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import gpumatch as gm
+from gpumatch.cellset import next_odd
 from gpumatch.cli import main
 from gpumatch.errors import PsfEvaluationError
 from gpumatch.moments import adaptive_moments, determinant_radius
@@ -82,11 +83,15 @@ def write_input(directory, name, seed=0, **kw):
 
 
 def direct(path, psf=None, config=None):
-    """What the command should produce: Exposure.read_fits + ModelPsfMatchTask.run."""
+    """What the command should produce: Exposure.read_fits + ModelPsfMatchTask.run,
+    with the settings recommended for the exposure (the command's default
+    without --config or --lsst-defaults) unless ``config`` is given."""
     exposure = gm.Exposure.read_fits(path)
     exposure.psf = psf if psf is not None else gm.GaussianPsf(15, 15, PSF_SIGMA)
-    task = gm.ModelPsfMatchTask(config or gm.ModelPsfMatchConfig(), backend="numpy")
-    return task.run(exposure, gm.parse_psf(REF_SPEC))
+    reference = gm.parse_psf(REF_SPEC)
+    if config is None:
+        config = gm.ModelPsfMatchConfig.for_psfs(exposure.psf, reference, bbox=exposure.bbox)
+    return gm.ModelPsfMatchTask(config, backend="numpy").run(exposure, reference)
 
 
 def assert_same_pixels(path, expected):
@@ -366,6 +371,27 @@ def test_one_output_for_several_inputs_is_refused(tmp_path, capsys):
 # -- kernels and figures ---------------------------------------------------------------------
 
 
+def test_lsst_defaults_flag_and_set_on_top_of_the_recommendation(tmp_path, capsys):
+    inp = write_input(tmp_path, "a.fits", seed=12)
+    lsst, rec = tmp_path / "lsst.fits", tmp_path / "rec.fits"
+    code, _, stderr = run(capsys, "match", inp, "--psf", PSF_SPEC, "--reference", REF_SPEC,
+                          "-o", lsst, "--save-kernel", "--lsst-defaults")
+    assert code == 0, stderr
+    assert gm.SpatialKernel.read_fits(tmp_path / "lsst.kernel.fits").config == \
+        gm.ModelPsfMatchConfig().to_dict()
+    assert_same_pixels(lsst, direct(inp, config=gm.ModelPsfMatchConfig()))
+    # --set applies on top of the recommended settings.
+    code, _, stderr = run(capsys, "match", inp, "--psf", PSF_SPEC, "--reference", REF_SPEC,
+                          "-o", rec, "--save-kernel", "--set", "spatialKernelOrder=1")
+    assert code == 0, stderr
+    exposure = gm.Exposure.read_fits(inp)
+    want = gm.ModelPsfMatchConfig.for_psfs(gm.parse_psf(PSF_SPEC), gm.parse_psf(REF_SPEC),
+                                           bbox=exposure.bbox, spatialKernelOrder=1)
+    assert gm.SpatialKernel.read_fits(tmp_path / "rec.kernel.fits").config == want.to_dict()
+    assert want.spatialKernelOrder == 1 and want.kernelSize != 21
+    assert_same_pixels(rec, direct(inp, config=want))
+
+
 def test_saved_kernel_reads_back_and_reapplies_identically(tmp_path, capsys):
     inp = write_input(tmp_path, "a.fits", seed=11)
     outdir = tmp_path / "out"
@@ -378,7 +404,13 @@ def test_saved_kernel_reads_back_and_reapplies_identically(tmp_path, capsys):
     # The kernel sum asked for is the one stored (the output is normalised anyway).
     assert kernel.sum_at(*expected.kernelCellSet.region.center) == pytest.approx(2.5, rel=1e-9)
     np.testing.assert_array_equal(kernel.basis_images, expected.psfMatchingKernel.basis_images)
-    assert kernel.config["kernelSize"] == 21
+    # Without --config or --lsst-defaults the command uses the recommended settings for
+    # this exposure: a 2-pixel ideal kernel needs less than LSST's 21 pixels.
+    exposure = gm.Exposure.read_fits(inp)
+    recommended = gm.ModelPsfMatchConfig.for_psfs(gm.parse_psf(PSF_SPEC), gm.parse_psf(REF_SPEC),
+                                                  bbox=exposure.bbox)
+    assert kernel.config == recommended.to_dict()
+    assert kernel.config["kernelSize"] < 21
     # Applying the kernel read back to the input gives the command's output exactly.
     exposure = gm.Exposure.read_fits(inp)
     again = gm.apply_kernel(exposure, kernel)
@@ -414,6 +446,7 @@ def test_plots_writes_five_figures_per_input(tmp_path, capsys):
 
 
 _CUPY_CLI = r"""
+from gpumatch.cellset import next_odd
 from gpumatch.cli import main
 sys.exit(main(ARGS))
 """
@@ -498,7 +531,9 @@ def test_psf_found_from_header_card_or_sidecar(tmp_path, capsys, how):
     got = assert_same_pixels(out, expected)
     # Not the Gaussian default of these tests: the DES model was used.
     assert not np.array_equal(np.asarray(direct(inp).psfMatchedExposure.image), got.image)
-    assert expected.metadata["psfSize"] == 31  # 25-px PSFEx stamps padded to 31
+    # The 25-px PSFEx stamps, padded to 1.4 times the recommended kernel.
+    kernel_size = expected.metadata["ALKernelSize"]
+    assert expected.metadata["psfSize"] == max(25, next_odd(1.4 * kernel_size))
     np.testing.assert_allclose(star_sizes(got.image), REF_SIGMA, rtol=0.01)
 
 

@@ -43,7 +43,9 @@ def test_double_gaussian_forms():
 
 
 @pytest.mark.parametrize("spec,why", [
-    ("moffat:beta=3,fwhm=4", "unknown model 'moffat'"),
+    ("airy:fwhm=4", "unknown model 'airy'"),
+    ("moffat:beta=3", "fwhm= is required"),
+    ("moffat:fwhm=4,beta=0.5", "beta=0.5 must be > 1"),
     ("gaussian", "expected NAME:PARAMETERS"),
     ("", "expected NAME:PARAMETERS"),
     ("gaussian:fwhm=7.7,sigma=3", "exactly one of fwhm= and sigma="),

@@ -5,7 +5,7 @@ Models backed by files or other packages (:class:`PsfexPsf`, :class:`GriddedPsf`
 """
 
 from .adapters import GalSimPsf, LsstImagesPsf, PiffPsf
-from .analytic import DoubleGaussianPsf, GaussianPsf, VaryingGaussianPsf
+from .analytic import DoubleGaussianPsf, GaussianPsf, MoffatPsf, VaryingGaussianPsf
 from .base import Psf, ResizedPsf, pad_or_crop
 from .gridded import GriddedPsf
 from .image import ImagePsf
@@ -13,7 +13,7 @@ from .parse import parse_psf
 from .psfex import PsfexPsf, PsfStamp
 
 __all__ = [
-    "Psf", "ResizedPsf", "pad_or_crop", "GaussianPsf", "DoubleGaussianPsf",
+    "Psf", "ResizedPsf", "pad_or_crop", "GaussianPsf", "DoubleGaussianPsf", "MoffatPsf",
     "VaryingGaussianPsf", "ImagePsf", "PsfexPsf", "PsfStamp", "GriddedPsf", "GalSimPsf",
     "PiffPsf", "LsstImagesPsf", "parse_psf",
 ]

@@ -14,8 +14,8 @@ __all__ = ["parse_psf", "FORMS"]
 
 #: The accepted string forms, as shown in error messages.
 FORMS = ("gaussian:fwhm=F[,size=N] | gaussian:sigma=S[,size=N] | "
-         "doublegaussian:sigma1=S1[,sigma2=S2,b=B][,size=N] | psfex:PATH.psf | "
-         "image:PATH.fits | piff:PATH | lsstimages:PATH.fits")
+         "doublegaussian:sigma1=S1[,sigma2=S2,b=B][,size=N] | moffat:fwhm=F[,beta=B][,size=N] | "
+         "psfex:PATH.psf | image:PATH.fits | piff:PATH | lsstimages:PATH.fits")
 
 _NAME = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_\-]*)\s*:(.*)$", re.S)
 _SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
@@ -97,6 +97,21 @@ def _double_gaussian(spec, body):
     return DoubleGaussianPsf(w, h, p["sigma1"], sigma2, b)
 
 
+def _moffat(spec, body):
+    from .analytic import MoffatPsf
+
+    p = _params(spec, body, ("fwhm", "beta", "size", "width", "height"))
+    if "fwhm" not in p:
+        raise _fail(spec, "fwhm= is required")
+    _positive(spec, p, "fwhm")
+    beta = p.get("beta", 3.0)
+    if not beta > 1:
+        raise _fail(spec, f"beta={beta:g} must be > 1")
+    # Moffat wings are heavier than a Gaussian's: default to ~8 FWHM (6 x 1.33 FWHM).
+    w, h = _size(spec, p, 1.33 * p["fwhm"])
+    return MoffatPsf(w, h, p["fwhm"], beta)
+
+
 def _path(spec, body):
     path = body.strip()
     if not path:
@@ -165,6 +180,7 @@ def parse_psf(spec):
         gaussian:fwhm=7.7,size=23
         gaussian:sigma=3.27,size=23
         doublegaussian:sigma1=3.27,sigma2=8.175,b=0.1,size=23
+        moffat:fwhm=6.0,beta=3,size=51     (beta defaults to 3)
         psfex:PATH.psf          (PsfexPsf.read)
         image:PATH.fits         (ImagePsf of the first 2-d image)
         piff:PATH               (PiffPsf.read; needs piff)
@@ -193,6 +209,8 @@ def parse_psf(spec):
         return _gaussian(spec, body)
     if name in ("doublegaussian", "dgauss", "doublegauss"):
         return _double_gaussian(spec, body)
+    if name == "moffat":
+        return _moffat(spec, body)
     if name == "psfex":
         from .psfex import PsfexPsf
 

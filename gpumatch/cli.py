@@ -55,12 +55,6 @@ def _cmd_example(args):
     return 0
 
 
-def _one_line(exc):
-    """An exception as one line: its class and its message with whitespace collapsed."""
-    text = " ".join(str(exc).split())
-    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
-
-
 def _cmd_match_distributed(args):
     """``gpumatch match --scheduler ADDRESS`` / ``--workers N``: one Dask task per file."""
     from .distributed import SUMMARY_NAME, format_summary, match_files
@@ -79,13 +73,33 @@ def _cmd_match_distributed(args):
                        kernel_sum=args.kernel_sum, overwrite=args.overwrite,
                        n_workers=args.workers, progress=not args.quiet,
                        save_kernel=args.save_kernel, plots_dir=args.plots)
-    n_bad = sum(r["status"] == "failed" for r in rows)
-    if not args.quiet or n_bad:
+    if not args.quiet or _n_bad(rows):
         print(format_summary(rows))
         print(f"summary: {os.path.join(args.output_dir, SUMMARY_NAME)}")
-    if n_bad:
-        print(f"gpumatch: {n_bad} of {len(rows)} inputs failed", file=sys.stderr)
-    return 1 if n_bad else 0
+    return _exit_code(rows)
+
+
+def _counts(rows):
+    """``"ok N, [skipped N, conflict N, ]failed N"`` (the middle two when they occur)."""
+    statuses = [r["status"] for r in rows]
+    return ", ".join(f"{s} {statuses.count(s)}" for s in ("ok", "skipped", "conflict", "failed")
+                     if s in ("ok", "failed") or s in statuses)
+
+
+def _n_bad(rows):
+    return sum(r["status"] in ("failed", "conflict") for r in rows)
+
+
+def _exit_code(rows):
+    """1 when an input failed or its output conflicts with this run (said on stderr), else 0."""
+    failed = sum(r["status"] == "failed" for r in rows)
+    conflicts = sum(r["status"] == "conflict" for r in rows)
+    if failed:
+        print(f"gpumatch: {failed} of {len(rows)} inputs failed", file=sys.stderr)
+    if conflicts:
+        print(f"gpumatch: {conflicts} of {len(rows)} existing outputs are not this run's "
+              "(conflict); pass --overwrite to recompute them", file=sys.stderr)
+    return 1 if failed or conflicts else 0
 
 
 def _cmd_match(args):
@@ -93,8 +107,11 @@ def _cmd_match(args):
         return _cmd_match_distributed(args)
     import contextlib
 
-    from .distributed import _progress_bar, format_summary
-    from .pipeline import load_config, match_file, output_path_for, parse_overrides, resolve_psf
+    import time
+
+    from .distributed import SUMMARY_NAME, _progress_bar, format_summary, match_one
+    from .distributed import write_run_summary
+    from .pipeline import load_config, output_path_for, parse_overrides, resolve_psf
     from .task import ModelPsfMatchTask
 
     if args.output and len(args.exposures) > 1:
@@ -110,6 +127,7 @@ def _cmd_match(args):
     if args.output_dir and not os.path.isdir(args.output_dir):
         os.makedirs(args.output_dir, exist_ok=True)
     rows = []
+    t_start = time.perf_counter()
     bar = _progress_bar(len(args.exposures), not args.quiet and len(args.exposures) > 1)
     if bar is not None:
         from tqdm.contrib.logging import logging_redirect_tqdm
@@ -129,32 +147,29 @@ def _cmd_match(args):
         for path in args.exposures:
             out = output_path_for(path, args.output_dir, args.output)
             if bar is not None:
-                n_ok = sum(r["status"] == "ok" for r in rows)
-                bar.set_postfix_str(f"{os.path.basename(path)} (ok {n_ok}, "
-                                    f"failed {len(rows) - n_ok})")
-            try:
-                # match_file refuses a missing input or a bad output before any work.
-                row = match_file(path, reference, out, psf=psf, kernel_sum=args.kernel_sum,
-                                 save_kernel=args.save_kernel, plots_dir=args.plots,
-                                 overwrite=args.overwrite, task=task)
-            except Exception as exc:  # one bad input must not stop the others
-                row = {"input": path, "output": out, "status": "failed",
-                       "error": _one_line(exc)}
-                log.debug("failure on %s", path, exc_info=True)
-                report(f"gpumatch: {path}: failed: {row['error']}")
+                bar.set_postfix_str(f"{os.path.basename(path)} ({_counts(rows)})")
+            # As on a Dask worker: never raises; skips an output that is this run's,
+            # reports any other existing one as a conflict.
+            row = match_one(path, reference, out, psf=psf, kernel_sum=args.kernel_sum,
+                            save_kernel=args.save_kernel, plots_dir=args.plots,
+                            overwrite=args.overwrite, task=task)
+            if row["status"] in ("failed", "conflict"):
+                log.debug("%s on %s:\n%s", row["status"], path, row.pop("traceback", ""))
+                report(f"gpumatch: {path}: {row['status']}: {row['error']}")
             rows.append(row)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
-            n_ok = sum(r["status"] == "ok" for r in rows)
-            bar.set_postfix_str(f"ok {n_ok}, failed {len(rows) - n_ok}")
+            bar.set_postfix_str(_counts(rows))
             bar.close()
-    if not args.quiet or any(r["status"] != "ok" for r in rows):
+    if args.output_dir:
+        write_run_summary(os.path.join(args.output_dir, SUMMARY_NAME), rows,
+                          reference=args.reference, psf=args.psf, backend=task.backend,
+                          kernel_sum=args.kernel_sum, config=config,
+                          seconds=time.perf_counter() - t_start)
+    if not args.quiet or _n_bad(rows):
         print(format_summary(rows, fwhm_ratio=True))
-    n_bad = sum(r["status"] != "ok" for r in rows)
-    if n_bad:
-        print(f"gpumatch: {n_bad} of {len(rows)} inputs failed", file=sys.stderr)
-    return 1 if n_bad else 0
+    return _exit_code(rows)
 
 
 def build_parser():

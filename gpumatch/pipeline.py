@@ -172,6 +172,21 @@ def check_output(path, output, overwrite):
     return check_output_path(output, overwrite, "exposure")
 
 
+#: Result metadata reported per file (when the task provides it), and the
+#: output's primary-header card that keeps it for later runs' summaries.
+VERDICT_FIELDS = {"matchQuality": "GPM_QUAL", "matchQualityReason": "GPM_QRSN",
+                  "noiseVarianceGain": "GPM_NVG"}
+
+
+def _record_verdict(metadata, meta, summary):
+    """Copy the verdict fields present in ``metadata`` to the summary and the header."""
+    for key, card in VERDICT_FIELDS.items():
+        value = metadata.get(key)
+        if value is not None:
+            summary[key] = value
+            meta[card] = value
+
+
 def match_file(path, reference, output, psf=None, config=None, backend="auto", kernel_sum=1.0,
                save_kernel=False, plots_dir=None, overwrite=False, task=None):
     """Read one exposure, PSF-match it and write the result atomically.
@@ -219,6 +234,7 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
         "fwhm_ratio_worst": md["matchedPsfFwhmRatioWorst"],
         "candidates": md["numUsedCandidates"],
     }
+    _record_verdict(md, result.psfMatchedExposure.meta, summary)
     written = []
     try:
         if save_kernel:

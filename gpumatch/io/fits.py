@@ -44,6 +44,7 @@ import numpy as np
 
 from .._warnings import quiet
 from ..errors import GpumatchError
+from ..provenance import CARDS, NOISE_CARDS
 from ._atomic import atomic_write
 
 log = logging.getLogger("gpumatch")
@@ -54,6 +55,9 @@ __all__ = ["read_exposure", "write_exposure", "FitsFormatError", "header_to_meta
 JSON_COMMENT = "gpumatch:json"
 _PLANES = ("IMAGE", "MASK", "VARIANCE")
 _RESERVED = {"FILTER", "GM_ID", "GM_PHCAL", "GM_VISIT"}
+# Provenance and noise-correlation cards: read into exposure.provenance and
+# noise_correlation, never into meta (a rewrite takes them from there).
+_RECORD_CARDS = frozenset(CARDS) | frozenset(NOISE_CARDS)
 
 _STRUCTURAL = re.compile(
     r"^(SIMPLE|BITPIX|NAXIS\d*|EXTEND|XTENSION|PCOUNT|GCOUNT|EXTNAME|EXTTYPE|EXTVER|EXTLEVEL|"
@@ -434,7 +438,7 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
     wcs = _wcs_from_header(hdr, p)
     if wcs is None and layout == "plain" and image_hdu is not hdul[0]:
         wcs = _wcs_from_header(primary, p)
-    meta = header_to_meta(primary, skip_wcs=True)
+    meta = header_to_meta(primary, skip_wcs=True, exclude=_RECORD_CARDS)
     # LSST files keep the metadata in the primary header; a plain image in an
     # extension (e.g. a tile-compressed one) has its own cards too.
     if layout == "plain" and image_hdu is not hdul[0]:
@@ -454,8 +458,21 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
             id=fields.get("GM_ID"), meta=meta, mask_planes=planes)
     except ValueError as exc:
         raise FitsFormatError(f"{p}: {exc}") from None
+    _read_record(exposure, hdul, primary, p, psf is None)
     log.debug("read %s (%s, %dx%d, xy0=%s)", p, layout, shape[1], shape[0], xy0)
     return exposure
+
+
+def _read_record(exposure, hdul, primary, path, set_psf):
+    """The file's checksum and, for a gpumatch output, its provenance, noise
+    correlation and reference PSF (as ``psf`` unless one was given)."""
+    from .. import provenance
+
+    exposure.source = {"path": path, "sha256": provenance.file_sha256(path)}
+    prov, corr, reference = provenance.read_output_record(hdul, primary, path)
+    exposure.provenance, exposure.noise_correlation = prov, corr
+    if set_psf and reference is not None:
+        exposure.psf = reference
 
 
 def _plain_image_hdu(hdul, path, which):
@@ -507,7 +524,7 @@ def _exposure_hdul(exposure):
         mask = mask.astype(np.int16)  # FITS has no signed bytes
 
     primary = fits.PrimaryHDU()
-    meta_to_header(exposure.meta, primary.header, skip=_RESERVED)
+    meta_to_header(exposure.meta, primary.header, skip=_RESERVED | _RECORD_CARDS)
     if exposure.filter is not None:
         if isinstance(exposure.filter, str):
             primary.header["FILTER"] = exposure.filter
@@ -558,6 +575,10 @@ def _exposure_hdul(exposure):
                 with quiet():
                     hdr[key] = (int(bit), f"mask plane {plane}")
         hdus.append(h)
+    from ..provenance import output_hdus
+
+    # After the planes: IMAGE, MASK and VARIANCE stay HDUs 1 to 3.
+    hdus.extend(output_hdus(exposure, primary.header))
     return fits.HDUList(hdus)
 
 

@@ -120,7 +120,7 @@ class SpatialKernel:
         input noise comes out with covariance proportional to the
         autocorrelation ``A(d) = sum_u K(u) K(u + d)``; this returns
         ``A / A(0)``, the correlation coefficient between pixels ``d`` apart
-        (docs/algorithm.md section 6). The variance plane holds
+        (docs/algorithm.md section 7). The variance plane holds
         ``A(0) = sum K^2`` times the input variance per pixel and none of the
         correlation: see :func:`box_variance_factor` for sums over apertures.
 

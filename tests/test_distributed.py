@@ -408,3 +408,16 @@ def test_dask_cuda_check_script_passes_on_cpu():
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "dask_cuda_check: PASSED" in res.stdout
     assert "3 files of 256x256, backend auto -> numpy expected" in res.stdout
+
+
+@needs_dask
+def test_resume_checks_provenance_like_serial_runs(tmp_path, client, capsys):
+    """The resume rules of the serial test (tests/test_provenance.py) on Dask: an
+    unchanged rerun skips; a changed reference, a changed configuration and another
+    input's output under the same name are conflicts. On the module's local cluster
+    of two worker processes: ``--workers 2`` would start another one (20 s on a busy
+    machine) to reach the same ``match_files`` (test_cli_scheduler_and_workers runs it)."""
+    from test_provenance import resume_scenario
+
+    dask = ["--scheduler", client.scheduler.address]
+    resume_scenario(tmp_path, capsys, dask, dask)

@@ -106,11 +106,10 @@ def _cmd_match(args):
     if getattr(args, "scheduler", None) or getattr(args, "workers", None) is not None:
         return _cmd_match_distributed(args)
     import contextlib
-
     import time
 
-    from .distributed import SUMMARY_NAME, _progress_bar, format_summary, match_one
-    from .distributed import write_run_summary
+    from .distributed import (SUMMARY_NAME, _progress_bar, format_summary, match_one,
+                              write_run_summary)
     from .pipeline import load_config, output_path_for, parse_overrides, resolve_psf
     from .task import ModelPsfMatchTask
 
@@ -213,7 +212,8 @@ def build_parser():
     m.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     m.add_argument("--scheduler", metavar="ADDRESS",
                    help="run one Dask task per file on this scheduler (e.g. tcp://host:8786); "
-                        "complete outputs are skipped, a JSON summary is written in --output-dir")
+                        "outputs whose provenance is this run's are skipped, other existing "
+                        "ones are conflicts; a JSON summary is written in --output-dir")
     m.add_argument("--workers", type=int, metavar="N",
                    help="run on a local Dask cluster of N worker processes (as --scheduler)")
     m.set_defaults(func=_cmd_match)

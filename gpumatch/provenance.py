@@ -9,6 +9,8 @@ A matched exposure (``result.psfMatchedExposure``) carries
   ``reference`` PSF's description (:func:`gpumatch.psf.parse.psf_description`),
   the exposure ``psf``'s description, the ``backend``, the imposed
   ``kernelSum`` and the full configuration ``config`` (a dict of every field);
+  For an input on the GPU the checksum is taken when the output is written
+  (until then ``inputSha256`` holds a placeholder that computes it);
 - ``exposure.noise_correlation``: the normalised correlation of the output
   noise at the image centre (:meth:`gpumatch.SpatialKernel.noise_correlation`).
 
@@ -179,7 +181,13 @@ def _card_value(key, value):
         return json.dumps(value, separators=(",", ":"))
     if isinstance(value, _LazyImageChecksum):
         value = value.value()
-    return "" if value is None else value
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        # A card holds printable ASCII: a model's repr may hold anything.
+        value = value.encode("ascii", "backslashreplace").decode("ascii")
+        return "".join(c if c.isprintable() else " " for c in value)
+    return value
 
 
 def _image_centre(exposure):
@@ -209,9 +217,18 @@ def output_hdus(exposure, header):
         header[key] = (value, _COMMENTS[key])
     hdus = []
     reference = getattr(exposure, "psf_reference", None) or exposure.psf
-    if reference is not None:
-        x, y = _image_centre(exposure)
-        stamp = np.asarray(reference.compute_kernel_image(float(x), float(y)), dtype=np.float64)
+    x, y = _image_centre(exposure)
+    try:
+        stamp = None if reference is None else np.asarray(
+            reference.compute_kernel_image(float(x), float(y)), dtype=np.float64)
+    except Exception as exc:  # the output matters more than its reference's stamp
+        from .errors import GpumatchWarning, warn
+
+        warn(f"the reference PSF {prov.get('reference')} cannot be rendered at ({x}, {y}) "
+             f"({exc.__class__.__name__}: {exc}); the output has no {REFPSF} stamp",
+             GpumatchWarning)
+        stamp = None
+    if stamp is not None:
         h = fits.ImageHDU(stamp, name=REFPSF)
         h.header["GPM_X"] = (x, "parent x of the stamp's position (pixels)")
         h.header["GPM_Y"] = (y, "parent y of the stamp's position (pixels)")

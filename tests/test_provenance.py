@@ -283,3 +283,30 @@ def resume_scenario(tmp_path, capsys, first, then):
 
 def test_resume_serial(tmp_path, capsys):
     resume_scenario(tmp_path, capsys, [], [])
+
+
+def test_summary_carries_the_verdict_when_the_result_has_one(tmp_path, capsys, monkeypatch):
+    """matchQuality and noiseVarianceGain, when the task reports them, reach the summary
+    of the run that matched the file and, through the output's header, of a run that
+    skipped it."""
+    from gpumatch.task import ModelPsfMatchTask
+
+    real = ModelPsfMatchTask._log_solution
+
+    def with_verdict(self, md, n_terms):
+        md.update(matchQuality="good", matchQualityReason="within 1%",
+                  noiseVarianceGain={"centre": 0.031, "min": 0.03, "max": 0.032})
+        return real(self, md, n_terms)
+
+    monkeypatch.setattr(ModelPsfMatchTask, "_log_solution", with_verdict)
+    os.makedirs(tmp_path / "in")
+    a = write_input(tmp_path / "in" / "a.fits", seed=1)
+    out = tmp_path / "out"
+    argv = ["match", a, "--psf", PSF, "--reference", REFERENCE, "--output-dir", str(out)] + SETS
+    for status in ("ok", "skipped"):
+        assert main(argv) == 0
+        statuses, summary = _statuses(out)
+        row = summary["files"][0]
+        assert statuses == [status] and row["matchQuality"] == "good"
+        assert row["matchQualityReason"] == "within 1%"
+        assert row["noiseVarianceGain"] == {"centre": 0.031, "min": 0.03, "max": 0.032}

@@ -2,14 +2,22 @@
 
 Layout written by :func:`write_exposure` (and preferred by :func:`read_exposure`):
 
-==== ============ ==========================================================
-HDU  EXTNAME      content
-==== ============ ==========================================================
-0    (primary)    no data; the exposure's ``meta`` cards, ``FILTER``
-1    ``IMAGE``    image plane (its dtype); WCS, ``LTV1/LTV2``, ``EXTTYPE``
-2    ``MASK``     integer bit planes; ``MP_<NAME> = bit`` for every plane
-3    ``VARIANCE`` variance plane (its dtype)
-==== ============ ==========================================================
+==== ============= ==========================================================
+HDU  EXTNAME       content
+==== ============= ==========================================================
+0    (primary)     no data; the exposure's ``meta`` cards, ``FILTER``
+1    ``IMAGE``     image plane (its dtype); WCS, ``LTV1/LTV2``, ``EXTTYPE``
+2    ``MASK``      integer bit planes; ``MP_<NAME> = bit`` for every plane
+3    ``VARIANCE``  variance plane (its dtype)
+4    ``REFPSF``    matched exposures only: the reference PSF at the image centre
+5    ``NOISECORR`` matched exposures only: the output noise correlation
+==== ============= ==========================================================
+
+A matched exposure's primary header also holds its provenance and a summary of
+its noise correlation (``GPM_*`` cards, see :mod:`gpumatch.provenance`); they
+are read into ``exposure.provenance`` and ``exposure.noise_correlation``, the
+reference becomes ``exposure.psf``, and every file read gets
+``exposure.source`` (its path and SHA-256).
 
 Conventions:
 

@@ -207,7 +207,8 @@ def psf_description(psf):
     Gaussian and double-Gaussian models are written with every parameter
     (floats in their shortest exact form, so the round trip is exact); a
     PSFEx model read from a file with the default offset and stamp size is
-    ``psfex:PATH`` (the file as it was given). Other models (varying,
+    ``psfex:PATH`` (the file's absolute path, so that it reads back from any
+    directory). Other models (varying,
     gridded, GalSim, images, ...) have no string form and give their
     ``repr``, which :func:`parse_psf` refuses.
     """
@@ -223,5 +224,5 @@ def psf_description(psf):
     if type(psf) is PsfexPsf and psf.path and psf.offset == (1.0, 1.0):
         ny, nx = psf.components.shape[1:]
         if psf.size == _odd_ceil(max(nx, ny) * psf.sampling):
-            return f"psfex:{os.fspath(psf.path)}"
+            return f"psfex:{os.path.abspath(os.fspath(psf.path))}"
     return repr(psf)

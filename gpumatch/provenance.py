@@ -122,6 +122,14 @@ class _LazyImageChecksum:
         image = self._ref()
         return None if image is None else image_sha256(image)
 
+    def __reduce__(self):
+        # A weak reference does not pickle (or deep-copy): the copy holds the value.
+        return _checksum_value, (self.value(),)
+
+
+def _checksum_value(value):
+    return value
+
 
 def _input_checksum(exposure):
     source = getattr(exposure, "source", None)

@@ -310,3 +310,29 @@ def test_summary_carries_the_verdict_when_the_result_has_one(tmp_path, capsys, m
         assert statuses == [status] and row["matchQuality"] == "good"
         assert row["matchQualityReason"] == "within 1%"
         assert row["noiseVarianceGain"] == {"centre": 0.031, "min": 0.03, "max": 0.032}
+
+
+def test_device_input_checksum_is_taken_when_written():
+    """An input on the GPU is hashed only if its output is written, through a weak
+    reference (the matched exposure does not keep its input alive); stands in here
+    for a device array: any array type that is not a NumPy array."""
+    import gc
+    import pickle
+
+    from gpumatch.provenance import _LazyImageChecksum, image_sha256
+
+    class DeviceLike:
+        def __init__(self, a):
+            self.a = a
+
+        def __array__(self, dtype=None, copy=None):
+            return self.a
+
+    image = DeviceLike(np.arange(12.0).reshape(3, 4))
+    lazy = _LazyImageChecksum(image)
+    want = hashlib.sha256(np.arange(12.0).tobytes()).hexdigest()
+    assert lazy.value() == want == image_sha256(image.a)
+    assert pickle.loads(pickle.dumps(lazy)) == want
+    del image
+    gc.collect()
+    assert lazy.value() is None

@@ -208,8 +208,9 @@ def output_hdus(exposure, header):
     """Write ``exposure``'s record into the primary ``header``; return the extra HDUs.
 
     Nothing for an exposure without ``provenance``. The reference stamp
-    (:data:`REFPSF`) is ``exposure.psf`` rendered at the central pixel, whose
-    parent position its cards ``GPM_X``, ``GPM_Y`` give.
+    (:data:`REFPSF`) is ``exposure.psf_reference`` (else ``exposure.psf``)
+    rendered at the central pixel, whose parent position its cards ``GPM_X``,
+    ``GPM_Y`` give.
     """
     from astropy.io import fits
 
@@ -251,12 +252,14 @@ def output_hdus(exposure, header):
                 value = float(corr[c + dy, c + dx]) if max(dy, dx) <= c else 0.0
             else:
                 value = box_variance_factor(corr, what)
-            header[key] = (value, comment)
+            if math.isfinite(value):  # FITS cards hold no NaN
+                header[key] = (value, comment)
         h = fits.ImageHDU(corr, name=NOISECORR)
-        h.header["CRPIX1"] = (c + 1.0, "lag 0 (FITS pixel)")
-        h.header["CRPIX2"] = c + 1.0
-        h.header["CTYPE1"] = ("LAG_X", "dx in pixels")
-        h.header["CTYPE2"] = ("LAG_Y", "dy in pixels")
+        for axis, name in ((1, "LAG_X"), (2, "LAG_Y")):  # pixel -> lag in pixels
+            h.header[f"CTYPE{axis}"] = (name, f"d{name[-1].lower()} in pixels")
+            h.header[f"CRPIX{axis}"] = (c + 1.0, "lag 0 (FITS pixel)")
+            h.header[f"CRVAL{axis}"] = 0.0
+            h.header[f"CDELT{axis}"] = 1.0
         hdus.append(h)
     return hdus
 

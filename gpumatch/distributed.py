@@ -33,8 +33,8 @@ by gpumatch; the checks above guard against files put there by anything else.
 
 The summary of every file (status, error, seconds, kernel sum, condition
 number, residual, worker, backend and, when the task reports them, the
-verdict ``matchQuality`` and ``noiseVarianceGain``) is written atomically as JSON next to the
-outputs (:data:`SUMMARY_NAME`). The client and the workers must see the
+verdict ``matchQuality`` and ``noiseVarianceGain``) is written atomically as
+JSON next to the outputs (:data:`SUMMARY_NAME`). The client and the workers must see the
 output directory at the same path (a shared file system). Run one
 ``match_files`` per output directory at a time.
 """
@@ -256,8 +256,8 @@ def match_one(path, reference, output, psf=None, config=None, backend="auto", ke
     -------
     dict
         ``input``, ``output``, ``status`` (``"ok"``, ``"skipped"``,
-        ``"conflict"`` or ``"failed"``), ``error`` (None or one line), ``seconds``, ``worker``,
-        ``backend`` and, when known, ``kernel_sum``, ``condition_number``,
+        ``"conflict"`` or ``"failed"``), ``error`` (None or one line),
+        ``seconds``, ``worker``, ``backend`` and, when known, ``kernel_sum``, ``condition_number``,
         ``residual_l2_max`` and the other fields of
         :func:`gpumatch.pipeline.match_file`'s summary.
     """
@@ -339,9 +339,9 @@ def format_summary(rows, fwhm_ratio=False):
             v = r.get(key)
             return format(v, fmt) if isinstance(v, numbers.Real) and not isinstance(v, bool) \
                 else ""
-        data.append((os.path.basename(r["input"]), r["status"].upper()
-                     if r["status"] in ("failed", "conflict") else r["status"], num("kernel_sum", ".5f"), num("condition_number", ".3g"),
-                     num("residual_l2_max", ".2e"))
+        status = r["status"].upper() if r["status"] in ("failed", "conflict") else r["status"]
+        data.append((os.path.basename(r["input"]), status, num("kernel_sum", ".5f"),
+                     num("condition_number", ".3g"), num("residual_l2_max", ".2e"))
                     + ((num("fwhm_ratio_median", ".4f"),) if fwhm_ratio else ())
                     + (num("seconds", ".2f"),))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *data)]

@@ -336,3 +336,37 @@ def test_device_input_checksum_is_taken_when_written():
     del image
     gc.collect()
     assert lazy.value() is None
+
+
+_DEVICE_SCRIPT = r"""
+import hashlib, json
+import numpy as np
+import cupy, fake_cupy
+import gpumatch as gm
+from test_provenance import REFERENCE, small_config, elliptical_psf
+rng = np.random.default_rng(4)
+host = rng.normal(100.0, 10.0, (96, 128)).astype(np.float32)
+exp = gm.Exposure(cupy.asarray(host), cupy.asarray(np.full_like(host, 100.0)),
+                  psf=elliptical_psf(gm.Box(0, 0, 128, 96)))
+task = gm.ModelPsfMatchTask(small_config(), backend="cupy")
+fake_cupy.COUNTS.clear()
+result = task.run(exp, gm.parse_psf(REFERENCE))
+copied = fake_cupy.COUNTS["device->host bytes"]
+result.psfMatchedExposure.write_fits(OUT)
+back = gm.Exposure.read_fits(OUT)
+print(json.dumps({"copied": copied, "sha": back.provenance["inputSha256"],
+                  "want": hashlib.sha256(host.tobytes()).hexdigest(),
+                  "backend": back.provenance["backend"]}))
+"""
+
+
+def test_device_input_is_hashed_when_its_output_is_written(tmp_path):
+    """On the (fake) GPU: matching an in-memory device exposure copies none of its
+    planes back for the checksum; writing the output records the SHA-256 of the
+    input image's bytes."""
+    from fake_cupy import run_installed
+
+    code = f"OUT = {str(tmp_path / 'o.fits')!r}\n" + _DEVICE_SCRIPT
+    got = json.loads(run_installed(code).strip().splitlines()[-1])
+    assert got["backend"] == "cupy" and got["sha"] == got["want"]
+    assert got["copied"] < 96 * 128 * 4  # no plane came back during the match

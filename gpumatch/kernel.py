@@ -131,13 +131,14 @@ class SpatialKernel:
             under ``d -> -d``; exact where the input noise is white and its
             variance uniform over the kernel's footprint.
         """
-        from scipy.signal import correlate2d
-
         kern = self.compute_image(x, y, normalize=True)
-        # Direct sums (k^4 products, microseconds): no FFT round-off at long lags.
-        auto = correlate2d(kern, kern, mode="full")
-        c = auto.shape[0] // 2
-        return auto / auto[c, c]
+        k = kern.shape[0]
+        # Direct sums, (2k - 1)^2 k^2 products (~1 ms at k = 21): no FFT round-off
+        # at long lags, and no scipy.signal import (slow) in every process.
+        padded = np.pad(kern, k - 1)
+        windows = np.lib.stride_tricks.sliding_window_view(padded, (k, k))
+        auto = np.einsum("ijkl,kl->ij", windows, kern)
+        return auto / auto[k - 1, k - 1]
 
     def scaled_terms(self, box):
         """Term kernels for monomials ``X^a Y^c`` in coordinates scaled to ``box``.

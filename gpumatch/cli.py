@@ -76,39 +76,52 @@ def _cmd_selftest(args):
     return 0 if report.passed else 1
 
 
-def _one_line(exc):
-    """An exception as one line: its class and its message with whitespace collapsed."""
-    text = " ".join(str(exc).split())
-    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
-
-
 #: Exit codes of ``gpumatch`` (also in ``gpumatch --help`` and the README).
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_POOR = 0, 1, 2, 3
 EXIT_CODES_HELP = """exit codes:
   0  every match is good (or an existing good output was skipped)
-  1  at least one input failed with an error (its output is not written)
+  1  at least one input failed with an error (its output is not written), or an
+     existing output is not this run's (conflict: rerun with --overwrite)
   2  bad command line, configuration, model or input: nothing was matched
   3  no errors, but at least one match is POOR (does not reach the reference) or
      UNUSABLE (no valid output pixel); those outputs are written and the summary
      says why and how to fix it"""
 
 
+def _counts(rows):
+    """``"ok N, [skipped N, conflict N, ]failed N"`` (the middle two when they occur)."""
+    statuses = [r["status"] for r in rows]
+    return ", ".join(f"{s} {statuses.count(s)}" for s in ("ok", "skipped", "conflict", "failed")
+                     if s in ("ok", "failed") or s in statuses)
+
+
+def _n_bad(rows):
+    return sum(r["status"] in ("failed", "conflict") for r in rows)
+
+
+def _n_poor(rows):
+    return sum(r["status"] not in ("failed", "conflict") and r.get("verdict") in ("poor", "failed")
+               for r in rows)
+
+
 def _exit_code(rows):
     """The exit code of a run with these rows, after saying what went wrong on stderr."""
-    n_bad = sum(r["status"] == "failed" for r in rows)
-    n_poor = sum(r["status"] != "failed" and r.get("verdict") in ("poor", "failed")
-                 for r in rows)
-    if n_bad:
-        print(f"gpumatch: {n_bad} of {len(rows)} inputs failed", file=sys.stderr)
+    failed = sum(r["status"] == "failed" for r in rows)
+    conflicts = sum(r["status"] == "conflict" for r in rows)
+    n_poor = _n_poor(rows)
+    if failed:
+        print(f"gpumatch: {failed} of {len(rows)} inputs failed", file=sys.stderr)
+    if conflicts:
+        print(f"gpumatch: {conflicts} of {len(rows)} existing outputs are not this run's "
+              "(conflict); pass --overwrite to recompute them", file=sys.stderr)
     if n_poor:
         print(f"gpumatch: {n_poor} of {len(rows)} matches are poor or unusable (outputs written; "
               "see the summary)", file=sys.stderr)
-    return EXIT_FAILED if n_bad else EXIT_POOR if n_poor else EXIT_OK
+    return EXIT_FAILED if failed or conflicts else EXIT_POOR if n_poor else EXIT_OK
 
 
 def _all_good(rows):
-    return all(r["status"] != "failed" and r.get("verdict") not in ("poor", "failed")
-               for r in rows)
+    return not _n_bad(rows) and not _n_poor(rows)
 
 
 def _load_config(args):
@@ -154,9 +167,11 @@ def _cmd_match(args):
     if getattr(args, "scheduler", None) or getattr(args, "workers", None) is not None:
         return _cmd_match_distributed(args)
     import contextlib
+    import time
 
-    from .distributed import _progress_bar, format_summary
-    from .pipeline import match_file, output_path_for, resolve_psf
+    from .distributed import (SUMMARY_NAME, _progress_bar, format_summary, match_one,
+                              write_run_summary)
+    from .pipeline import output_path_for, resolve_psf
     from .task import ModelPsfMatchTask
 
     if args.output and len(args.exposures) > 1:
@@ -172,6 +187,7 @@ def _cmd_match(args):
     if args.output_dir and not os.path.isdir(args.output_dir):
         os.makedirs(args.output_dir, exist_ok=True)
     rows = []
+    t_start = time.perf_counter()
     bar = _progress_bar(len(args.exposures), not args.quiet and len(args.exposures) > 1)
     if bar is not None:
         from tqdm.contrib.logging import logging_redirect_tqdm
@@ -191,28 +207,27 @@ def _cmd_match(args):
         for path in args.exposures:
             out = output_path_for(path, args.output_dir, args.output)
             if bar is not None:
-                n_ok = sum(r["status"] == "ok" for r in rows)
-                bar.set_postfix_str(f"{os.path.basename(path)} (ok {n_ok}, "
-                                    f"failed {len(rows) - n_ok})")
-            try:
-                # match_file refuses a missing input or a bad output before any work.
-                row = match_file(path, reference, out, psf=psf, kernel_sum=args.kernel_sum,
-                                 save_kernel=args.save_kernel, plots_dir=args.plots,
-                                 overwrite=args.overwrite, task=task,
-                                 compress=args.compress or None,
-                                 on_poor_match="ignore")  # said in the summary
-            except Exception as exc:  # one bad input must not stop the others
-                row = {"input": path, "output": out, "status": "failed",
-                       "error": _one_line(exc)}
-                log.debug("failure on %s", path, exc_info=True)
-                report(f"gpumatch: {path}: failed: {row['error']}")
+                bar.set_postfix_str(f"{os.path.basename(path)} ({_counts(rows)})")
+            # As on a Dask worker: never raises; skips an output that is this run's,
+            # reports any other existing one as a conflict.
+            row = match_one(path, reference, out, psf=psf, kernel_sum=args.kernel_sum,
+                            save_kernel=args.save_kernel, plots_dir=args.plots,
+                            overwrite=args.overwrite, task=task,
+                            compress=args.compress or None)
+            if row["status"] in ("failed", "conflict"):
+                log.debug("%s on %s:\n%s", row["status"], path, row.pop("traceback", ""))
+                report(f"gpumatch: {path}: {row['status']}: {row['error']}")
             rows.append(row)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
-            n_ok = sum(r["status"] == "ok" for r in rows)
-            bar.set_postfix_str(f"ok {n_ok}, failed {len(rows) - n_ok}")
+            bar.set_postfix_str(_counts(rows))
             bar.close()
+    if args.output_dir:
+        write_run_summary(os.path.join(args.output_dir, SUMMARY_NAME), rows,
+                          reference=args.reference, psf=args.psf, backend=task.backend,
+                          kernel_sum=args.kernel_sum, config=config,
+                          seconds=time.perf_counter() - t_start)
     if not args.quiet or not _all_good(rows):
         print(format_summary(rows, fwhm_ratio=True))
     return _exit_code(rows)
@@ -268,7 +283,8 @@ def build_parser():
                    help="tile-compress the outputs losslessly (the default for names ending .fz)")
     m.add_argument("--scheduler", metavar="ADDRESS",
                    help="run one Dask task per file on this scheduler (e.g. tcp://host:8786); "
-                        "complete outputs are skipped, a JSON summary is written in --output-dir")
+                        "outputs whose provenance is this run's are skipped, other existing "
+                        "ones are conflicts; a JSON summary is written in --output-dir")
     m.add_argument("--workers", type=int, metavar="N",
                    help="run on a local Dask cluster of N worker processes (as --scheduler)")
     m.set_defaults(func=_cmd_match)

@@ -15,8 +15,14 @@ verify. Outputs are written to a temporary file in the output directory and
 renamed into place only when whole, so a file at an output path was finished
 by gpumatch; the checks above guard against files put there by anything else.
 
-- A complete output is skipped (``status "skipped"``) unless ``overwrite``, so
-  a run that was interrupted resumes where it stopped.
+- A complete output is skipped (``status "skipped"``) unless ``overwrite``,
+  so a run that was interrupted resumes where it stopped, but only when its
+  provenance says it is this run's result: the same input (SHA-256 of the
+  file), reference PSF, configuration and kernel sum
+  (:func:`gpumatch.provenance.output_conflict`). Any other file at an output
+  path (another input's output, one made with another reference or
+  configuration, an incomplete or foreign file) is left alone and reported
+  with the reason (``status "conflict"``); ``overwrite`` recomputes it.
 - A worker killed mid-run loses only the file it was writing: Dask runs that
   task again on another worker, and no partial file appears at the output
   path. The killed writer's temporary file (``.NAME.*.tmp.fits`` beside the
@@ -26,8 +32,9 @@ by gpumatch; the checks above guard against files put there by anything else.
   stop the others.
 
 The summary of every file (status, error, seconds, kernel sum, condition
-number, residual, worker, backend) is written atomically as JSON next to the
-outputs (:data:`SUMMARY_NAME`). The client and the workers must see the
+number, residual, worker, backend and, when the task reports them, the
+verdict ``matchQuality`` and ``noiseVarianceGain``) is written atomically as
+JSON next to the outputs (:data:`SUMMARY_NAME`). The client and the workers must see the
 output directory at the same path (a shared file system). Run one
 ``match_files`` per output directory at a time.
 """
@@ -52,13 +59,15 @@ from ._warnings import recorded
 log = logging.getLogger("gpumatch")
 
 __all__ = ["match_files", "match_one", "output_complete", "stale_temporaries", "SUMMARY_NAME",
-           "COMPLETION_CARD", "format_summary"]
+           "COMPLETION_CARD", "format_summary", "write_run_summary"]
 
 #: File name of the JSON summary written in the output directory.
 SUMMARY_NAME = "gpumatch_summary.json"
 #: Primary-header card that gpumatch writes with every matched exposure.
 COMPLETION_CARD = "GPM_KSUM"
 _PLANES = ("IMAGE", "MASK", "VARIANCE")
+#: Statuses of a file in a run; the last two make the run's exit code non-zero.
+_STATUSES = ("ok", "skipped", "conflict", "failed")
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _malloc_tuned = False
@@ -204,9 +213,31 @@ def _header_summary(header):
                       ("GPM_RESL2", "residual_l2_max")):
         if key in header:
             out[name] = float(header[key])
-    if "GPM_QUAL" in header:
-        out["verdict"] = str(header["GPM_QUAL"])
+    from .io.fits import header_to_meta
+    from .pipeline import VERDICT_FIELDS
+
+    cards = header_to_meta(header)  # decodes the JSON of structured values
+    out.update({row: cards[card] for row, (_, card) in VERDICT_FIELDS.items() if card in cards})
     return out
+
+
+def _existing_output(path, output, reference, psf, config, kernel_sum, verify):
+    """``(status, error, header)`` for an existing ``output``: may this run keep it?
+
+    ``("skipped", None, header)`` when it is a complete gpumatch output whose
+    provenance matches this run, else ``("conflict", one line, header)``.
+    """
+    from .provenance import output_conflict
+
+    complete, why, header = _inspect_output(output, verify)
+    if not complete:
+        return ("conflict", f"{output}: exists but is not a complete gpumatch output ({why}); "
+                "remove it or pass overwrite=True (--overwrite) to replace it", header)
+    reason = output_conflict(output, path, reference, config, kernel_sum, psf)
+    if reason:
+        return ("conflict", f"{output}: exists but {reason}; pass overwrite=True (--overwrite) "
+                "to recompute it", header)
+    return "skipped", None, header
 
 
 # -- one file (runs on a worker) -------------------------------------------------------
@@ -214,17 +245,19 @@ def _header_summary(header):
 
 def match_one(path, reference, output, psf=None, config=None, backend="auto", kernel_sum=1.0,
               overwrite=False, save_kernel=False, plots_dir=None, verify_outputs=True,
-              tune_malloc=False):
-    """Match one file unless its output is complete; never raises.
+              tune_malloc=False, task=None, compress=None):
+    """Match one file unless its output is this run's already; never raises.
 
-    This is the task :func:`match_files` runs on the workers.
+    This is the task :func:`match_files` runs on the workers, and what the
+    serial ``gpumatch match`` runs per file (with its ``task``, whose
+    configuration and backend then stand for ``config`` and ``backend``).
 
     Returns
     -------
     dict
-        ``input``, ``output``, ``status`` (``"ok"``, ``"skipped"`` or
-        ``"failed"``), ``error`` (None or one line), ``seconds``, ``worker``,
-        ``backend`` and, when known, ``kernel_sum``, ``condition_number``,
+        ``input``, ``output``, ``status`` (``"ok"``, ``"skipped"``,
+        ``"conflict"`` or ``"failed"``), ``error`` (None or one line),
+        ``seconds``, ``worker``, ``backend`` and, when known, ``kernel_sum``, ``condition_number``,
         ``residual_l2_max`` and the other fields of
         :func:`gpumatch.pipeline.match_file`'s summary.
     """
@@ -238,28 +271,29 @@ def match_one(path, reference, output, psf=None, config=None, backend="auto", ke
     try:
         from .backend import resolve_backend
 
+        if task is not None:
+            config, backend = task.config, task.backend
         row["backend"] = resolve_backend(backend)
         check_output(path, output, overwrite=True)  # not the input itself; directory exists
         _remove_stale(output)
         if os.path.lexists(output) and not overwrite:
-            complete, why, header = _inspect_output(output, verify_outputs)
-            if not complete:
-                raise FileExistsError(
-                    f"{output}: exists but is not a complete gpumatch output ({why}); remove it "
-                    "or pass overwrite=True (--overwrite) to replace it")
-            row.update(_header_summary(header))
-            row["status"] = "skipped"
+            row["status"], row["error"], header = _existing_output(
+                path, output, reference, psf, config, kernel_sum, verify_outputs)
+            if row["status"] == "skipped":
+                row.update(_header_summary(header))
         else:
             # The verdict goes into the row (and the summary), not a worker's warning.
             summary = match_file(path, reference, output, psf=psf, config=config,
                                  backend=row["backend"], kernel_sum=kernel_sum,
                                  save_kernel=save_kernel, plots_dir=plots_dir,
-                                 overwrite=overwrite, on_poor_match="ignore")
+                                 overwrite=overwrite, task=task, compress=compress,
+                                 on_poor_match="ignore")
             row.update(summary)
             row["status"] = "ok"
     except Exception as exc:
         row["status"] = "failed"
-        row["error"] = f"{exc.__class__.__name__}: {exc}"
+        text = " ".join(str(exc).split())  # one line
+        row["error"] = f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
         row["traceback"] = traceback.format_exc(limit=8)
     row["seconds"] = time.perf_counter() - t0
     return row
@@ -320,9 +354,10 @@ def format_summary(rows, fwhm_ratio=False):
     fmt = "  ".join("{:<%d}" % w for w in widths)
     lines = [fmt.format(*head), "  ".join("-" * w for w in widths)]
     lines.extend(fmt.format(*d) for d in data)
-    lines.extend(f"FAILED {r['input']}: {r['error']}" for r in rows if r["status"] == "failed")
+    lines.extend(f"{r['status'].upper()} {r['input']}: {r['error']}" for r in rows
+                 if r["status"] in ("failed", "conflict"))
     lines.extend(f"{_shown_status(r)} {r['input']}: {r['verdict_reason']}" for r in rows
-                 if r["status"] != "failed" and r.get("verdict") in VERDICT_WORDS
+                 if r["status"] not in ("failed", "conflict") and r.get("verdict") in VERDICT_WORDS
                  and r.get("verdict_reason"))
     return "\n".join(lines)
 
@@ -418,8 +453,9 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
         Resolved on each worker: ``"auto"`` uses the worker's GPU if it has one.
     kernel_sum : float
     overwrite : bool
-        Recompute and replace existing outputs. Default: complete outputs are
-        skipped; an existing incomplete or foreign file is reported as failed.
+        Recompute and replace existing outputs. Default: an output whose
+        provenance matches this run is skipped; any other existing file is
+        reported as a conflict and left alone.
     n_workers, threads_per_worker, memory_limit :
         The local cluster's, when ``client`` is None (``n_workers`` None: one
         per core).
@@ -498,12 +534,13 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
                 row = {"input": paths[i], "output": outputs[i], "status": "failed",
                        "error": f"{exc.__class__.__name__}: {exc}", "seconds": None}
             rows[i] = row
-            if row["status"] == "failed":
-                log.warning("%s: failed: %s", paths[i], row["error"])
+            if row["status"] in ("failed", "conflict"):
+                log.warning("%s: %s: %s", paths[i], row["status"], row["error"])
             if bar is not None:
                 done = [r["status"] for r in rows if r is not None]
                 bar.set_postfix_str(f"{os.path.basename(paths[i])} (ok {done.count('ok')}, "
                                     f"skipped {done.count('skipped')}, "
+                                    f"conflict {done.count('conflict')}, "
                                     f"failed {done.count('failed')})")
                 bar.update(1)
             fut.release()
@@ -522,18 +559,32 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
         _remove_stale(outputs[i])
 
     if summary_name:
-        counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
-        _write_summary(os.path.join(output_dir, summary_name), {
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "reference": reference if isinstance(reference, str) else repr(reference),
-            "psf": None if psf is None else (psf if isinstance(psf, str) else repr(psf)),
-            "backend": backend,
-            "kernel_sum": kernel_sum,
-            "config": (config or ModelPsfMatchConfig()).to_dict(),
-            "files_total": len(rows),
-            "files_ok": counts["ok"], "files_skipped": counts["skipped"],
-            "files_failed": counts["failed"],
-            "seconds": time.perf_counter() - t_start,
-            "files": rows,
-        })
+        write_run_summary(os.path.join(output_dir, summary_name), rows, reference=reference,
+                          psf=psf, backend=backend, kernel_sum=kernel_sum, config=config,
+                          seconds=time.perf_counter() - t_start)
     return rows
+
+
+def write_run_summary(path, rows, *, reference, psf, backend, kernel_sum, config, seconds):
+    """Write the JSON summary of a run (serial or Dask) atomically at ``path``.
+
+    It holds the run's reference, PSF, backend, kernel sum and configuration,
+    the number of files of each status (``files_ok``, ``files_skipped``,
+    ``files_conflict``, ``files_failed``), the run's seconds and the
+    ``rows`` (``files``).
+    """
+    from .config import ModelPsfMatchConfig
+
+    counts = {s: sum(r["status"] == s for r in rows) for s in _STATUSES}
+    return _write_summary(path, {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "reference": reference if isinstance(reference, str) else repr(reference),
+        "psf": None if psf is None else (psf if isinstance(psf, str) else repr(psf)),
+        "backend": backend,
+        "kernel_sum": kernel_sum,
+        "config": (config or ModelPsfMatchConfig()).to_dict(),
+        "files_total": len(rows),
+        **{f"files_{s}": counts[s] for s in _STATUSES},
+        "seconds": seconds,
+        "files": rows,
+    })

@@ -98,6 +98,19 @@ class Exposure:
         (PcaPsf)"``, ``"--psf"``, a sidecar file), for summaries.
     """
 
+    #: The file the exposure was read from: ``{"path": ..., "sha256": ...}``
+    #: (set by :meth:`read_fits`), else None.
+    source = None
+    #: How a matched exposure was made (version, date, input and its checksum,
+    #: reference, configuration, backend; see :mod:`gpumatch.provenance`), else None.
+    provenance = None
+    #: Normalised correlation of a matched exposure's noise at the image centre,
+    #: ``[dy, dx]`` with lag 0 in the middle (see
+    #: :meth:`gpumatch.SpatialKernel.noise_correlation`), else None.
+    noise_correlation = None
+    #: The reference PSF as given to the match (``psf`` may be a resized copy).
+    psf_reference = None
+
     def __init__(self, image, variance=None, mask=None, *, xy0=(0, 0), psf=None, wcs=None,
                  photo_calib=None, filter=None, visit_info=None, id=None, meta=None,
                  mask_planes=None, archive=None):

@@ -189,6 +189,23 @@ def check_output(path, output, overwrite):
     return check_output_path(output, overwrite, "exposure")
 
 
+#: Per-file summary fields: the result metadata they come from (when the task
+#: provides it), and the output's primary-header card that keeps them for later
+#: runs' summaries.
+VERDICT_FIELDS = {"verdict": ("matchQuality", "GPM_QUAL"),
+                  "verdict_reason": ("matchQualityReason", "GPM_QRSN"),
+                  "noise_variance_gain": ("noiseVarianceGain", "GPM_NVG")}
+
+
+def _record_verdict(metadata, meta, summary):
+    """Copy the verdict fields present in ``metadata`` to the summary and the header."""
+    for name, (key, card) in VERDICT_FIELDS.items():
+        value = metadata.get(key)
+        if value is not None:
+            summary[name] = value
+            meta[card] = value
+
+
 def match_file(path, reference, output, psf=None, config=None, backend="auto", kernel_sum=1.0,
                save_kernel=False, plots_dir=None, overwrite=False, task=None, compress=None,
                on_poor_match="warn"):
@@ -237,7 +254,6 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
         "GPM_KSUM": md["spatialKernelSum"],
         "GPM_COND": md["spatialConditionNum"],
         "GPM_RESL2": md["matchedPsfRelL2Max"],
-        "GPM_QUAL": md["matchQuality"],  # the verdict: good, poor or failed
     })
     summary = {
         "input": path, "output": output, "status": "ok",
@@ -246,9 +262,9 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
         "fwhm_ratio_median": md["matchedPsfFwhmRatioMedian"],
         "fwhm_ratio_worst": md["matchedPsfFwhmRatioWorst"],
         "candidates": md["numUsedCandidates"],
-        "verdict": md["matchQuality"], "verdict_reason": md["matchQualityReason"],
         "psf_source": exposure.psf_source,  # --psf, the file's archive, or a PSF file
     }
+    _record_verdict(md, result.psfMatchedExposure.meta, summary)
     written = []
     try:
         if save_kernel:

@@ -22,6 +22,7 @@ from .config import ModelPsfMatchConfig
 from .errors import MissingPsfError, PsfEvaluationError
 from .kernel import SpatialKernel
 from .moments import SIGMA_TO_FWHM
+from .provenance import record_match
 from .quality import candidate_residuals
 from .selftest import check_backend_once
 from .spatial import SpatialFunctions
@@ -282,6 +283,8 @@ class ModelPsfMatchTask:
         choice = self._basis_choice(exposure, referencePsfModel)
         cell_set, reference = build_cell_set(exposure, referencePsfModel, self.config,
                                              choice.kernel_size, xp=self._stages.xp)
+        # The model as given, not resized: what the output records as its reference.
+        cell_set.reference_given = referencePsfModel
         basis = None if basis_for is None else basis_for(choice.kernel_size, choice.sigmas,
                                                          choice.degrees)
         return kernel_sum, choice, cell_set, reference, basis
@@ -376,6 +379,8 @@ class ModelPsfMatchTask:
         }
         judge(md, self.config, cell_set, solution, matched.image)
         self.metadata = md
+        record_match(matched, state.exposure, cell_set.reference_given, kernel, self.config,
+                     self.backend)
         self._log_solution(md, sf.n_terms)
         return ModelPsfMatchResult(matched, kernel, cell_set, state.reference, md)
 

@@ -16,6 +16,7 @@ import pytest
 import gpumatch as gm
 from gpumatch.cellset import next_odd
 from gpumatch.cli import main
+from gpumatch.distributed import SUMMARY_NAME
 from gpumatch.errors import PsfEvaluationError
 from gpumatch.moments import adaptive_moments, determinant_radius
 from gpumatch.pipeline import match_file
@@ -196,7 +197,7 @@ def test_several_inputs_show_progress_and_a_summary(tmp_path, capsys):
         rows = [ln for ln in table if ln.split() and ln.split()[0] == n]
         assert len(rows) == 1 and rows[0].split()[1] == "ok", stdout
     assert "FAILED" not in stdout
-    assert files_under(outdir) == names
+    assert files_under(outdir) == [SUMMARY_NAME] + names
     # Each output is its own input's result.
     for inp, n in zip(inputs, names):
         assert_same_pixels(outdir / n, direct(inp))
@@ -230,7 +231,7 @@ def test_failing_inputs_are_reported_and_do_not_stop_the_others(tmp_path, capsys
     assert "3 of 5 inputs failed" in stderr
     assert "ok 2, failed 3" in stderr
     # The good inputs were matched, before and after the failures.
-    assert files_under(outdir) == ["good1.fits", "good2.fits"]
+    assert files_under(outdir) == ["good1.fits", "good2.fits", SUMMARY_NAME]
     assert_same_pixels(outdir / "good1.fits", direct(good1))
     assert_same_pixels(outdir / "good2.fits", direct(good2))
 
@@ -331,16 +332,23 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
     before = os.stat(out).st_mtime_ns
     code, stdout, stderr = run(capsys, "match", inp, "--psf", PSF_SPEC, "--reference", REF_SPEC,
                                "-o", out)
-    assert code != 0
+    assert code == 1
     assert out.read_bytes() == b"an older result\n" and os.stat(out).st_mtime_ns == before
-    line = error_lines(stderr, f"{inp}: failed")
+    line = error_lines(stderr, f"{inp}: conflict")
     assert len(line) == 1 and str(out) in line[0] and "--overwrite" in line[0]
+    assert "not a complete gpumatch output" in line[0]
     assert files_under(tmp_path) == ["a.fits", "out.fits"]  # no temporary files
     code, _, stderr = run(capsys, "match", inp, "--psf", PSF_SPEC, "--reference", REF_SPEC,
                           "-o", out, "--overwrite")
     assert code == 0, stderr
     assert_same_pixels(out, direct(inp))
     assert files_under(tmp_path) == ["a.fits", "out.fits"]
+    # Now it is this run's output: the same command again keeps it.
+    before = os.stat(out).st_mtime_ns
+    code, stdout, stderr = run(capsys, "match", inp, "--psf", PSF_SPEC, "--reference", REF_SPEC,
+                               "-o", out)
+    assert code == 0, stderr
+    assert os.stat(out).st_mtime_ns == before and "skipped" in stdout
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -356,7 +364,8 @@ def test_output_that_is_the_input_is_refused(tmp_path, capsys, overwrite):
         line = error_lines(stderr, f"{inp}: failed")
         assert len(line) == 1 and "input" in line[0].split("failed:", 1)[1], stderr
         assert digest(inp) == before
-        assert files_under(tmp_path) == ["a.fits"]
+        # A run with --output-dir writes its summary there, failures included.
+        assert files_under(tmp_path) == ["a.fits"] + [SUMMARY_NAME] * ("--output-dir" in where)
 
 
 def test_one_output_for_several_inputs_is_refused(tmp_path, capsys):
@@ -398,7 +407,7 @@ def test_saved_kernel_reads_back_and_reapplies_identically(tmp_path, capsys):
     code, stdout, stderr = run(capsys, "match", inp, "--psf", PSF_SPEC, "--reference", REF_SPEC,
                                "--output-dir", outdir, "--save-kernel", "--kernel-sum", "2.5")
     assert code == 0, stderr
-    assert files_under(outdir) == ["a.fits", "a.kernel.fits"]
+    assert files_under(outdir) == ["a.fits", "a.kernel.fits", SUMMARY_NAME]
     kernel = gm.SpatialKernel.read_fits(outdir / "a.kernel.fits")
     expected = direct(inp)
     # The kernel sum asked for is the one stored (the output is normalised anyway).
@@ -448,6 +457,7 @@ def test_plots_writes_five_figures_per_input(tmp_path, capsys):
 _CUPY_CLI = r"""
 from gpumatch.cellset import next_odd
 from gpumatch.cli import main
+from gpumatch.distributed import SUMMARY_NAME
 sys.exit(main(ARGS))
 """
 
@@ -472,7 +482,7 @@ def test_match_on_the_gpu_path_equals_numpy(tmp_path, capsys):
             str(tmp_path / "figs"), "--backend", "cupy"]
     run_installed(_CUPY_CLI.replace("ARGS", repr(args)))
     assert files_under(tmp_path / "gpu") == files_under(tmp_path / "cpu") == [
-        "a.fits", "a.kernel.fits", "b.fits", "b.kernel.fits"]
+        "a.fits", "a.kernel.fits", "b.fits", "b.kernel.fits", SUMMARY_NAME]
     assert len(files_under(tmp_path / "figs")) == 2 * len(FIGURES)
     for name in ("a", "b"):
         got = gm.Exposure.read_fits(tmp_path / "gpu" / f"{name}.fits")
@@ -548,7 +558,7 @@ def test_missing_psf_files_are_per_file_errors(tmp_path, capsys):
     assert len(line) == 1 and "PSF_FILE" in line[0] and "gone.psf" in line[0]
     line = error_lines(stderr, f"{bare}: failed")
     assert len(line) == 1 and "--psf" in line[0] and "no PSF" in line[0]
-    assert not os.listdir(outdir)
+    assert os.listdir(outdir) == [SUMMARY_NAME]
 
 
 # -- PSF models that cannot be used ------------------------------------------------------------
@@ -619,7 +629,7 @@ def test_unusable_psf_image_file(tmp_path, capsys):
     assert code == 1
     line = error_lines(stderr, f"{b}: failed")
     assert len(line) == 1 and "b_psf.fits" in line[0] and "NaN" in line[0]
-    assert files_under(outdir) == ["c.fits"]
+    assert files_under(outdir) == ["c.fits", SUMMARY_NAME]
     # The header card wins over a sidecar: c used the Gaussian image, not c.psf.
     assert_same_pixels(outdir / "c.fits", direct(c, psf=gm.ImagePsf(_stars_psf_image(2.0))))
 

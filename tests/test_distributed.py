@@ -249,8 +249,9 @@ def test_resume_skips_complete_outputs(tmp_path, inputs, client):
     data = damaged.read_bytes()
     damaged.write_bytes(data[:len(data) // 2])
     rows = run(chosen, out, client)
-    assert [r["status"] for r in rows] == ["skipped"] * 4 + ["failed"]
+    assert [r["status"] for r in rows] == ["skipped"] * 4 + ["conflict"]
     assert "not a complete gpumatch output" in rows[4]["error"]
+    assert damaged.read_bytes() == data[:len(data) // 2]
     # ... unless overwrite is asked for, which recomputes everything.
     rows = run(chosen, out, client, overwrite=True)
     assert [r["status"] for r in rows] == ["ok"] * 5
@@ -314,7 +315,8 @@ def test_cli_scheduler_and_workers(tmp_path, inputs, client, capsys):
     serial_cli = tmp_path / "serial"
     assert main(common + ["--output-dir", str(serial_cli)]) == 0
     assert_same_pixels(str(out1), str(serial_cli), names)
-    assert (out2 / SUMMARY_NAME).exists() and not (serial_cli / SUMMARY_NAME).exists()
+    # Serial and Dask runs write the same summary.
+    assert (out2 / SUMMARY_NAME).exists() and (serial_cli / SUMMARY_NAME).exists()
     # Resumed: everything skipped, exit code 0; a failure gives 1 and a table.
     capsys.readouterr()
     assert main(common + ["--output-dir", str(out1), "--scheduler",
@@ -406,3 +408,16 @@ def test_dask_cuda_check_script_passes_on_cpu():
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "dask_cuda_check: PASSED" in res.stdout
     assert "3 files of 256x256, backend auto -> numpy expected" in res.stdout
+
+
+@needs_dask
+def test_resume_checks_provenance_like_serial_runs(tmp_path, client, capsys):
+    """The resume rules of the serial test (tests/test_provenance.py) on Dask: an
+    unchanged rerun skips; a changed reference, a changed configuration and another
+    input's output under the same name are conflicts. On the module's local cluster
+    of two worker processes: ``--workers 2`` would start another one (20 s on a busy
+    machine) to reach the same ``match_files`` (test_cli_scheduler_and_workers runs it)."""
+    from test_provenance import resume_scenario
+
+    dask = ["--scheduler", client.scheduler.address]
+    resume_scenario(tmp_path, capsys, dask, dask)

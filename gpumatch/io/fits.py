@@ -2,16 +2,25 @@
 
 Layout written by :func:`write_exposure` (and preferred by :func:`read_exposure`):
 
-==== ============ ==========================================================
-HDU  EXTNAME      content
-==== ============ ==========================================================
-0    (primary)    no data; the exposure's ``meta`` cards, ``FILTER``
-1    ``IMAGE``    image plane (its dtype); WCS, ``LTV1/LTV2``, ``EXTTYPE``
-2    ``MASK``     integer bit planes; ``MP_<NAME> = bit`` for every plane
-3    ``VARIANCE`` variance plane (its dtype); ``UTYPE`` for astropy's CCDData
-4..  (tables)     the afw object archive of an LSST input, PSF replaced
-                  (:mod:`gpumatch.io.afw_archive`); ``AR_HDU`` points to it
-==== ============ ==========================================================
+==== ============= ==========================================================
+HDU  EXTNAME       content
+==== ============= ==========================================================
+0    (primary)     no data; the exposure's ``meta`` cards, ``FILTER``
+1    ``IMAGE``     image plane (its dtype); WCS, ``LTV1/LTV2``, ``EXTTYPE``
+2    ``MASK``      integer bit planes; ``MP_<NAME> = bit`` for every plane
+3    ``VARIANCE``  variance plane (its dtype); ``UTYPE`` for astropy's CCDData
+4..  (tables)      the afw object archive of an LSST input, PSF replaced
+                   (:mod:`gpumatch.io.afw_archive`); ``AR_HDU`` points to it
+     ``REFPSF``    matched exposures only, after the archive: the reference PSF
+                   at the image centre
+     ``NOISECORR`` matched exposures only: the output noise correlation
+==== ============= ==========================================================
+
+A matched exposure's primary header also holds its provenance and a summary of
+its noise correlation (``GPM_*`` cards, see :mod:`gpumatch.provenance`); they
+are read into ``exposure.provenance`` and ``exposure.noise_correlation``, the
+reference becomes ``exposure.psf``, and every file read gets
+``exposure.source`` (its path and SHA-256).
 
 Conventions:
 
@@ -46,6 +55,7 @@ import numpy as np
 
 from .._warnings import quiet
 from ..errors import GpumatchError
+from ..provenance import CARDS, NOISE_CARDS
 from ._atomic import atomic_write
 
 log = logging.getLogger("gpumatch")
@@ -56,6 +66,9 @@ __all__ = ["read_exposure", "write_exposure", "FitsFormatError", "header_to_meta
 JSON_COMMENT = "gpumatch:json"
 _PLANES = ("IMAGE", "MASK", "VARIANCE")
 _RESERVED = {"FILTER", "GM_ID", "GM_PHCAL", "GM_VISIT"}
+# Provenance and noise-correlation cards: read into exposure.provenance and
+# noise_correlation, never into meta (a rewrite takes them from there).
+_RECORD_CARDS = frozenset(CARDS) | frozenset(NOISE_CARDS)
 
 _STRUCTURAL = re.compile(
     r"^(SIMPLE|BITPIX|NAXIS\d*|EXTEND|XTENSION|PCOUNT|GCOUNT|EXTNAME|EXTTYPE|EXTVER|EXTLEVEL|"
@@ -447,7 +460,7 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
     wcs = _wcs_from_header(hdr, p)
     if wcs is None and layout == "plain" and image_hdu is not hdul[0]:
         wcs = _wcs_from_header(primary, p)
-    meta = header_to_meta(primary, skip_wcs=True)
+    meta = header_to_meta(primary, skip_wcs=True, exclude=_RECORD_CARDS)
     if layout != "plain" and "BUNIT" not in meta and isinstance(hdr.get("BUNIT"), str):
         meta["BUNIT"] = hdr["BUNIT"]  # files that give the unit per plane
     # LSST files keep the metadata in the primary header; a plain image in an
@@ -477,6 +490,7 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
 
         if is_lsst_images(primary):
             attach_lsst_images(exposure, hdul, primary, p)
+    _read_record(exposure, hdul, primary, p, psf is None)
     log.debug("read %s (%s, %dx%d, xy0=%s)", p, layout, shape[1], shape[0], xy0)
     return exposure
 
@@ -490,6 +504,18 @@ def _add_no_data_plane(planes, mask, path):
         planes["NO_DATA"] = free[0]
         log.info("%s: its mask planes have no NO_DATA; defined as bit %d (no pixel has it)",
                  path, free[0])
+
+
+def _read_record(exposure, hdul, primary, path, set_psf):
+    """The file's checksum and, for a gpumatch output, its provenance, noise
+    correlation and reference PSF (as ``psf`` unless one was given)."""
+    from .. import provenance
+
+    exposure.source = {"path": path, "sha256": provenance.file_sha256(path)}
+    prov, corr, reference = provenance.read_output_record(hdul, primary, path)
+    exposure.provenance, exposure.noise_correlation = prov, corr
+    if set_psf and reference is not None:
+        exposure.psf = reference
 
 
 def _plain_image_hdu(hdul, path, which):
@@ -541,7 +567,7 @@ def _exposure_hdul(exposure):
         mask = mask.astype(np.int16)  # FITS has no signed bytes
 
     primary = fits.PrimaryHDU()
-    meta_to_header(exposure.meta, primary.header, skip=_RESERVED)
+    meta_to_header(exposure.meta, primary.header, skip=_RESERVED | _RECORD_CARDS)
     if exposure.filter is not None:
         if isinstance(exposure.filter, str):
             primary.header["FILTER"] = exposure.filter
@@ -595,9 +621,13 @@ def _exposure_hdul(exposure):
                 with quiet():
                     hdr[key] = (int(bit), f"mask plane {plane}")
         hdus.append(h)
+    from ..provenance import output_hdus
     from .afw_archive import archive_hdus
 
+    # After the planes: IMAGE, MASK and VARIANCE stay HDUs 1 to 3, the archive
+    # follows them (AR_HDU points to it), then the provenance HDUs.
     hdus.extend(archive_hdus(exposure, primary.header, len(hdus)))
+    hdus.extend(output_hdus(exposure, primary.header))
     return fits.HDUList(hdus)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from .._warnings import quiet
 
-__all__ = ["parse_psf", "FORMS"]
+__all__ = ["parse_psf", "psf_description", "FORMS"]
 
 #: The accepted string forms, as shown in error messages.
 FORMS = ("gaussian:fwhm=F[,size=N] | gaussian:sigma=S[,size=N] | "
@@ -226,3 +226,30 @@ def parse_psf(spec):
 
         return PiffPsf.read(_path(spec, body))
     raise _fail(spec, f"unknown model {m.group(1)!r}")
+
+
+def psf_description(psf):
+    """A string that :func:`parse_psf` turns back into ``psf``, else ``repr(psf)``.
+
+    Gaussian and double-Gaussian models are written with every parameter
+    (floats in their shortest exact form, so the round trip is exact); a
+    PSFEx model read from a file with the default offset and stamp size is
+    ``psfex:PATH`` (the file's absolute path, so that it reads back from any
+    directory). Other models (varying,
+    gridded, GalSim, images, ...) have no string form and give their
+    ``repr``, which :func:`parse_psf` refuses.
+    """
+    from .analytic import DoubleGaussianPsf, GaussianPsf
+    from .psfex import PsfexPsf, _odd_ceil
+
+    if type(psf) is GaussianPsf:
+        return f"gaussian:sigma={psf.sigma!r},width={psf.width},height={psf.height}"
+    if type(psf) is DoubleGaussianPsf:
+        wing = f",sigma2={psf.sigma2!r},b={psf.b!r}" if psf.sigma2 > 0 else ""
+        return (f"doublegaussian:sigma1={psf.sigma1!r}{wing},width={psf.width},"
+                f"height={psf.height}")
+    if type(psf) is PsfexPsf and psf.path and psf.offset == (1.0, 1.0):
+        ny, nx = psf.components.shape[1:]
+        if psf.size == _odd_ceil(max(nx, ny) * psf.sampling):
+            return f"psfex:{os.path.abspath(os.fspath(psf.path))}"
+    return repr(psf)

@@ -207,8 +207,11 @@ def test_psf_descriptions_parse_back():
 # -- resume --------------------------------------------------------------------------------
 
 PSF = "gaussian:sigma=1.6,size=15"
-SETS = ["--set", "kernelSize=11", "--set", "spatialKernelOrder=1", "--set", "sizeCellX=32",
-        "--set", "sizeCellY=32", "--backend", "numpy", "--quiet"]
+# A given configuration (LSST's defaults with these fields) and a reference that an
+# 11-pixel kernel reaches (the ideal kernel's sigma is 1.5 px): every match is good.
+SETS = ["--lsst-defaults", "--set", "kernelSize=11", "--set", "spatialKernelOrder=1",
+        "--set", "sizeCellX=32", "--set", "sizeCellY=32", "--backend", "numpy", "--quiet"]
+RESUME_REFERENCE = "gaussian:sigma=2.2,size=21"
 
 
 def _statuses(out):
@@ -230,7 +233,7 @@ def resume_scenario(tmp_path, capsys, first, then):
     def stamp():
         return {n: (os.stat(out / n).st_mtime_ns, sha256(out / n)) for n in ("a.fits", "b.fits")}
 
-    assert main(base + ["--reference", REFERENCE] + first) == 0
+    assert main(base + ["--reference", RESUME_REFERENCE] + first) == 0
     statuses, summary = _statuses(out)
     assert statuses == ["ok", "ok"] and summary["files_ok"] == 2
     row = summary["files"][0]
@@ -241,7 +244,7 @@ def resume_scenario(tmp_path, capsys, first, then):
     capsys.readouterr()
 
     # Unchanged: skipped, untouched.
-    assert main(base + ["--reference", REFERENCE] + then) == 0
+    assert main(base + ["--reference", RESUME_REFERENCE] + then) == 0
     statuses, summary = _statuses(out)
     assert statuses == ["skipped", "skipped"] and stamp() == kept
     assert summary["files"][0]["kernel_sum"] == pytest.approx(1.0)
@@ -264,18 +267,18 @@ def resume_scenario(tmp_path, capsys, first, then):
     # Another reference, another configuration: conflicts, nothing skipped or replaced.
     assert conflicts(["--reference", "gaussian:fwhm=6,size=21"],
                      ["reference", "gaussian:sigma="]) == ["conflict"] * 2
-    assert conflicts(["--reference", REFERENCE, "--set", "kernelSize=9"],
+    assert conflicts(["--reference", RESUME_REFERENCE, "--set", "kernelSize=9"],
                      ["configuration", "kernelSize 11 -> 9"]) == ["conflict"] * 2
     # Another input's output copied in under the same name.
     foreign = tmp_path / "foreign"
-    assert main(["match", other, "--psf", PSF, "--reference", REFERENCE, "--output-dir",
+    assert main(["match", other, "--psf", PSF, "--reference", RESUME_REFERENCE, "--output-dir",
                  str(foreign)] + SETS) == 0
     shutil.copyfile(foreign / "a.fits", out / "a.fits")
     kept["a.fits"] = (os.stat(out / "a.fits").st_mtime_ns, sha256(out / "a.fits"))
-    assert conflicts(["--reference", REFERENCE], ["another input", other]) == \
+    assert conflicts(["--reference", RESUME_REFERENCE], ["another input", other]) == \
         ["conflict", "skipped"]
     # --overwrite recomputes them.
-    assert main(base + ["--reference", REFERENCE, "--overwrite"] + then) == 0
+    assert main(base + ["--reference", RESUME_REFERENCE, "--overwrite"] + then) == 0
     assert _statuses(out)[0] == ["ok", "ok"]
     redone = gm.Exposure.read_fits(out / "a.fits")
     assert redone.provenance["inputSha256"] == sha256(a)
@@ -283,6 +286,29 @@ def resume_scenario(tmp_path, capsys, first, then):
 
 def test_resume_serial(tmp_path, capsys):
     resume_scenario(tmp_path, capsys, [], [])
+
+
+def test_resume_in_the_recommended_mode(tmp_path, capsys):
+    """Settings recommended per exposure follow from the input and the reference: a
+    rerun in that mode keeps the output; other overrides on top are a conflict."""
+    a = write_input(tmp_path / "a.fits", seed=1)
+    out = tmp_path / "out"
+    base = ["match", a, "--psf", PSF, "--reference", RESUME_REFERENCE, "--output-dir", str(out),
+            "--backend", "numpy", "--quiet", "--set", "sizeCellX=32", "--set", "sizeCellY=32"]
+    assert main(base) == 0
+    recorded = gm.Exposure.read_fits(out / "a.fits").provenance
+    assert recorded["configMode"] == {"mode": "recommended",
+                                      "overrides": {"sizeCellX": 32, "sizeCellY": 32}}
+    assert main(base) == 0 and _statuses(out)[0] == ["skipped"]
+    capsys.readouterr()
+    assert main(base + ["--set", "spatialKernelOrder=1"]) == 1
+    assert _statuses(out)[0] == ["conflict"]
+    assert "recommended" in capsys.readouterr().err
+    # The same fields given explicitly are not the recommended mode's output either
+    # way round: a given configuration is compared field by field.
+    config = recorded["config"]
+    explicit = [f"kernelSize={config['kernelSize']}"]
+    assert main(base + ["--lsst-defaults", "--set", explicit[0]]) == 1
 
 
 def test_summary_carries_the_verdict_when_the_result_has_one(tmp_path, capsys, monkeypatch):

@@ -346,19 +346,22 @@ def convolve_planes(image, variance, mask, kernel, box, no_data_bit):
     ):
         data = np.asarray(plane, dtype=np.float64)
         special = out_of_range(data)
-        result = _tiled_weighted_correlation(data if special is None else np.where(special, 0.0, data),
-                                             kernels, terms, X, Y, k)
+        fft_data = data if special is None else np.where(special, 0.0, data)
+        result = _tiled_weighted_correlation(fft_data, kernels, terms, X, Y, k)
         result /= norm * norm if square else norm
         if special is not None:
             nan_out = _dilate(np.isnan(data), k)
             direct_out = _dilate(special, k) & ~nan_out
             result[nan_out] = np.nan
             iy, ix = np.nonzero(direct_out)
+            log.debug("%s: %d non-finite or out-of-range inputs, %d outputs summed directly",
+                      "variance" if square else "image", int(special.sum()), iy.size)
             if iy.size:
                 result[iy, ix] = direct_convolve_pixels(data, kernel, box, iy + h, ix + h, square)
         if square:
             _clip_negative_variance(result, data, k)
         out[inner] = result
+
     support = np.any(Q != 0, axis=0)
     mask_out[inner] = footprint_or(mask, support)
     return image_out, var_out, mask_out

@@ -313,12 +313,13 @@ def run_apply_source(image, variance, mask, kernel, box, no_data, rows=2, direct
 
 
 def bright_pixel_planes(k=9, rows=2, seed=31):
-    """Planes of 5 x 3 tiles (128 x 8 rows columns x rows each) with, on the pixel
-    the kernel once used as each tile's offset (its centre): a star of 1e5 counts
-    (a Gaussian, sigma 1.5 pixels), a 3x3 saturated core at 6e4, a -1e30 sentinel,
-    a 3e38 pixel and a variance of 1e30; and a tile whose offset samples are all
-    -1e30 (three of five) around ordinary pixels. Returns the planes, kernel,
-    box and the bright pixels (array (y, x))."""
+    """Planes of 5 x 3 kernel tiles (128 columns x 8 ``rows`` rows each) with, on
+    the pixel the kernel once used as a tile's offset (its centre), in five
+    tiles: a star of 1e5 counts (a Gaussian, sigma 1.5 pixels), a 3x3 saturated
+    core at 6e4, a -1e30 sentinel, a 3e38 pixel and a variance of 1e30; and a
+    tile with -1e30 on three of its five offset samples (a majority) among
+    ordinary pixels. Returns the planes, kernel, box and the bright pixels
+    (array (y, x): the star's above 0.1 counts, then the others)."""
     rng = np.random.default_rng(seed)
     tile_h = 8 * rows
     ny, nx = 3 * tile_h, 5 * 128 - 37

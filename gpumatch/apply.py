@@ -9,9 +9,11 @@ monomials, see :meth:`SpatialKernel.scaled_terms`), so
 
 Each term is a plain correlation with a fixed kernel, done with overlap-save
 FFTs on tiles, so the result equals evaluating and normalising the kernel at
-every pixel, not an interpolation. Non-finite inputs are handled apart:
-NaN spreads to every output whose footprint covers it; outputs that see an
-infinity are computed directly.
+every pixel, not an interpolation. Inputs the FFTs cannot carry exactly are
+handled apart: NaN spreads to every output whose footprint covers it; outputs
+that see an infinity, or a finite value far out of the plane's range (a -1e30
+bad-pixel sentinel), are computed by direct sums, so such a value changes no
+output whose footprint does not cover it (docs/algorithm.md section 7).
 """
 
 from __future__ import annotations
@@ -26,9 +28,19 @@ from .basis import polynomial_exponents
 log = logging.getLogger("gpumatch")
 
 __all__ = ["apply_kernel", "start_apply_kernel", "PendingExposure", "convolve_planes",
-           "footprint_or", "direct_convolve_pixels", "edge_planes", "variance_terms"]
+           "footprint_or", "direct_convolve_pixels", "edge_planes", "variance_terms",
+           "out_of_range", "RANGE_FACTOR"]
 
 _FAST_TILES = (64, 96, 128, 160, 192, 256, 320, 384, 512)
+
+#: Finite values larger in magnitude than this factor times the plane's typical
+#: magnitude are left out of the FFTs (and their outputs summed directly). The
+#: FFTs round at about 1e-16 of the largest value of a tile, which reaches
+#: every output of the tile (measured: 1.25e-17 of the outlier on the outputs of
+#: a 21x21 kernel), so this keeps that error below ~1e-7 of typical outputs;
+#: real sources (even saturated stars, ~1e5 times the noise) stay far below.
+RANGE_FACTOR = 1e9
+_SAMPLE = 65536    # pixels sampled for the typical magnitude
 
 
 def _workers():
@@ -190,6 +202,48 @@ def _tiled_weighted_correlation(plane, kernels, terms, X, Y, k):
     return out
 
 
+def _typical_magnitude(data):
+    """Lower quartile of ``|data|`` over the finite, non-zero values of a strided
+    sample of about 65,536 pixels (the whole plane when the sample holds none);
+    0 for a plane without such values.
+
+    A quartile rather than the median: huge values on up to 3/4 of the plane (a
+    mostly masked exposure filled with sentinels) still cannot raise it. Too low
+    a value only sends more outputs to the direct sums (slower, still exact);
+    too high a value would let outliers into the FFTs."""
+    step = max(1, int(np.sqrt(data.size / _SAMPLE)))
+    for sample in (data[::step, ::step], data):
+        a = np.abs(sample[np.isfinite(sample)])
+        a = a[a > 0]
+        if a.size:
+            return float(np.quantile(a, 0.25))
+    return 0.0
+
+
+def out_of_range(data, factor=RANGE_FACTOR):
+    """Pixels of a plane that the FFTs cannot carry exactly.
+
+    Parameters
+    ----------
+    data : float64 array (ny, nx)
+    factor : float
+        Finite values with ``|value| > factor * typical`` count (typical: the
+        lower quartile of the magnitudes of the plane's finite non-zero values).
+
+    Returns
+    -------
+    bool array (ny, nx) or None
+        True at NaN, infinite and out-of-range pixels; None when there are none
+        (the common case, found with two reductions and no full-size temporary).
+    """
+    lo, hi = data.min(), data.max()      # NaN propagates: one pass tells both
+    limit = factor * _typical_magnitude(data)
+    if np.isfinite(lo) and np.isfinite(hi) and max(-lo, hi) <= limit:
+        return None
+    with np.errstate(invalid="ignore"):
+        return ~(np.abs(data) <= limit)      # NaN compares False
+
+
 def edge_planes(shape, dtypes, no_data_bit, xp=np):
     """Image, variance and mask planes holding the edge values everywhere.
 
@@ -240,6 +294,22 @@ def direct_convolve_pixels(plane, kernel, box, ys, xs, square=False):
     return out
 
 
+def _clip_negative_variance(result, variance, k):
+    """Set to 0 the negative outputs whose footprint holds no negative variance.
+
+    A sum of ``Khat^2 * variance`` over non-negative variances is non-negative;
+    FFT rounding (about 1e-16 of a tile's largest variance) can still give tiny
+    negative values where the exact result is 0 or near it, and 0 is closer to
+    the exact value. NaN stays NaN.
+    """
+    lowest = result.min()                  # NaN when there is one: look closer then
+    if lowest >= 0:
+        return
+    with np.errstate(invalid="ignore"):
+        ok = ~_dilate(variance < 0, k) if np.nanmin(variance) < 0 else True
+        np.copyto(result, 0.0, where=(result < 0) & ok)
+
+
 def convolve_planes(image, variance, mask, kernel, box, no_data_bit):
     """NumPy implementation of SPEC section 7 on plain arrays.
 
@@ -281,20 +351,21 @@ def convolve_planes(image, variance, mask, kernel, box, no_data_bit):
         (variance, V, exps2, True, var_out),
     ):
         data = np.asarray(plane, dtype=np.float64)
-        finite = np.isfinite(data)
-        all_finite = bool(finite.all())
-        if not all_finite:
-            data = np.where(finite, data, 0.0)
-        result = _tiled_weighted_correlation(data, kernels, terms, X, Y, k)
+        special = out_of_range(data)
+        fft_data = data if special is None else np.where(special, 0.0, data)
+        result = _tiled_weighted_correlation(fft_data, kernels, terms, X, Y, k)
         result /= norm * norm if square else norm
-        if not all_finite:
-            nan_out = _dilate(np.isnan(plane), k)
-            inf_out = _dilate(np.isinf(plane), k) & ~nan_out
+        if special is not None:
+            nan_out = _dilate(np.isnan(data), k)
+            direct_out = _dilate(special, k) & ~nan_out
             result[nan_out] = np.nan
-            iy, ix = np.nonzero(inf_out)
+            iy, ix = np.nonzero(direct_out)
+            log.debug("%s: %d non-finite or out-of-range inputs, %d outputs summed directly",
+                      "variance" if square else "image", int(special.sum()), iy.size)
             if iy.size:
-                result[iy, ix] = direct_convolve_pixels(
-                    np.asarray(plane, dtype=np.float64), kernel, box, iy + h, ix + h, square)
+                result[iy, ix] = direct_convolve_pixels(data, kernel, box, iy + h, ix + h, square)
+        if square:
+            _clip_negative_variance(result, data, k)
         out[inner] = result
 
     support = np.any(Q != 0, axis=0)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import gpumatch as gm
-from gpumatch.apply import convolve_planes
+from gpumatch.apply import RANGE_FACTOR, convolve_planes, out_of_range
 from random_kernels import random_kernel, random_planes
 
 NO_DATA = 1 << 8
@@ -37,8 +37,10 @@ def _brute_force(image, variance, mask, basis, coeffs, model_type, order, region
     return out_i, out_v, out_m
 
 
-def _brute_force_vectorised(image, basis, coeffs, model_type, order, region, xy0, ref):
-    """Same per-pixel definition, vectorised over pixels (for larger images)."""
+def _brute_force_vectorised(image, basis, coeffs, model_type, order, region, xy0, ref,
+                            square=False):
+    """Same per-pixel definition, vectorised over pixels (for larger images);
+    ``square``: with the squared normalised kernel (variance)."""
     ny, nx = image.shape
     k = basis.shape[1]
     h = k // 2
@@ -47,6 +49,8 @@ def _brute_force_vectorised(image, basis, coeffs, model_type, order, region, xy0
                   for x, y in zip(xx.ravel(), yy.ravel())])
     K = np.einsum("nj,bj,bkl->nkl", P, coeffs, basis)
     K /= K.sum(axis=(1, 2), keepdims=True)
+    if square:
+        K *= K
     out = np.full((ny, nx), np.nan)
     acc = np.zeros(xx.size)
     img = np.asarray(image, dtype=np.float64)
@@ -241,6 +245,108 @@ def test_nan_spreads_over_the_box_and_inf_gives_brute_force(ref):
         # Pixels far from every bad input are ordinary numbers.
         assert np.isfinite(out_i[30, 12]) and np.isfinite(out_v[25, 30])
         np.testing.assert_array_equal(out_m, bm)
+
+
+# --- huge finite inputs (docs/algorithm.md section 7: exact for every finite input) ----------
+
+def _footprints(shape, points, h):
+    """Interior outputs whose k x k box covers any of ``points`` (array pixels)."""
+    near = np.zeros(shape, bool)
+    for y, x in points:
+        near[max(0, y - h):y + h + 1, max(0, x - h):x + h + 1] = True
+    return near[h:shape[0] - h, h:shape[1] - h]
+
+
+def test_huge_finite_pixels_change_only_their_footprint(ref):
+    """A -1e30 sentinel, a 3e38 pixel and 1e30 / 3e38 variances on a multi-tile
+    image with a 21x21 kernel: every output equals the float64 brute force (the
+    FFTs alone were off by up to 9e10 relative outside the footprints and gave
+    19,000 negative variances), and only the outputs covering a huge value see it."""
+    rng = np.random.default_rng(21)
+    shape, k = (150, 131), 21
+    ny, nx = shape
+    h = k // 2
+    xy0 = (250, 1000)
+    box = gm.Box(xy0[0], xy0[1], nx, ny)
+    region = box.grown(64, 64)
+    kernel = random_kernel(rng, k, "chebyshev1", 2, region)
+    basis, coeffs = kernel.basis_images, kernel.spatial_coefficients
+    image, variance, mask = _planes(rng, shape)
+    img_pts, var_pts = [(40, 30), (100, 90)], [(70, 50), (20, 100)]
+    image[img_pts[0]], image[img_pts[1]] = -1e30, 3e38
+    variance[var_pts[0]], variance[var_pts[1]] = 1e30, 3e38
+    out_i, out_v, _ = convolve_planes(image, variance, mask, kernel, box, NO_DATA)
+    inner = (slice(h, ny - h), slice(h, nx - h))
+    for out, square, pts in ((out_i, False, img_pts), (out_v, True, var_pts)):
+        brute = _brute_force_vectorised(image if not square else variance, basis, coeffs,
+                                        "chebyshev1", 2, region, xy0, ref, square=square)[inner]
+        got = out[inner].astype(np.float64)
+        near = _footprints(shape, pts, h)
+        assert (~near).sum() > 10000
+        np.testing.assert_allclose(got[~near], brute[~near], rtol=1e-5, atol=0)
+        # Inside, the huge value is there (by direct sums, not dropped).
+        np.testing.assert_allclose(got[near], brute[near], rtol=1e-5, atol=0)
+        assert np.abs(got[near]).min() > 1e20
+    assert np.all(out_v[inner] > 0)
+
+
+def test_sentinel_column_and_zero_variance_region(ref):
+    """A whole bad column of -1e30 (many direct outputs), a pixel of 1e10 (bright
+    but within range: it stays in the FFTs and must still be exact), and a
+    variance plane that is 0 over half the image with one 1e30 pixel: no
+    negative variance, brute force everywhere."""
+    rng = np.random.default_rng(22)
+    k, shape, xy0 = 7, (60, 75), (-13, 27)
+    h = k // 2
+    box = gm.Box(xy0[0], xy0[1], shape[1], shape[0])
+    region = box.grown(17, 11)
+    kernel = random_kernel(rng, k, "chebyshev1", 2, region)
+    basis, coeffs = kernel.basis_images, kernel.spatial_coefficients
+    image, variance, mask = _planes(rng, shape)
+    image[:, 40] = -1e30
+    image[10, 10] = 1e10
+    variance[:, :37] = 0.0
+    variance[50, 20] = 1e30
+    assert out_of_range(np.where(np.isfinite(image), image, 0.0)[:, :30]) is None
+    out_i, out_v, out_m = convolve_planes(image, variance, mask, kernel, box, NO_DATA)
+    bi, bv, bm = _brute_force(image, variance, mask, basis, coeffs, "chebyshev1", 2, region,
+                              xy0, NO_DATA, ref.kernel_image)
+    inner = (slice(h, shape[0] - h), slice(h, shape[1] - h))
+    near = _footprints(shape, [(y, 40) for y in range(shape[0])], h)
+    assert near.sum() == 54 * k and (~near).sum() > 3000
+    np.testing.assert_allclose(out_i[inner], bi[inner], rtol=1e-5, atol=0)
+    assert np.all(out_i[inner][near] < -1e20) and np.all(np.abs(out_i[inner][~near]) < 1e10)
+    # Where the exact variance is 0, FFT rounding (here up to 1.5e-11 of the
+    # typical output; 471 of these outputs were negative before) is left on the
+    # positive side only.
+    assert np.all(out_v[inner] >= 0)
+    zero = bv[inner] == 0
+    assert zero.sum() > 1000
+    tiny = 1e-9 * np.median(bv[inner][~zero])
+    assert np.all(out_v[inner][zero] < tiny)
+    np.testing.assert_allclose(out_v[inner], bv[inner], rtol=1e-5, atol=tiny)
+    np.testing.assert_array_equal(out_m, bm)
+
+
+def test_out_of_range_threshold_follows_the_data():
+    rng = np.random.default_rng(23)
+    plane = rng.normal(0.0, 3.0, (200, 300))
+    assert out_of_range(plane) is None
+    typical = np.quantile(np.abs(plane), 0.25)
+    plane[5, 7] = 0.5 * RANGE_FACTOR * typical       # bright, in range
+    assert out_of_range(plane) is None
+    plane[9, 11] = -3.0 * RANGE_FACTOR * typical     # out of range
+    plane[1, 2] = np.inf
+    plane[3, 4] = np.nan
+    special = out_of_range(plane)
+    assert set(zip(*np.nonzero(special))) == {(9, 11), (1, 2), (3, 4)}
+    # Scale-free: the same plane in other units flags the same pixels.
+    np.testing.assert_array_equal(out_of_range(plane * 1e-6), special)
+    assert out_of_range(np.zeros((20, 20))) is None
+    # Sentinels on 70 % of the plane (a mostly masked exposure): still exactly them.
+    bad = rng.random(plane.shape) < 0.7
+    plane = np.where(bad, -1e30, rng.normal(0.0, 3.0, plane.shape))
+    np.testing.assert_array_equal(out_of_range(plane), bad)
 
 
 def test_exposure_smaller_than_kernel_is_all_edge():

@@ -218,11 +218,32 @@ def test_packed_support():
 # ---------------------------------------------------------------------------
 
 
+def _tile_offset(img, read, ty0, tx0, tile_h, tile_w, row_begin, row_end):
+    """The .cu file's image offset of one tile: the median of five of its pixels
+    (non-finite ones as 0) clamped to +-2 min |finite value| of ``read`` (the
+    pixels the tile reads), all in float32."""
+    ny, nx = img.shape
+    with np.errstate(over="ignore"):
+        mag = np.abs(read.astype(np.float32))
+    mag = mag[np.isfinite(mag)]
+    bound = 2.0 * float(mag.min()) if mag.size else math.inf
+    samples = []
+    for fy, fx in ((tile_h // 2, tile_w // 2), (tile_h // 4, tile_w // 4),
+                   (tile_h // 4, 3 * tile_w // 4), (3 * tile_h // 4, tile_w // 4),
+                   (3 * tile_h // 4, 3 * tile_w // 4)):
+        my = min(max(ty0 + fy, row_begin), row_end - 1)
+        mx = min(tx0 + fx, nx - 1)
+        with np.errstate(over="ignore"):
+            w = np.float32(img[my, mx])
+        samples.append(float(w) if np.isfinite(w) else 0.0)
+    return min(max(sorted(samples)[2], -bound), bound)
+
+
 def emulate_apply_kernel(img, var, msk, packed, no_data, row_begin, row_end, rows_per_thread,
                          outs):
     """Run the CUDA kernel's algorithm block by block, writing into ``outs``.
 
-    Mirrors the .cu file: per-tile offset, tile origin and halo, zero fill outside
+    Mirrors the .cu file: per-tile offset (:func:`_tile_offset`), tile origin and halo, zero fill outside
     [row_lo, row_hi) x [0, nx) and beyond IN_W, the horizontal mask pass over
     TILE_W columns, per-thread groups of 4 columns with the any-interior test,
     float32 Horner evaluation of K with per-row float32 partial sums, float64
@@ -247,13 +268,10 @@ def emulate_apply_kernel(img, var, msk, packed, no_data, row_begin, row_end, row
     for by in range(grid[1]):
         for bx in range(grid[0]):
             tx0, ty0 = bx * tile_w, row_begin + by * tile_h
-            my = min(max(ty0 + tile_h // 2, row_begin), row_end - 1)
-            mx = min(tx0 + tile_w // 2, nx - 1)
-            moff = float(img[my, mx])
-            moff = moff if math.isfinite(moff) else 0.0
             gy, gx = ty0 - H + r, tx0 - H + c
             ok = (c < in_w) & (gy >= row_lo) & (gy < row_hi) & (gx >= 0) & (gx < nx)
             cy, cx = np.clip(gy, 0, ny - 1), np.clip(gx, 0, nx - 1)
+            moff = _tile_offset(img, img[cy, cx][ok], ty0, tx0, tile_h, tile_w, row_begin, row_end)
             with np.errstate(invalid="ignore"):
                 s_img = np.where(ok, (img[cy, cx].astype(np.float64) - moff).astype(f32), f32(0))
                 s_var = np.where(ok, var[cy, cx].astype(f32), f32(0))

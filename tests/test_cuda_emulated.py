@@ -21,10 +21,12 @@ import numpy as np
 import pytest
 
 from cuda_emulator import EmulatorError, compile_kernel, compiler, kernel_names
+import gpumatch as gm
 from gpumatch.basis import alard_lupton_basis
 from gpumatch.cuda.module import kernel_files, kernel_source
 from gpumatch.cuda.normal_equations import ne_launch_config, ne_shared_bytes
 from gpumatch.normal_equations import candidate_normal_equations
+from random_kernels import random_kernel, random_planes
 from test_cuda_compile import NE_VARIANTS
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no host C++ compiler (g++/c++) on PATH")
@@ -282,6 +284,109 @@ def test_apply_kernel_every_tile_height_matches_numpy(order):
 
     stdout = run_installed(_TILE_SCRIPT, env={"GPUMATCH_EMULATOR_ORDER": str(order)})
     assert json.loads(stdout.strip().splitlines()[-1]) == []
+
+
+def run_apply_source(image, variance, mask, kernel, box, no_data, rows=2, directory=None, order=0):
+    """The apply kernel (``kernels/apply_spatial.cu``, or ``directory``'s copy) on
+    whole planes, launched with the arguments of gpumatch's launcher; returns
+    float64 image and variance and the mask."""
+    from gpumatch.cuda.apply import APPLY_BLOCK, TILE_W, apply_shared_bytes, pack_terms
+    from gpumatch.cuda.module import ctype_name
+
+    p = pack_terms(kernel, box)
+    ny, nx = image.shape
+    defines = {"KSIZE": p.kernel_size, "SPATIAL_ORDER": p.order, "IMG_T": ctype_name(image.dtype),
+               "VAR_T": ctype_name(variance.dtype), "MASK_T": ctype_name(mask.dtype),
+               "ROWS_PER_THREAD": rows, "BLOCK_Y": APPLY_BLOCK[1]}
+    fn = compile_kernel("apply_spatial.cu", "gm_apply_spatial_kernel", defines, directory=directory)
+    smem = apply_shared_bytes(p.kernel_size, p.order, mask.dtype.itemsize, rows)
+    fn.max_dynamic_shared_size_bytes = max(fn.max_dynamic_shared_size_bytes, smem)
+    outs = (np.empty(image.shape, image.dtype), np.empty(image.shape, variance.dtype),
+            np.empty(image.shape, mask.dtype))
+    grid = (-(-nx // TILE_W), -(-ny // (APPLY_BLOCK[1] * rows)), 1)
+    fn(grid, (APPLY_BLOCK[0], APPLY_BLOCK[1], 1),
+       (image, variance, mask, np.int64(nx), np.int64(nx), np.int64(nx), *outs, np.int32(ny),
+        np.int32(nx), np.int32(0), np.int32(ny), p.qpack, p.qsum, p.support,
+        np.int32(p.full_support), np.float64(p.x_shift), np.float64(p.y_shift), np.float64(p.hx),
+        np.float64(p.hy), np.array(no_data).astype(mask.dtype)[()]), shared_mem=smem, order=order)
+    return outs[0].astype(np.float64), outs[1].astype(np.float64), outs[2]
+
+
+def bright_pixel_planes(k=9, rows=2, seed=31):
+    """Planes of 5 x 3 kernel tiles (128 columns x 8 ``rows`` rows each) with, on
+    the pixel the kernel once used as a tile's offset (its centre), in five
+    tiles: a star of 1e5 counts (a Gaussian, sigma 1.5 pixels), a 3x3 saturated
+    core at 6e4, a -1e30 sentinel, a 3e38 pixel and a variance of 1e30; and a
+    tile with -1e30 on three of its five offset samples (a majority) among
+    ordinary pixels. Returns the planes, kernel, box and the bright pixels
+    (array (y, x): the star's above 0.1 counts, then the others)."""
+    rng = np.random.default_rng(seed)
+    tile_h = 8 * rows
+    ny, nx = 3 * tile_h, 5 * 128 - 37
+    box = gm.Box(-13, 27, nx, ny)
+    kernel = random_kernel(rng, k, "chebyshev1", 2, box.grown(17, 11))
+    image, variance, mask = random_planes(rng, (ny, nx))
+    centre = lambda ty, tx: (ty * tile_h + tile_h // 2, tx * 128 + 64)   # noqa: E731
+    bright = []
+    y0, x0 = centre(1, 0)
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    star = 1e5 * np.exp(-((yy - y0) ** 2 + (xx - x0) ** 2) / (2 * 1.5 ** 2))
+    image += star.astype(np.float32)
+    bright += list(zip(*np.nonzero(star > 1e-3 * 100)))
+    y, x = centre(1, 1)
+    image[y - 1:y + 2, x - 1:x + 2] = 6e4
+    bright += [(y + j, x + i) for j in (-1, 0, 1) for i in (-1, 0, 1)]
+    for (ty, tx), value in (((1, 2), -1e30), ((2, 3), 3e38)):
+        y, x = centre(ty, tx)
+        image[y, x] = value
+        bright.append((y, x))
+    y, x = centre(0, 3)
+    variance[y, x] = 1e30
+    # Tile (0, 4): three of its five offset samples (rows tile_h/4 and 3 tile_h/4,
+    # columns 32 and 96 of the tile; the centre) are sentinels.
+    for y, x in ((tile_h // 4, 4 * 128 + 32), (tile_h // 4, 4 * 128 + 96), centre(0, 4)):
+        if x < nx:
+            image[y, x] = -1e30
+            bright.append((y, x))
+    return image, variance, mask, kernel, box, bright
+
+
+def test_apply_kernel_bright_pixels_on_tile_offsets_match_float64():
+    """A star, a saturated core, sentinels and a huge variance on the pixels the
+    kernel used to subtract from its tiles, in both thread orders, against the
+    float64 NumPy backend. Before the robust offset (measured on these planes):
+    1.8e-4 relative error next to the star, 6e-4 next to the saturated core,
+    1e21 and inf over the whole tiles of the -1e30 and 3e38 pixels; now below
+    3e-6 everywhere outside the footprints of the huge values. Inside those
+    footprints the output is the huge value times a kernel tap, and a small tap
+    evaluated in float32 is only good to about eps x (its terms / itself): 2.4e-5
+    on a variance output (1e30 x a tap of 1e-4), so 1e-4 there."""
+    from gpumatch.apply import convolve_planes
+    from test_cuda_compile import NO_DATA
+
+    image, variance, mask, kernel, box, bright = bright_pixel_planes()
+    h = kernel.dimensions[0] // 2
+    ny, nx = image.shape
+    want = convolve_planes(image, variance, mask, kernel, box, NO_DATA)
+    huge = [(y, x) for y, x in bright if abs(image[y, x]) > 1e20] + [tuple(np.argwhere(variance > 1e20)[0])]
+    near = np.zeros((ny, nx), bool)
+    for y, x in huge:
+        near[y - h:y + h + 1, x - h:x + h + 1] = True
+    near = near[h:ny - h, h:nx - h]
+    assert near.mean() < 0.1
+    for order in (0, 5):
+        got = run_apply_source(image, variance, mask, kernel, box, NO_DATA, order=order)
+        np.testing.assert_array_equal(got[2], want[2])
+        for g, w in zip(got[:2], want[:2]):
+            np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
+            np.testing.assert_array_equal(np.isinf(g), np.isinf(w))
+            g, w = g[h:ny - h, h:nx - h], w[h:ny - h, h:nx - h].astype(np.float64)
+            np.testing.assert_allclose(g[~near], w[~near], rtol=1e-5, atol=0)
+            ok = np.isfinite(w) & near
+            np.testing.assert_allclose(g[ok], w[ok], rtol=1e-4, atol=0)
+    # The huge values reach the outputs that cover them.
+    for y, x in huge[:-1]:
+        assert abs(got[0][y, x]) > 1e20
 
 
 # ---------------------------------------------------------------------------

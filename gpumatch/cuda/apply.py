@@ -525,6 +525,15 @@ def convolve_planes_cupy(image, variance, mask, kernel, box, no_data_bit, *, tra
     Returns
     -------
     image_out, variance_out, mask_out
+        As :func:`gpumatch.apply.convolve_planes` gives them, to 1e-5 relative.
+        Each output is a direct per-pixel sum, so a huge finite input (a -1e30
+        sentinel) reaches only the outputs whose footprint covers it (the
+        kernel's per-tile offset is chosen so that no such value can be it);
+        those outputs are the huge value times a kernel tap evaluated in
+        float32, good to ~1e-4 where the tap is small. Float64 inputs beyond
+        the float32 range (``|x| > 3.4e38``) count as infinite, so the outputs
+        covering them are infinite or NaN where the NumPy backend gives huge
+        finite values.
         CuPy arrays when every input plane is a CuPy array (nothing crosses to
         the host), else NumPy arrays (pinned host memory). Dtypes are those of
         the inputs (native byte order).

@@ -13,7 +13,7 @@ from .config import ModelPsfMatchConfig
 from .errors import (BackendWarning, ConditioningWarning, ConfigError, GpumatchError,
                      GpumatchWarning, InputWarning, InsufficientAreaError, KernelTooLargeError,
                      MissingPsfError, PoorMatchError, PoorMatchWarning, PsfEvaluationError,
-                     SolutionError)
+                     SelfCheckError, SolutionError)
 from .exposure import DEFAULT_MASK_PLANES, Box, Exposure
 from .kernel import SpatialKernel
 from .many import match_many
@@ -32,5 +32,6 @@ __all__ = [
     "parse_psf", "SpatialKernel", "apply_kernel", "cupy_usable", "match_many",
     "GpumatchError", "ConfigError", "MissingPsfError", "InsufficientAreaError",
     "KernelTooLargeError", "PsfEvaluationError", "SolutionError", "PoorMatchError",
-    "GpumatchWarning", "PoorMatchWarning", "ConditioningWarning", "InputWarning", "BackendWarning",
+    "SelfCheckError", "GpumatchWarning", "PoorMatchWarning", "ConditioningWarning",
+    "InputWarning", "BackendWarning",
 ]

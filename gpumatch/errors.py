@@ -13,6 +13,7 @@ __all__ = [
     "KernelTooLargeError",
     "PsfEvaluationError",
     "SolutionError",
+    "SelfCheckError",
     "PoorMatchError",
     "GpumatchWarning",
     "PoorMatchWarning",
@@ -66,6 +67,17 @@ class PoorMatchError(GpumatchError, RuntimeError):
     def __init__(self, message, result=None):
         super().__init__(message)
         self.result = result
+
+
+class SelfCheckError(GpumatchError, RuntimeError):
+    """A GPU backend disagrees with NumPy or with a known answer (gpumatch/selftest.py).
+
+    Its ``report`` attribute is the :class:`~gpumatch.selftest.SelfCheckReport`.
+    """
+
+    def __init__(self, message, report=None):
+        super().__init__(message)
+        self.report = report
 
 
 # -- warnings ------------------------------------------------------------------

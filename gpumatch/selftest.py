@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from .errors import BackendWarning, GpumatchError, warn
+from .errors import BackendWarning, SelfCheckError, warn
 
 log = logging.getLogger("gpumatch")
 
@@ -39,14 +39,6 @@ TOLERANCE = 1e-5
 
 #: Set to "0" to skip the automatic check at the first use of a GPU backend.
 ENV_SWITCH = "GPUMATCH_SELF_CHECK"
-
-
-class SelfCheckError(GpumatchError, RuntimeError):
-    """A backend disagrees with NumPy or with a known answer."""
-
-    def __init__(self, message, report=None):
-        super().__init__(message)
-        self.report = report
 
 
 @dataclasses.dataclass

@@ -172,6 +172,21 @@ def check_output(path, output, overwrite):
     return check_output_path(output, overwrite, "exposure")
 
 
+def kernel_path_for(output):
+    """Where ``--save-kernel`` writes the kernel of the matched exposure ``output``."""
+    return os.path.splitext(output)[0] + ".kernel.fits"
+
+
+def _check_side_outputs(output, save_kernel, plots_dir, overwrite):
+    """Refuse, before any work, a kernel file or figure directory that cannot be written."""
+    from .io._atomic import check_directory_writable, check_output_path
+
+    if save_kernel:
+        check_output_path(kernel_path_for(output), overwrite, "kernel")
+    if plots_dir and os.path.isdir(plots_dir):
+        check_directory_writable(plots_dir, "figures")
+
+
 def match_file(path, reference, output, psf=None, config=None, backend="auto", kernel_sum=1.0,
                save_kernel=False, plots_dir=None, overwrite=False, task=None):
     """Read one exposure, PSF-match it and write the result atomically.
@@ -199,6 +214,7 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
     # Refused before any work (the input missing or being the output, an
     # existing output without overwrite, a missing directory).
     check_output(path, output, overwrite)
+    _check_side_outputs(output, save_kernel, plots_dir, overwrite)
     task = task or ModelPsfMatchTask(config, backend=backend)
     # On the GPU the planes are read into pinned memory: copied to it without staging.
     exposure = read_exposure_with_psf(path, psf, empty=task._stages.empty_host)
@@ -222,7 +238,7 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
     written = []
     try:
         if save_kernel:
-            kpath = os.path.splitext(output)[0] + ".kernel.fits"
+            kpath = kernel_path_for(output)
             result.psfMatchingKernel.write_fits(kpath, overwrite=overwrite,
                                                 config=task.config.to_dict())
             written.append(kpath)

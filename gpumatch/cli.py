@@ -40,7 +40,8 @@ def _cmd_example(args):
 
         if not (args.science and args.template):
             raise SystemExit("gpumatch example: give both --science and --template FITS files")
-        result, lines = run_fits_example(args.science, args.template, backend=args.backend)
+        result, lines = run_fits_example(args.science, args.template, backend=args.backend,
+                                         psf_from_header=args.psf_from_header)
     else:
         result, lines = run_example(backend=args.backend)
     print("\n".join(lines))
@@ -78,7 +79,8 @@ def _cmd_match_distributed(args):
                        client=args.scheduler, psf=args.psf, config=config, backend=args.backend,
                        kernel_sum=args.kernel_sum, overwrite=args.overwrite,
                        n_workers=args.workers, progress=not args.quiet,
-                       save_kernel=args.save_kernel, plots_dir=args.plots)
+                       save_kernel=args.save_kernel, plots_dir=args.plots,
+                       psf_from_header=args.psf_from_header)
     n_bad = sum(r["status"] == "failed" for r in rows)
     if not args.quiet or n_bad:
         print(format_summary(rows))
@@ -136,7 +138,8 @@ def _cmd_match(args):
                 # match_file refuses a missing input or a bad output before any work.
                 row = match_file(path, reference, out, psf=psf, kernel_sum=args.kernel_sum,
                                  save_kernel=args.save_kernel, plots_dir=args.plots,
-                                 overwrite=args.overwrite, task=task)
+                                 overwrite=args.overwrite, task=task,
+                                 psf_from_header=args.psf_from_header)
             except Exception as exc:  # one bad input must not stop the others
                 row = {"input": path, "output": out, "status": "failed",
                        "error": _one_line(exc)}
@@ -174,6 +177,8 @@ def build_parser():
     ex.add_argument("--debug", metavar="DIR", help="save diagnostic figures in DIR")
     ex.add_argument("--output", metavar="FILE", help="write the matched exposure (FITS)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    ex.add_argument("--psf-from-header", action="store_true",
+                    help="read the PSF file a PSF_FILE card of --science/--template names")
     ex.set_defaults(func=_cmd_example)
 
     m = sub.add_parser("match", parents=[common], help="PSF-match FITS exposures to a reference PSF model")
@@ -183,8 +188,11 @@ def build_parser():
                         "'doublegaussian:sigma1=3.27,sigma2=8.175,b=0.1,size=23', "
                         "'psfex:FILE.psf' or a PSF file")
     m.add_argument("--psf", metavar="MODEL",
-                   help="PSF of the exposures (same forms); default: the file named by the "
-                        "header card PSF_FILE or lying next to each exposure (<stem>.psf)")
+                   help="PSF of the exposures (same forms); default: the file lying next to "
+                        "each exposure (<stem>.psf)")
+    m.add_argument("--psf-from-header", action="store_true",
+                   help="read the PSF file named by each exposure's PSF_FILE/PSFFILE/PSFMODEL "
+                        "card (relative paths inside the exposure's directory only)")
     m.add_argument("--output-dir", metavar="DIR", help="write outputs here (same file names)")
     m.add_argument("-o", "--output", metavar="FILE", help="output file for a single input")
     m.add_argument("--config", metavar="FILE.toml", help="configuration (SPEC field names)")

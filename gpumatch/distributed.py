@@ -212,7 +212,7 @@ def _header_summary(header):
 
 def match_one(path, reference, output, psf=None, config=None, backend="auto", kernel_sum=1.0,
               overwrite=False, save_kernel=False, plots_dir=None, verify_outputs=True,
-              tune_malloc=False):
+              tune_malloc=False, psf_from_header=False):
     """Match one file unless its output is complete; never raises.
 
     This is the task :func:`match_files` runs on the workers.
@@ -251,7 +251,7 @@ def match_one(path, reference, output, psf=None, config=None, backend="auto", ke
             summary = match_file(path, reference, output, psf=psf, config=config,
                                  backend=row["backend"], kernel_sum=kernel_sum,
                                  save_kernel=save_kernel, plots_dir=plots_dir,
-                                 overwrite=overwrite)
+                                 overwrite=overwrite, psf_from_header=psf_from_header)
             row.update(summary)
             row["status"] = "ok"
     except Exception as exc:
@@ -374,7 +374,7 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
                 backend="auto", kernel_sum=1.0, overwrite=False, *, n_workers=None,
                 threads_per_worker=1, memory_limit="auto", progress=True, save_kernel=False,
                 plots_dir=None, verify_outputs=True, summary_name=SUMMARY_NAME,
-                tune_malloc=True):
+                tune_malloc=True, psf_from_header=False):
     """PSF-match many FITS files on a Dask cluster, one task per file.
 
     Parameters
@@ -389,8 +389,8 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
         A client, or a scheduler address (``"tcp://host:8786"``). Default: a
         ``LocalCluster`` of ``n_workers`` processes, closed afterwards.
     psf : Psf or str, optional
-        PSF of every exposure; default: the file named by the header card
-        ``PSF_FILE`` or lying next to each exposure.
+        PSF of every exposure; default: the file lying next to each exposure
+        (``<stem>.psf``) or, with ``psf_from_header``, named by its header.
     config : ModelPsfMatchConfig, optional
     backend : {"auto", "numpy", "cupy"}
         Resolved on each worker: ``"auto"`` uses the worker's GPU if it has one.
@@ -414,6 +414,10 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
         On workers started by a Dask nanny (Linux), raise glibc's mmap and trim
         thresholds once per worker process: Dask's ``MALLOC_TRIM_THRESHOLD_``
         otherwise makes matching 2.5x slower (see ``_tune_malloc``).
+    psf_from_header : bool
+        Read the PSF file that an exposure's ``PSF_FILE``/``PSFFILE``/``PSFMODEL``
+        card names (a relative path inside its directory only; see
+        :func:`gpumatch.pipeline.find_psf`). Off by default: a header is data.
 
     Returns
     -------
@@ -464,7 +468,7 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
                                 config=config, backend=backend, kernel_sum=kernel_sum,
                                 overwrite=overwrite, save_kernel=save_kernel,
                                 plots_dir=plots_dir, verify_outputs=verify_outputs,
-                                tune_malloc=tune_malloc,
+                                tune_malloc=tune_malloc, psf_from_header=psf_from_header,
                                 pure=False, key=f"gpumatch-{os.path.basename(paths[i])}-{i}-"
                                                 f"{os.urandom(4).hex()}")
             futures[fut] = i

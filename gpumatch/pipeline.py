@@ -12,7 +12,7 @@ from .errors import ConfigError, GpumatchError
 
 log = logging.getLogger("gpumatch")
 
-__all__ = ["load_config", "parse_overrides", "find_psf", "resolve_psf", "match_file",
+__all__ = ["load_config", "parse_overrides", "find_psf", "header_psf_card", "resolve_psf", "match_file",
            "output_path_for", "read_exposure_with_psf"]
 
 #: Header cards that may name an exposure's PSF file (relative to the exposure).
@@ -78,20 +78,41 @@ def resolve_psf(spec):
     return parse_psf(spec)
 
 
-def find_psf(exposure_path, header=None):
-    """The PSF model file named in the exposure's header or lying next to it.
+def find_psf(exposure_path, header=None, psf_from_header=False):
+    """The PSF model file of an exposure: named by its header (if asked) or next to it.
 
-    Returns the path, or None.
+    This is the one place that decides where an exposure's PSF file comes
+    from. A header card (``PSF_FILE``, ``PSFFILE``, ``PSFMODEL``) is followed
+    only when ``psf_from_header`` is True, and then only to a regular file of
+    at most :data:`gpumatch.io.safety.MAX_NAMED_FILE_BYTES` named by a
+    relative path inside the exposure's directory; the sidecar files
+    (:data:`PSF_SIDECARS`) are found by their names, not by the header.
+
+    Returns
+    -------
+    str or None
+        The path, or None.
+
+    Raises
+    ------
+    UnsafePathError
+        ``psf_from_header`` and the card names no file gpumatch will read
+        (one wording for every reason, so it does not reveal which files exist).
     """
+    from .io.safety import MAX_NAMED_FILE_BYTES, UnsafePathError, confined_file
+
     directory = os.path.dirname(os.path.abspath(exposure_path))
-    for key in PSF_HEADER_KEYS:
-        if header is not None and key in header:
-            candidate = os.path.join(directory, str(header[key]))
-            if not os.path.exists(candidate):
-                raise FileNotFoundError(
-                    f"{exposure_path}: header card {key} names PSF file {header[key]!r}, which "
-                    f"does not exist in {directory}; fix the card or give --psf")
-            return candidate
+    card = header_psf_card(header)
+    if psf_from_header and card is not None:
+        key, value = card
+        found = confined_file(directory, value)
+        if found is None:
+            raise UnsafePathError(
+                f"{exposure_path}: header card {key} = {str(value)!r} is not a PSF file "
+                f"gpumatch will read (it must be a relative path to a regular file of at most "
+                f"{MAX_NAMED_FILE_BYTES // 2 ** 20} MiB inside {directory}); fix the card or "
+                "give --psf MODEL")
+        return found
     stem = os.path.basename(exposure_path)
     for ext in (".fits.fz", ".fits.gz", ".fits", ".fit"):
         if stem.lower().endswith(ext):
@@ -99,8 +120,16 @@ def find_psf(exposure_path, header=None):
             break
     for pattern in PSF_SIDECARS:
         candidate = os.path.join(directory, pattern.format(stem=stem))
-        if os.path.exists(candidate):
+        if os.path.isfile(candidate):  # a FIFO or device there would block or never end
             return candidate
+    return None
+
+
+def header_psf_card(header):
+    """``(key, value)`` of the first header card that names a PSF file, or None."""
+    for key in PSF_HEADER_KEYS:
+        if header is not None and key in header:
+            return key, header[key]
     return None
 
 
@@ -110,15 +139,17 @@ def _psf_from_file(path):
     return resolve_psf(f"image:{path}")
 
 
-def read_exposure_with_psf(path, psf=None, *, psf_hint="give --psf MODEL", empty=None):
+def read_exposure_with_psf(path, psf=None, *, psf_hint="give --psf MODEL", empty=None,
+                           psf_from_header=False, header_hint="pass --psf-from-header"):
     """Read the exposure at ``path`` and give it a PSF model.
 
     The PSF is ``psf`` (a model or its string form) when given, else the one
-    read with the exposure, else the file named by a ``PSF_FILE`` header card
-    or lying next to the exposure (:func:`find_psf`).
+    read with the exposure, else the file lying next to the exposure or, with
+    ``psf_from_header``, named by a ``PSF_FILE`` header card (:func:`find_psf`).
 
     ``psf_hint`` is the first remedy the error for an exposure without a PSF
     suggests (how the caller's user passes one); None leaves it out.
+    ``header_hint`` is how that user turns ``psf_from_header`` on.
     ``empty`` allocates the planes (see :func:`gpumatch.io.fits.read_exposure`).
 
     Raises
@@ -133,11 +164,15 @@ def read_exposure_with_psf(path, psf=None, *, psf_hint="give --psf MODEL", empty
     if psf is not None:
         exposure.psf = resolve_psf(psf)
     elif exposure.psf is None:
-        found = find_psf(path, exposure.meta)
+        found = find_psf(path, exposure.meta, psf_from_header=psf_from_header)
         if found is None:
             hint = f"{psf_hint}, " if psf_hint else ""
+            card = header_psf_card(exposure.meta)
+            named = (f"{header_hint} to read the file its {card[0]} card names, "
+                     if card is not None else "put a PSF_FILE card in the header (and "
+                     f"{header_hint}), ")
             raise GpumatchError(
-                f"{path}: no PSF model; {hint}put a PSF_FILE card in the header, or place a "
+                f"{path}: no PSF model; {hint}{named}or place a "
                 f"PSFEx file next to it ({', '.join(p.format(stem='<stem>') for p in PSF_SIDECARS)})")
         exposure.psf = _psf_from_file(found)
     return exposure
@@ -188,7 +223,8 @@ def _check_side_outputs(output, save_kernel, plots_dir, overwrite):
 
 
 def match_file(path, reference, output, psf=None, config=None, backend="auto", kernel_sum=1.0,
-               save_kernel=False, plots_dir=None, overwrite=False, task=None):
+               save_kernel=False, plots_dir=None, overwrite=False, task=None,
+               psf_from_header=False):
     """Read one exposure, PSF-match it and write the result atomically.
 
     Parameters
@@ -200,7 +236,8 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
     output : str
         Output FITS path.
     psf : Psf or str, optional
-        The exposure's PSF; otherwise read from the header/sidecar file.
+        The exposure's PSF; otherwise the ``<stem>.psf`` file next to it or,
+        with ``psf_from_header``, the file its header names (:func:`find_psf`).
 
     Returns
     -------
@@ -217,7 +254,8 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
     _check_side_outputs(output, save_kernel, plots_dir, overwrite)
     task = task or ModelPsfMatchTask(config, backend=backend)
     # On the GPU the planes are read into pinned memory: copied to it without staging.
-    exposure = read_exposure_with_psf(path, psf, empty=task._stages.empty_host)
+    exposure = read_exposure_with_psf(path, psf, empty=task._stages.empty_host,
+                                      psf_from_header=psf_from_header)
     result = task.run(exposure, resolve_psf(reference), kernelSum=kernel_sum)
     md = result.metadata
     result.psfMatchedExposure.meta.update({

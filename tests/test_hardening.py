@@ -116,3 +116,80 @@ def test_atomic_write_syncs_the_directory_after_the_rename(tmp_path, monkeypatch
     atomic_write(path, lambda tmp: open(tmp, "w").write("hello"))
     assert synced == [False, True]  # the file's data, then the directory entry
     assert path.read_text() == "hello"
+
+
+# -- PSF files named in headers ------------------------------------------------------------
+
+
+def _psf_image_file(path, sigma=1.6, size=15):
+    from astropy.io import fits
+
+    h = size // 2
+    v, u = np.mgrid[-h:h + 1, -h:h + 1].astype(float)
+    g = np.exp(-(u * u + v * v) / (2 * sigma ** 2))
+    fits.PrimaryHDU(g / g.sum()).writeto(path)
+    return g / g.sum()
+
+
+def test_header_card_is_not_followed_unless_asked(tmp_path, capsys, no_compute):
+    _psf_image_file(tmp_path / "model_psf.fits")
+    inp = write_input(tmp_path, "a.fits", meta={"PSF_FILE": "model_psf.fits"})
+    code, _, err = run(capsys, "match", inp, "--reference", REF_SPEC, "-o", tmp_path / "o.fits")
+    assert code != 0
+    line = [x for x in err.splitlines() if "no PSF model" in x]
+    assert len(line) == 1 and "--psf-from-header" in line[0] and "PSF_FILE" in line[0]
+    from gpumatch.pipeline import read_exposure_with_psf
+    with pytest.raises(gm.errors.GpumatchError, match="psf_from_header=True"):
+        read_exposure_with_psf(inp, psf_hint="give psf=...", header_hint="pass psf_from_header=True")
+
+
+def test_header_card_followed_when_asked_gives_the_named_model(tmp_path):
+    from gpumatch.pipeline import read_exposure_with_psf
+
+    expected = _psf_image_file(tmp_path / "model_psf.fits", sigma=2.0)
+    inp = write_input(tmp_path, "a.fits", meta={"PSFMODEL": "model_psf.fits"})
+    exposure = read_exposure_with_psf(inp, psf_from_header=True)
+    np.testing.assert_allclose(exposure.psf.compute_kernel_image(0.0, 0.0), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("key", ["PSF_FILE", "PSFFILE", "PSFMODEL"])
+def test_header_card_refusals_share_one_wording(tmp_path, key):
+    from gpumatch.io.safety import UnsafePathError
+    from gpumatch.pipeline import find_psf
+
+    data = tmp_path / "data"
+    data.mkdir()
+    inp = data / "a.fits"
+    _psf_image_file(tmp_path / "outside_psf.fits")  # exists, but outside the directory
+    _psf_image_file(data / "inside_psf.fits")
+    (data / "sub").mkdir()
+    os.symlink(tmp_path / "outside_psf.fits", data / "escape.fits")
+    big = data / "big.fits"
+    with open(big, "wb") as fh:  # sparse: no disk space used
+        fh.truncate(65 * 2 ** 20)
+    names = ["/etc/passwd", "../outside_psf.fits", "sub/../../outside_psf.fits",
+             str(tmp_path / "outside_psf.fits"), "missing.fits", "escape.fits", "big.fits",
+             "sub", "/dev/zero", "~/x.psf", ""]
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(data / "fifo.psf")
+        names.append("fifo.psf")
+    messages = set()
+    for name in names:
+        with pytest.raises(UnsafePathError) as info:
+            find_psf(str(inp), {key: name}, psf_from_header=True)
+        messages.add(str(info.value).replace(repr(name), "NAME"))
+    assert len(messages) == 1, messages  # nothing tells which files exist
+    (message,) = messages
+    assert str(inp) in message and key in message and "--psf" in message
+    assert find_psf(str(inp), {key: "inside_psf.fits"}, psf_from_header=True) == \
+        os.path.realpath(data / "inside_psf.fits")
+    # Without the flag the card is ignored and nothing is opened.
+    assert find_psf(str(inp), {key: "/dev/zero"}) is None
+
+
+@needs_fifo
+def test_sidecar_that_is_a_fifo_is_not_opened(tmp_path):
+    from gpumatch.pipeline import find_psf
+
+    os.mkfifo(tmp_path / "a.psf")
+    assert find_psf(str(tmp_path / "a.fits")) is None

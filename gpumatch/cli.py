@@ -80,7 +80,7 @@ def _cmd_match_distributed(args):
                        kernel_sum=args.kernel_sum, overwrite=args.overwrite,
                        n_workers=args.workers, progress=not args.quiet,
                        save_kernel=args.save_kernel, plots_dir=args.plots,
-                       psf_from_header=args.psf_from_header)
+                       psf_from_header=args.psf_from_header, dashboard=args.dashboard)
     n_bad = sum(r["status"] == "failed" for r in rows)
     if not args.quiet or n_bad:
         print(format_summary(rows))
@@ -208,7 +208,10 @@ def build_parser():
                    help="run one Dask task per file on this scheduler (e.g. tcp://host:8786); "
                         "complete outputs are skipped, a JSON summary is written in --output-dir")
     m.add_argument("--workers", type=int, metavar="N",
-                   help="run on a local Dask cluster of N worker processes (as --scheduler)")
+                   help="run on a local Dask cluster of N worker processes (as --scheduler; "
+                        "it listens on 127.0.0.1 only, with TLS)")
+    m.add_argument("--dashboard", action="store_true",
+                   help="with --workers: serve the Dask dashboard on 127.0.0.1:8787")
     m.set_defaults(func=_cmd_match)
     return p
 

@@ -51,7 +51,7 @@ from ._warnings import recorded
 
 log = logging.getLogger("gpumatch")
 
-__all__ = ["match_files", "match_one", "output_complete", "stale_temporaries", "SUMMARY_NAME",
+__all__ = ["match_files", "match_one", "local_cluster", "output_complete", "stale_temporaries", "SUMMARY_NAME",
            "COMPLETION_CARD", "format_summary"]
 
 #: File name of the JSON summary written in the output directory.
@@ -328,16 +328,55 @@ def _progress_bar(total, enabled):
     return tqdm(total=total, unit="file", dynamic_ncols=True, file=sys.stderr)
 
 
-def _open_client(client, n_workers, threads_per_worker, memory_limit):
+#: Where a local cluster's dashboard listens when asked for (loopback only).
+LOCAL_DASHBOARD = "127.0.0.1:8787"
+
+
+def local_cluster(n_workers=None, threads_per_worker=1, memory_limit="auto", dashboard=False):
+    """A Dask ``LocalCluster`` that only this user can reach.
+
+    Every server (scheduler, nannies, workers and their HTTP endpoints)
+    listens on 127.0.0.1 only, and all Dask traffic uses TLS with a temporary
+    certificate made for this cluster (``distributed.security.Security.temporary``),
+    so another user of a shared machine can neither attach a client (and
+    run code as this user) nor read the cluster's state. The dashboard (which
+    shows file names, logs and call stacks) is off unless ``dashboard``, and
+    then on :data:`LOCAL_DASHBOARD`.
+
+    Raises
+    ------
+    ImportError
+        The ``cryptography`` package (for the certificate) is missing.
+    """
+    from distributed import LocalCluster
+    from distributed.security import Security
+
+    try:
+        security = Security.temporary()
+    except ImportError:
+        raise ImportError(
+            "a local Dask cluster is secured with TLS, which needs the cryptography package: "
+            "pip install 'gpumatch[distributed]' (or pip install cryptography)") from None
+    # With no dashboard the scheduler still serves a few HTTP routes (health,
+    # metrics): on the loopback, at a free port, not 0.0.0.0:8787.
+    http = LOCAL_DASHBOARD if dashboard else "127.0.0.1:0"
+    return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
+                        processes=True, memory_limit=memory_limit, host="127.0.0.1",
+                        protocol="tls://", security=security,
+                        dashboard_address=LOCAL_DASHBOARD if dashboard else None,
+                        scheduler_kwargs={"dashboard": bool(dashboard), "dashboard_address": http})
+
+
+def _open_client(client, n_workers, threads_per_worker, memory_limit, dashboard=False):
     """``(client, owned)``: the given client, one for an address, or a new local cluster."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if client is None:
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
-                               processes=True, memory_limit=memory_limit)
-        log.info("local Dask cluster: %d workers, dashboard %s", len(cluster.workers),
-                 cluster.dashboard_link)
-        return Client(cluster), True
+        cluster = local_cluster(n_workers, threads_per_worker, memory_limit, dashboard)
+        log.info("local Dask cluster: %d workers at %s%s", len(cluster.workers),
+                 cluster.scheduler_address,
+                 f", dashboard {cluster.dashboard_link}" if dashboard else "")
+        return Client(cluster, security=cluster.security), True
     if isinstance(client, str):
         return Client(client), True
     return client, False
@@ -374,7 +413,7 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
                 backend="auto", kernel_sum=1.0, overwrite=False, *, n_workers=None,
                 threads_per_worker=1, memory_limit="auto", progress=True, save_kernel=False,
                 plots_dir=None, verify_outputs=True, summary_name=SUMMARY_NAME,
-                tune_malloc=True, psf_from_header=False):
+                tune_malloc=True, psf_from_header=False, dashboard=False):
     """PSF-match many FITS files on a Dask cluster, one task per file.
 
     Parameters
@@ -387,7 +426,8 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
         Created if needed; must be visible to the workers at the same path.
     client : distributed.Client or str, optional
         A client, or a scheduler address (``"tcp://host:8786"``). Default: a
-        ``LocalCluster`` of ``n_workers`` processes, closed afterwards.
+        ``LocalCluster`` of ``n_workers`` processes, closed afterwards, that
+        listens on 127.0.0.1 only and speaks TLS (see :func:`local_cluster`).
     psf : Psf or str, optional
         PSF of every exposure; default: the file lying next to each exposure
         (``<stem>.psf``) or, with ``psf_from_header``, named by its header.
@@ -414,6 +454,8 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
         On workers started by a Dask nanny (Linux), raise glibc's mmap and trim
         thresholds once per worker process: Dask's ``MALLOC_TRIM_THRESHOLD_``
         otherwise makes matching 2.5x slower (see ``_tune_malloc``).
+    dashboard : bool
+        Serve the local cluster's dashboard on 127.0.0.1:8787 (default: none).
     psf_from_header : bool
         Read the PSF file that an exposure's ``PSF_FILE``/``PSFFILE``/``PSFMODEL``
         card names (a relative path inside its directory only; see
@@ -457,7 +499,8 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
 
     owned = False
     if jobs:
-        client, owned = _open_client(client, n_workers, threads_per_worker, memory_limit)
+        client, owned = _open_client(client, n_workers, threads_per_worker, memory_limit,
+                                     dashboard)
     bar = _progress_bar(len(paths), progress)
     futures = {}
     try:

@@ -193,3 +193,54 @@ def test_sidecar_that_is_a_fifo_is_not_opened(tmp_path):
 
     os.mkfifo(tmp_path / "a.psf")
     assert find_psf(str(tmp_path / "a.fits")) is None
+
+
+# -- the local Dask cluster ------------------------------------------------------------------
+
+
+def _listening(pids):
+    """``(host, port)`` of every TCP socket in LISTEN state owned by ``pids``."""
+    import psutil
+
+    out = []
+    for c in psutil.net_connections(kind="inet"):
+        if c.pid in pids and c.status == psutil.CONN_LISTEN:
+            out.append((c.laddr.ip, c.laddr.port))
+    return out
+
+
+def test_local_cluster_listens_on_loopback_with_tls_and_no_dashboard():
+    pytest.importorskip("distributed")
+    pytest.importorskip("cryptography")
+    psutil = pytest.importorskip("psutil")
+    from distributed import Client
+
+    from gpumatch.distributed import _open_client
+
+    client, owned = _open_client(None, 1, 1, "1GiB")
+    try:
+        cluster = client.cluster
+        assert owned and cluster.scheduler_address.startswith("tls://127.0.0.1:")
+        workers = list(client.scheduler_info()["workers"])
+        assert len(workers) == 1 and all(w.startswith("tls://127.0.0.1:") for w in workers)
+        assert client.submit(lambda x: x + 1, 41).result() == 42  # TLS works end to end
+        # The scheduler's HTTP server (loopback, a free port) serves no dashboard pages.
+        import urllib.error
+        import urllib.request
+
+        http = cluster.scheduler.http_server
+        assert http.address == "127.0.0.1" and http.port != 8787
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"http://127.0.0.1:{http.port}/status", timeout=5)
+        assert info.value.code == 404
+        # A client without the cluster's certificate cannot attach.
+        with pytest.raises(Exception):
+            Client(cluster.scheduler_address.replace("tls://", "tcp://"), timeout="2s")
+        pids = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
+        sockets = _listening(pids)
+        assert sockets, "no listening sockets found"
+        assert {ip for ip, _ in sockets} == {"127.0.0.1"}, sockets
+        assert 8787 not in {port for _, port in sockets}
+    finally:
+        client.close()
+        client.cluster.close()

@@ -244,3 +244,55 @@ def test_local_cluster_listens_on_loopback_with_tls_and_no_dashboard():
     finally:
         client.close()
         client.cluster.close()
+
+
+# -- the test suite's emulator cache -----------------------------------------------------------
+
+
+def test_emulator_cache_is_private(tmp_path, monkeypatch):
+    import cuda_emulator
+
+    monkeypatch.setattr(cuda_emulator, "_private_dir", None)
+    # A directory others can write into, or a planted link, is never the cache.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (tmp_path / "real").mkdir(mode=0o700)
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    for bad in (shared, tmp_path / "link"):
+        assert cuda_emulator._private_cache(str(bad)) is None
+        monkeypatch.setenv("GPUMATCH_EMULATOR_CACHE", str(bad))
+        with pytest.raises(cuda_emulator.EmulatorError, match="only it can write"):
+            cuda_emulator._build_dir()
+    # The default path, planted by "someone else" (world-writable): a fresh private directory.
+    monkeypatch.delenv("GPUMATCH_EMULATOR_CACHE")
+    monkeypatch.setattr(cuda_emulator.tempfile, "gettempdir", lambda: str(tmp_path))
+    uid = os.getuid()
+    planted = tmp_path / f"gpumatch-cuda-emulator-{uid}"
+    planted.mkdir()
+    planted.chmod(0o777)
+    got = cuda_emulator._build_dir()
+    assert got != planted and stat.S_IMODE(os.lstat(got).st_mode) == 0o700
+    assert os.path.basename(got).startswith("gpumatch-cuda-emulator-")
+    assert cuda_emulator._build_dir() == got  # one per process
+    # A fresh default is created 0700 and used.
+    planted.chmod(0o700)
+    planted.rmdir()
+    monkeypatch.setattr(cuda_emulator, "_private_dir", None)
+    assert cuda_emulator._build_dir() == planted
+    assert stat.S_IMODE(os.lstat(planted).st_mode) & 0o022 == 0
+
+
+def test_fake_cupy_rawmodule_sources_leave_nothing_behind(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, tempfile; sys.path.insert(0, 'tests'); import cuda_emulator;"
+            "d = cuda_emulator._scratch_dir('gpumatch-rawmodule-'); (d / 'k.cu').write_text('x');"
+            "print(d)")
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out.startswith(str(tmp_path)) and not os.path.exists(out)
+    assert os.listdir(tmp_path) == []

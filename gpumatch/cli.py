@@ -59,6 +59,9 @@ def _cmd_example(args):
 def _one_line(exc):
     """An exception as one line: its class and its message with whitespace collapsed."""
     text = " ".join(str(exc).split())
+    if isinstance(exc, MemoryError) and not text:
+        text = ("out of memory; lower kernelSize, spatialKernelOrder or alardDegGauss "
+                "(--set FIELD=VALUE), or run fewer at once (fewer --workers)")
     return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
 
 

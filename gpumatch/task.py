@@ -64,6 +64,15 @@ class CellSetResult(NamedTuple):
     referencePsfModel: object
 
 
+def _check_memory(config, exposure, reference, choice):
+    """Stop before the cell set if the run's estimated memory exceeds what is available."""
+    from .limits import check_run_memory
+
+    width = max(max(p.dimensions()) for p in (exposure.psf, reference))
+    check_run_memory(config, exposure.shape, width, choice.kernel_size, choice.degrees,
+                     what="PSF-matching this exposure")
+
+
 def _backend_stages(name, spatial_solve=None):
     if name == "cupy":
         from .cuda.stages import CupyStages
@@ -242,6 +251,7 @@ class ModelPsfMatchTask:
         """
         kernel_sum = self._check_inputs(exposure, referencePsfModel, kernelSum)
         choice = self._basis_choice(exposure, referencePsfModel)
+        _check_memory(self.config, exposure, referencePsfModel, choice)
         cell_set, reference = build_cell_set(exposure, referencePsfModel, self.config,
                                              choice.kernel_size, xp=self._stages.xp)
         basis = None if basis_for is None else basis_for(choice.kernel_size, choice.sigmas,

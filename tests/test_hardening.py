@@ -296,3 +296,98 @@ def test_fake_cupy_rawmodule_sources_leave_nothing_behind(tmp_path):
                          text=True, check=True).stdout.strip()
     assert out.startswith(str(tmp_path)) and not os.path.exists(out)
     assert os.listdir(tmp_path) == []
+
+
+# -- limits ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value", [("kernelSize", 10001), ("spatialKernelOrder", 1000000),
+                                         ("alardDegGauss", [100, 2, 2]), ("padPsfBy", 2000),
+                                         ("kernelSizeMax", 100001), ("alardNGauss", 11)])
+def test_size_driving_fields_are_bounded(field, value):
+    from gpumatch.limits import LIMITS
+
+    extra = ({"alardSigGauss": [1.0] * 11, "alardDegGauss": [1] * 11}
+             if field == "alardNGauss" else {})
+    with pytest.raises(gm.errors.ConfigError, match=f"{field}=.* at most {LIMITS[field]}"):
+        gm.ModelPsfMatchConfig(**{field: value}, **extra)
+    # The limit itself is accepted.
+    at_limit = {"alardSigGauss": [1.0] * 10, "alardDegGauss": [1] * 10} \
+        if field == "alardNGauss" else {}
+    gm.ModelPsfMatchConfig(**{field: LIMITS[field] if field != "alardDegGauss" else [10, 2, 2]},
+                           **at_limit, **({"kernelSizeMax": 255} if field == "kernelSize" else {}))
+
+
+@pytest.mark.parametrize("spec", ["gaussian:fwhm=1e6", "gaussian:sigma=1,size=100001",
+                                  "doublegaussian:sigma1=1,sigma2=1e5,b=0.1"])
+def test_huge_psf_strings_are_refused_before_rendering(spec):
+    from gpumatch.limits import ResourceLimitError
+
+    with pytest.raises(ResourceLimitError, match="exceeds gpumatch's limit of 1001 pixels"):
+        gm.parse_psf(spec)
+
+
+def test_psfex_sampling_that_asks_for_huge_stamps_is_refused(tmp_path):
+    from test_psfex import _gauss, write_psfex
+
+    path = write_psfex(tmp_path / "m.psf", [_gauss(25, 2.0)], samp=100.0, degree=0)
+    with pytest.raises(ValueError, match="PSF_SAMP = 100 .*2500-pixel stamps"):
+        gm.PsfexPsf.read(path)
+
+
+def test_truncated_psfex_names_the_file(tmp_path):
+    from test_psfex import _gauss, write_psfex
+
+    path = write_psfex(tmp_path / "m.psf", [_gauss(25, 2.0)], samp=1.0, degree=0)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.psf"
+    cut.write_bytes(data[:len(data) - 2880])  # the table's data block is gone
+    with pytest.raises(ValueError) as info:
+        gm.PsfexPsf.read(cut)
+    message = str(info.value)
+    assert str(cut) in message and "truncated" in message and "reshape" not in message
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (300, 1100)])
+def test_estimate_bounds_the_measured_peak_of_a_small_run(shape):
+    import tracemalloc
+
+    from gpumatch.limits import estimate_run_bytes
+
+    rng = np.random.default_rng(0)
+    exposure = gm.Exposure(rng.normal(100.0, 1.0, shape).astype(np.float32),
+                           np.ones(shape, np.float32), np.zeros(shape, np.int32))
+    exposure.psf = gm.parse_psf(PSF_SPEC)
+    task = gm.ModelPsfMatchTask(backend="numpy")
+    tracemalloc.start()
+    try:
+        task.run(exposure, gm.parse_psf(REF_SPEC))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    estimate = estimate_run_bytes(task.config, shape, 21)
+    assert peak <= estimate <= 10 * peak, (peak, estimate)
+
+
+def test_run_larger_than_memory_stops_before_allocating(tmp_path, capsys, monkeypatch):
+    import gpumatch.limits as limits
+    import gpumatch.task as task_module
+
+    monkeypatch.setattr(limits, "available_memory", lambda: 4 * 2 ** 20)  # 4 MiB "free"
+
+    def no_cell_set(*a, **k):
+        raise AssertionError("the cell set was built before the memory check")
+
+    monkeypatch.setattr(task_module, "build_cell_set", no_cell_set)
+    inp = write_input(tmp_path, "a.fits")
+    exposure = gm.Exposure.read_fits(inp)
+    exposure.psf = gm.parse_psf(PSF_SPEC)
+    with pytest.raises(limits.ResourceLimitError, match=r"needs about .*MiB of memory but 4\.0 "
+                                                        r"MiB is available"):
+        gm.ModelPsfMatchTask(backend="numpy").run(exposure, gm.parse_psf(REF_SPEC))
+    code, _, err = run(capsys, "match", inp, "--reference", REF_SPEC, "--psf", PSF_SPEC,
+                       "-o", tmp_path / "o.fits")
+    assert code != 0
+    line = [x for x in err.splitlines() if "needs about" in x]
+    assert len(line) == 1 and "--set" in line[0] and str(inp) in err
+    assert not (tmp_path / "o.fits").exists()

@@ -332,6 +332,12 @@ def read_exposure(path, *, psf=None, variance=None, mask=None, mask_planes=None,
         return _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty)
     except (FitsFormatError, OSError):
         raise
+    except MemoryError:
+        from ..limits import ResourceLimitError, format_bytes
+
+        raise ResourceLimitError(
+            f"{p}: not enough memory to read its planes ({format_bytes(os.path.getsize(p))} on "
+            "disk); free memory, or run fewer at once (fewer --workers)") from None
     except Exception as exc:
         # Truncated or corrupt data sections surface here (astropy reads lazily).
         raise FitsFormatError(

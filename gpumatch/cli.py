@@ -83,7 +83,8 @@ def _cmd_match_distributed(args):
                        kernel_sum=args.kernel_sum, overwrite=args.overwrite,
                        n_workers=args.workers, progress=not args.quiet,
                        save_kernel=args.save_kernel, plots_dir=args.plots,
-                       psf_from_header=args.psf_from_header, dashboard=args.dashboard)
+                       psf_from_header=args.psf_from_header, dashboard=args.dashboard,
+                       task_timeout=args.task_timeout)
     n_bad = sum(r["status"] == "failed" for r in rows)
     if not args.quiet or n_bad:
         print(format_summary(rows))
@@ -102,6 +103,9 @@ def _cmd_match(args):
     from .pipeline import load_config, match_file, output_path_for, parse_overrides, resolve_psf
     from .task import ModelPsfMatchTask
 
+    if args.task_timeout is not None:
+        raise ValueError("--task-timeout works with --workers N or --scheduler ADDRESS; add one "
+                         "of them, or leave --task-timeout out")
     if args.output and len(args.exposures) > 1:
         raise ValueError("-o/--output takes one input; use --output-dir DIR for several")
     if not args.output and not args.output_dir:
@@ -213,6 +217,9 @@ def build_parser():
     m.add_argument("--workers", type=int, metavar="N",
                    help="run on a local Dask cluster of N worker processes (as --scheduler; "
                         "it listens on 127.0.0.1 only, with TLS)")
+    m.add_argument("--task-timeout", type=float, metavar="SECONDS",
+                   help="with --workers/--scheduler: report a file as failed when it runs longer "
+                        "than this, and go on with the others")
     m.add_argument("--dashboard", action="store_true",
                    help="with --workers: serve the Dask dashboard on 127.0.0.1:8787")
     m.set_defaults(func=_cmd_match)

@@ -402,6 +402,43 @@ def _for_workers(spec):
     return model
 
 
+def _completed(client, futures, task_timeout=None, poll=None):
+    """Yield ``(future, timed_out)`` as ``futures`` finish, or run past ``task_timeout``.
+
+    A task's time counts from when the scheduler first reports it processing
+    on a worker (seen by polling, every ``poll`` seconds), so tasks waiting
+    for a free worker are not timed out. A timed-out task is cancelled; a
+    worker thread stuck in a system call may stay stuck, but the batch ends.
+    """
+    from distributed import as_completed, wait
+
+    if not task_timeout:
+        for fut in as_completed(list(futures)):
+            yield fut, False
+        return
+    poll = poll or min(1.0, task_timeout / 4)
+    pending = set(futures)
+    started = {}
+    while pending:
+        try:
+            done, _ = wait(list(pending), timeout=poll, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            done = set()
+        for fut in done:
+            pending.discard(fut)
+            yield fut, False
+        now = time.monotonic()
+        processing = {k for keys in client.processing().values() for k in keys}
+        for fut in list(pending):
+            if fut.key in processing:
+                started.setdefault(fut.key, now)
+            if fut.key in started and now - started[fut.key] > task_timeout \
+                    and fut.status not in ("finished", "error"):
+                pending.discard(fut)
+                fut.cancel()
+                yield fut, True
+
+
 def _close_client(client):
     cluster = getattr(client, "cluster", None)
     client.close()
@@ -413,7 +450,7 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
                 backend="auto", kernel_sum=1.0, overwrite=False, *, n_workers=None,
                 threads_per_worker=1, memory_limit="auto", progress=True, save_kernel=False,
                 plots_dir=None, verify_outputs=True, summary_name=SUMMARY_NAME,
-                tune_malloc=True, psf_from_header=False, dashboard=False):
+                tune_malloc=True, psf_from_header=False, dashboard=False, task_timeout=None):
     """PSF-match many FITS files on a Dask cluster, one task per file.
 
     Parameters
@@ -454,6 +491,10 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
         On workers started by a Dask nanny (Linux), raise glibc's mmap and trim
         thresholds once per worker process: Dask's ``MALLOC_TRIM_THRESHOLD_``
         otherwise makes matching 2.5x slower (see ``_tune_malloc``).
+    task_timeout : float, optional
+        Seconds a file may take once it has started on a worker; a file that
+        takes longer is reported as failed (``TimeoutError``) and cancelled,
+        and the batch goes on. Default: no limit.
     dashboard : bool
         Serve the local cluster's dashboard on 127.0.0.1:8787 (default: none).
     psf_from_header : bool
@@ -467,7 +508,9 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
         One row per input, in input order (see :func:`match_one`).
     """
     _require_dask()
-    from distributed import as_completed
+    if task_timeout is not None and not float(task_timeout) > 0:
+        raise ValueError(f"task_timeout={task_timeout!r} (--task-timeout): give a positive number "
+                         "of seconds")
 
     from .config import ModelPsfMatchConfig
     from .pipeline import output_path_for
@@ -515,9 +558,14 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
                                 pure=False, key=f"gpumatch-{os.path.basename(paths[i])}-{i}-"
                                                 f"{os.urandom(4).hex()}")
             futures[fut] = i
-        for fut in as_completed(list(futures)):
+        for fut, timed_out in _completed(client, futures, task_timeout):
             i = futures[fut]
             try:
+                if timed_out:
+                    raise TimeoutError(
+                        f"{paths[i]}: not finished {task_timeout:g} s after it started "
+                        "(--task-timeout); the input may be a FIFO, on a hung file system or "
+                        "too large; check it, or raise --task-timeout")
                 row = fut.result()
             except Exception as exc:  # KilledWorker, a lost scheduler, ...
                 row = {"input": paths[i], "output": outputs[i], "status": "failed",

@@ -391,3 +391,55 @@ def test_run_larger_than_memory_stops_before_allocating(tmp_path, capsys, monkey
     line = [x for x in err.splitlines() if "needs about" in x]
     assert len(line) == 1 and "--set" in line[0] and str(inp) in err
     assert not (tmp_path / "o.fits").exists()
+
+
+@needs_fifo
+def test_fifo_given_as_an_exposure_is_refused_not_opened(tmp_path):
+    os.mkfifo(tmp_path / "x.fits")
+    with pytest.raises(gm.io.fits.FitsFormatError, match="not a regular file"):
+        gm.Exposure.read_fits(tmp_path / "x.fits")
+
+
+def test_task_timeout_reports_a_hanging_file_and_the_batch_finishes(tmp_path, monkeypatch):
+    pytest.importorskip("distributed")
+    import json
+    import threading
+    import time
+
+    from distributed import Client, LocalCluster
+
+    import gpumatch.pipeline as pipeline
+    from gpumatch.distributed import SUMMARY_NAME, match_files
+
+    fast = write_input(tmp_path, "fast.fits", seed=1)
+    slow = write_input(tmp_path, "slow.fits", seed=2)
+    release = threading.Event()
+    real = pipeline.match_file
+
+    def match_file(path, *a, **k):
+        if path == slow:
+            release.wait(60)  # a read that never returns, until the test ends
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(pipeline, "match_file", match_file)
+    cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                           dashboard_address=None)
+    client = Client(cluster)
+    try:
+        t0 = time.monotonic()
+        rows = match_files([slow, fast], REF_SPEC, tmp_path / "out", client=client, psf=PSF_SPEC,
+                           backend="numpy", progress=False, task_timeout=2)
+        took = time.monotonic() - t0
+        written = files_under(tmp_path / "out")  # before the stuck thread is let go
+    finally:
+        release.set()
+        client.close()
+        cluster.close()
+    assert took < 30
+    assert [r["status"] for r in rows] == ["failed", "ok"]
+    assert "TimeoutError" in rows[0]["error"] and "--task-timeout" in rows[0]["error"]
+    summary = json.loads((tmp_path / "out" / SUMMARY_NAME).read_text())
+    assert summary["files_failed"] == 1 and summary["files_ok"] == 1
+    assert written == ["fast.fits", SUMMARY_NAME]
+    with pytest.raises(ValueError, match="task_timeout"):
+        match_files([fast], REF_SPEC, tmp_path / "o2", client=client, task_timeout=0)

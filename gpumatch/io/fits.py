@@ -209,6 +209,9 @@ def _open(path):
         raise FileNotFoundError(f"{p}: no such file; check the path")
     if os.path.isdir(p):
         raise IsADirectoryError(f"{p} is a directory, not a FITS file; give the file's path")
+    if not os.path.isfile(p):  # a FIFO or device would block or never end
+        raise FitsFormatError(f"{p} is not a regular file (a FIFO, device or socket); give "
+                              "the path of a FITS file")
     try:
         with quiet():
             hdul = fits.open(p, memmap=False, lazy_load_hdus=False)

@@ -94,13 +94,40 @@ def _cmd_match_distributed(args):
     return 1 if n_bad else 0
 
 
+def _plan_serial_outputs(args):
+    """Outputs of a serial run, refused up front if they collide; the run's lock, not yet held.
+
+    Temporary files that an earlier, interrupted run left for these outputs
+    are removed once the lock is held (no other run can own them then).
+    """
+    import contextlib
+
+    from .distributed import _remove_stale
+    from .io.rundir import check_output_names, run_lock
+    from .pipeline import kernel_path_for, output_path_for
+
+    outputs = [output_path_for(p, args.output_dir, args.output) for p in args.exposures]
+    check_output_names(args.exposures, outputs,
+                       [kernel_path_for(o) for o in outputs] if args.save_kernel else ())
+    directory = args.output_dir or os.path.dirname(os.path.abspath(args.output))
+
+    @contextlib.contextmanager
+    def locked():
+        with run_lock(directory):
+            for out in outputs:
+                _remove_stale(out)
+            yield
+
+    return outputs, locked()
+
+
 def _cmd_match(args):
     if getattr(args, "scheduler", None) or getattr(args, "workers", None) is not None:
         return _cmd_match_distributed(args)
     import contextlib
 
     from .distributed import _progress_bar, format_summary
-    from .pipeline import load_config, match_file, output_path_for, parse_overrides, resolve_psf
+    from .pipeline import load_config, match_file, parse_overrides, resolve_psf
     from .task import ModelPsfMatchTask
 
     if args.task_timeout is not None:
@@ -118,6 +145,7 @@ def _cmd_match(args):
     task = ModelPsfMatchTask(config, backend=args.backend)
     if args.output_dir and not os.path.isdir(args.output_dir):
         os.makedirs(args.output_dir, exist_ok=True)
+    outputs, lock = _plan_serial_outputs(args)
     rows = []
     bar = _progress_bar(len(args.exposures), not args.quiet and len(args.exposures) > 1)
     if bar is not None:
@@ -134,9 +162,8 @@ def _cmd_match(args):
         else:
             print(line, file=sys.stderr)
 
-    with redirect:
-        for path in args.exposures:
-            out = output_path_for(path, args.output_dir, args.output)
+    with lock, redirect:
+        for path, out in zip(args.exposures, outputs):
             if bar is not None:
                 n_ok = sum(r["status"] == "ok" for r in rows)
                 bar.set_postfix_str(f"{os.path.basename(path)} (ok {n_ok}, "

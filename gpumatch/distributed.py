@@ -28,8 +28,11 @@ by gpumatch; the checks above guard against files put there by anything else.
 The summary of every file (status, error, seconds, kernel sum, condition
 number, residual, worker, backend) is written atomically as JSON next to the
 outputs (:data:`SUMMARY_NAME`). The client and the workers must see the
-output directory at the same path (a shared file system). Run one
-``match_files`` per output directory at a time.
+output directory at the same path (a shared file system). A run holds the
+output directory's lock (:func:`gpumatch.io.rundir.run_lock`) from start to
+end, so a second run into the same directory is refused, and inputs whose
+outputs (or ``--save-kernel`` files, or the summary) would share a name are
+refused before any work.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ from ._warnings import recorded
 
 log = logging.getLogger("gpumatch")
 
-__all__ = ["match_files", "match_one", "local_cluster", "output_complete", "stale_temporaries", "SUMMARY_NAME",
+__all__ = ["match_files", "match_one", "local_cluster", "output_complete", "stale_temporaries",
+           "SUMMARY_NAME",
            "COMPLETION_CARD", "format_summary"]
 
 #: File name of the JSON summary written in the output directory.
@@ -357,14 +361,23 @@ def local_cluster(n_workers=None, threads_per_worker=1, memory_limit="auto", das
         raise ImportError(
             "a local Dask cluster is secured with TLS, which needs the cryptography package: "
             "pip install 'gpumatch[distributed]' (or pip install cryptography)") from None
-    # With no dashboard the scheduler still serves a few HTTP routes (health,
-    # metrics): on the loopback, at a free port, not 0.0.0.0:8787.
-    http = LOCAL_DASHBOARD if dashboard else "127.0.0.1:0"
-    return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
-                        processes=True, memory_limit=memory_limit, host="127.0.0.1",
-                        protocol="tls://", security=security,
-                        dashboard_address=LOCAL_DASHBOARD if dashboard else None,
-                        scheduler_kwargs={"dashboard": bool(dashboard), "dashboard_address": http})
+    import dask
+
+    # Every server also runs an HTTP server, without TLS or authentication, that
+    # any local user can reach on the loopback; its pages (worker information,
+    # call stacks, metrics) are turned off unless the dashboard is asked for,
+    # and it listens at a free port, not 0.0.0.0:8787. A fresh list: the
+    # scheduler appends to the configured one.
+    routes = {"distributed.worker.http.routes": []}
+    if not dashboard:
+        routes["distributed.scheduler.http.routes"] = []
+    with dask.config.set(routes):
+        return LocalCluster(
+            n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+            memory_limit=memory_limit, host="127.0.0.1", protocol="tls://", security=security,
+            dashboard_address=LOCAL_DASHBOARD if dashboard else None,
+            scheduler_kwargs={"dashboard": bool(dashboard),
+                              "dashboard_address": LOCAL_DASHBOARD if dashboard else "127.0.0.1:0"})
 
 
 def _open_client(client, n_workers, threads_per_worker, memory_limit, dashboard=False):
@@ -513,7 +526,8 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
                          "of seconds")
 
     from .config import ModelPsfMatchConfig
-    from .pipeline import output_path_for
+    from .io.rundir import check_output_names, run_lock
+    from .pipeline import kernel_path_for, output_path_for
 
     t_start = time.perf_counter()
     paths = [os.fspath(p) for p in paths]
@@ -528,85 +542,77 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
 
     rows = [None] * len(paths)
     outputs = [output_path_for(p, output_dir) for p in paths]
-    first = {}
-    jobs = []
-    for i, (path, out) in enumerate(zip(paths, outputs)):
-        key = os.path.abspath(out)
-        if key in first:
-            rows[i] = {"input": path, "output": out, "status": "failed", "seconds": 0.0,
-                       "error": f"ValueError: output {out} would also be written by input "
-                                f"{paths[first[key]]}; input file names must differ"}
-        else:
-            first[key] = i
-            jobs.append(i)
-
-    owned = False
-    if jobs:
-        client, owned = _open_client(client, n_workers, threads_per_worker, memory_limit,
-                                     dashboard)
-    bar = _progress_bar(len(paths), progress)
-    futures = {}
-    try:
-        if bar is not None:
-            bar.update(len(paths) - len(jobs))
-        for i in jobs:
-            fut = client.submit(match_one, paths[i], reference_model, outputs[i], psf=psf_model,
-                                config=config, backend=backend, kernel_sum=kernel_sum,
-                                overwrite=overwrite, save_kernel=save_kernel,
-                                plots_dir=plots_dir, verify_outputs=verify_outputs,
-                                tune_malloc=tune_malloc, psf_from_header=psf_from_header,
-                                pure=False, key=f"gpumatch-{os.path.basename(paths[i])}-{i}-"
-                                                f"{os.urandom(4).hex()}")
-            futures[fut] = i
-        for fut, timed_out in _completed(client, futures, task_timeout):
-            i = futures[fut]
-            try:
-                if timed_out:
-                    raise TimeoutError(
-                        f"{paths[i]}: not finished {task_timeout:g} s after it started "
-                        "(--task-timeout); the input may be a FIFO, on a hung file system or "
-                        "too large; check it, or raise --task-timeout")
-                row = fut.result()
-            except Exception as exc:  # KilledWorker, a lost scheduler, ...
-                row = {"input": paths[i], "output": outputs[i], "status": "failed",
-                       "error": f"{exc.__class__.__name__}: {exc}", "seconds": None}
-            rows[i] = row
-            if row["status"] == "failed":
-                log.warning("%s: failed: %s", paths[i], row["error"])
+    check_output_names(paths, outputs, [kernel_path_for(o) for o in outputs] if save_kernel else (),
+                       os.path.join(output_dir, summary_name) if summary_name else None)
+    jobs = list(range(len(paths)))
+    with run_lock(output_dir):
+        owned = False
+        if jobs:
+            client, owned = _open_client(client, n_workers, threads_per_worker, memory_limit,
+                                         dashboard)
+        bar = _progress_bar(len(paths), progress)
+        futures = {}
+        try:
             if bar is not None:
-                done = [r["status"] for r in rows if r is not None]
-                bar.set_postfix_str(f"{os.path.basename(paths[i])} (ok {done.count('ok')}, "
-                                    f"skipped {done.count('skipped')}, "
-                                    f"failed {done.count('failed')})")
-                bar.update(1)
-            fut.release()
-    except BaseException:
-        # Interrupted (Ctrl-C): do not leave tasks running on someone else's cluster.
-        if futures:
-            client.cancel(list(futures))
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        if owned:
-            _close_client(client)
-    # Every task has ended: what temporary files remain belong to dead writers.
-    for i in jobs:
-        _remove_stale(outputs[i])
+                bar.update(len(paths) - len(jobs))
+            for i in jobs:
+                fut = client.submit(match_one, paths[i], reference_model, outputs[i], psf=psf_model,
+                                    config=config, backend=backend, kernel_sum=kernel_sum,
+                                    overwrite=overwrite, save_kernel=save_kernel,
+                                    plots_dir=plots_dir, verify_outputs=verify_outputs,
+                                    tune_malloc=tune_malloc, psf_from_header=psf_from_header,
+                                    pure=False, key=f"gpumatch-{os.path.basename(paths[i])}-{i}-"
+                                                    f"{os.urandom(4).hex()}")
+                futures[fut] = i
+            for fut, timed_out in _completed(client, futures, task_timeout):
+                i = futures[fut]
+                try:
+                    if timed_out:
+                        raise TimeoutError(
+                            f"{paths[i]}: not finished {task_timeout:g} s after it started "
+                            "(--task-timeout); the input may be a FIFO, on a hung file system or "
+                            "too large; check it, or raise --task-timeout")
+                    row = fut.result()
+                except Exception as exc:  # KilledWorker, a lost scheduler, ...
+                    row = {"input": paths[i], "output": outputs[i], "status": "failed",
+                           "error": f"{exc.__class__.__name__}: {exc}", "seconds": None}
+                rows[i] = row
+                if row["status"] == "failed":
+                    log.warning("%s: failed: %s", paths[i], row["error"])
+                if bar is not None:
+                    done = [r["status"] for r in rows if r is not None]
+                    bar.set_postfix_str(f"{os.path.basename(paths[i])} (ok {done.count('ok')}, "
+                                        f"skipped {done.count('skipped')}, "
+                                        f"failed {done.count('failed')})")
+                    bar.update(1)
+                fut.release()
+        except BaseException:
+            # Interrupted (Ctrl-C): do not leave tasks running on someone else's cluster.
+            if futures:
+                client.cancel(list(futures))
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            if owned:
+                _close_client(client)
+        # Every task has ended: what temporary files remain belong to dead writers.
+        for i in jobs:
+            _remove_stale(outputs[i])
 
-    if summary_name:
-        counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
-        _write_summary(os.path.join(output_dir, summary_name), {
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "reference": reference if isinstance(reference, str) else repr(reference),
-            "psf": None if psf is None else (psf if isinstance(psf, str) else repr(psf)),
-            "backend": backend,
-            "kernel_sum": kernel_sum,
-            "config": (config or ModelPsfMatchConfig()).to_dict(),
-            "files_total": len(rows),
-            "files_ok": counts["ok"], "files_skipped": counts["skipped"],
-            "files_failed": counts["failed"],
-            "seconds": time.perf_counter() - t_start,
-            "files": rows,
-        })
-    return rows
+        if summary_name:
+            counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+            _write_summary(os.path.join(output_dir, summary_name), {
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "reference": reference if isinstance(reference, str) else repr(reference),
+                "psf": None if psf is None else (psf if isinstance(psf, str) else repr(psf)),
+                "backend": backend,
+                "kernel_sum": kernel_sum,
+                "config": (config or ModelPsfMatchConfig()).to_dict(),
+                "files_total": len(rows),
+                "files_ok": counts["ok"], "files_skipped": counts["skipped"],
+                "files_failed": counts["failed"],
+                "seconds": time.perf_counter() - t_start,
+                "files": rows,
+            })
+        return rows

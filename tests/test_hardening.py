@@ -230,9 +230,15 @@ def test_local_cluster_listens_on_loopback_with_tls_and_no_dashboard():
 
         http = cluster.scheduler.http_server
         assert http.address == "127.0.0.1" and http.port != 8787
-        with pytest.raises(urllib.error.HTTPError) as info:
-            urllib.request.urlopen(f"http://127.0.0.1:{http.port}/status", timeout=5)
-        assert info.value.code == 404
+        for page in ("/status", "/info/main/workers.html", "/health", "/metrics"):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(f"http://127.0.0.1:{http.port}{page}", timeout=5)
+            assert info.value.code == 404, page
+        ports = client.run(lambda dask_worker: dask_worker.http_server.port)
+        for port in ports.values():
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+            assert info.value.code == 404
         # A client without the cluster's certificate cannot attach.
         with pytest.raises(Exception):
             Client(cluster.scheduler_address.replace("tls://", "tcp://"), timeout="2s")
@@ -443,3 +449,133 @@ def test_task_timeout_reports_a_hanging_file_and_the_batch_finishes(tmp_path, mo
     assert written == ["fast.fits", SUMMARY_NAME]
     with pytest.raises(ValueError, match="task_timeout"):
         match_files([fast], REF_SPEC, tmp_path / "o2", client=client, task_timeout=0)
+
+
+# -- one run per output directory; names that collide ---------------------------------------
+
+
+def test_second_run_into_a_locked_directory_is_refused(tmp_path, capsys, no_compute):
+    import socket
+
+    from gpumatch.io.rundir import LOCK_NAME, run_lock
+
+    inp = write_input(tmp_path, "a.fits")
+    out = tmp_path / "out"
+    out.mkdir()
+    with run_lock(out) as lock:  # a live run (this process) holds the directory
+        code, _, err = run(capsys, "match", inp, "--reference", REF_SPEC, "--psf", PSF_SPEC,
+                           "--output-dir", out)
+        assert code == 2
+        line = [x for x in err.splitlines() if "in use by another gpumatch run" in x]
+        assert len(line) == 1 and f"pid {os.getpid()} on {socket.gethostname()}" in line[0]
+        assert os.path.exists(lock)
+        pytest.importorskip("distributed")
+        from gpumatch.distributed import match_files
+        with pytest.raises(gm.io.rundir.RunLockedError):
+            match_files([inp], REF_SPEC, out, psf=PSF_SPEC, progress=False)
+    assert os.listdir(out) == []  # released, nothing written
+    assert not os.path.exists(out / LOCK_NAME)
+
+
+def test_stale_lock_is_detected_and_replaced(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from gpumatch.errors import GpumatchWarning
+    from gpumatch.io.rundir import LOCK_NAME, RunLockedError, run_lock
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)
+    lock = tmp_path / LOCK_NAME
+    lock.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "then"}))
+    with pytest.warns(GpumatchWarning, match=f"stale lock .*pid {pid}"):
+        with run_lock(tmp_path):
+            assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+    # Another host's lock cannot be checked: it is respected.
+    lock.write_text(json.dumps({"pid": pid, "host": "elsewhere.example", "started": "then"}))
+    with pytest.raises(RunLockedError, match="elsewhere.example"):
+        with run_lock(tmp_path):
+            pass
+    assert json.loads(lock.read_text())["host"] == "elsewhere.example"
+
+
+def test_two_concurrent_runs_one_writes_the_other_is_refused(tmp_path):
+    """Two real processes into one directory at once: exactly one matches the file."""
+    import subprocess
+    import sys
+
+    inp = write_input(tmp_path, "a.fits")
+    out = tmp_path / "out"
+    out.mkdir()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    # The first holds the lock for a second longer than its match takes.
+    hold = ("import sys, time, gpumatch.io.rundir as r; real = r.run_lock\n"
+            "import contextlib\n@contextlib.contextmanager\ndef slow(d):\n"
+            "    with real(d) as p:\n        open(sys.argv[1], 'w').close(); yield p; "
+            "time.sleep(1)\nr.run_lock = slow\n"
+            "from gpumatch.cli import main; sys.exit(main(sys.argv[2:]))")
+    args = ["match", str(inp), "--reference", REF_SPEC, "--psf", PSF_SPEC, "--output-dir",
+            str(out), "--backend", "numpy", "-q"]
+    started = tmp_path / "started"
+    first = subprocess.Popen([sys.executable, "-c", hold, str(started), *args], env=env,
+                             stderr=subprocess.PIPE, text=True)
+    import time
+    t0 = time.monotonic()
+    while not started.exists() and time.monotonic() - t0 < 60 and first.poll() is None:
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, "-m", "gpumatch", *args], env=env,
+                            capture_output=True, text=True)
+    _, first_err = first.communicate(timeout=120)
+    assert first.returncode == 0, first_err
+    assert second.returncode == 2 and "in use by another gpumatch run" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    assert files_under(out) == ["a.fits"]
+    gm.Exposure.read_fits(out / "a.fits")
+
+
+def test_serial_run_removes_its_stale_temporaries(tmp_path, capsys):
+    inp = write_input(tmp_path, "a.fits")
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".a.fits.0123456789ab.tmp.fits"
+    stale.write_bytes(b"half a file")
+    other = out / ".b.fits.0123456789ab.tmp.fits"  # not an output of this run: kept
+    other.write_bytes(b"x")
+    code, _, err = run(capsys, "match", inp, "--reference", REF_SPEC, "--psf", PSF_SPEC,
+                       "--output-dir", out)
+    assert code == 0, err
+    assert files_under(out) == [".b.fits.0123456789ab.tmp.fits", "a.fits"]
+
+
+@pytest.mark.parametrize("mode", ["serial", "workers"])
+@pytest.mark.parametrize("case", ["same-name", "kernel", "summary"])
+def test_output_name_collisions_are_refused_up_front(tmp_path, capsys, no_compute, mode, case):
+    if mode == "workers":
+        pytest.importorskip("distributed")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    if case == "same-name":
+        inputs = [write_input(tmp_path / "a", "x.fits"), write_input(tmp_path / "b", "x.fits")]
+        extra, clash = [], "x.fits"
+    elif case == "kernel":
+        inputs = [write_input(tmp_path / "a", "x.fits"),
+                  write_input(tmp_path / "b", "x.kernel.fits")]
+        extra, clash = ["--save-kernel"], "x.kernel.fits"
+    else:
+        if mode == "serial":
+            pytest.skip("a serial run writes no summary")
+        inputs = [write_input(tmp_path / "a", "gpumatch_summary.json")]
+        extra, clash = [], "gpumatch_summary.json"
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "match", *inputs, "--reference", REF_SPEC, "--psf", PSF_SPEC,
+                       "--output-dir", out, "--overwrite", *extra,
+                       *(["--workers", "1"] if mode == "workers" else []))
+    assert code == 2
+    line = [x for x in err.splitlines() if "would both be written" in x]
+    assert len(line) == 1 and clash in line[0] and inputs[-1] in line[0]
+    assert not out.exists() or files_under(out) == []

@@ -22,6 +22,9 @@ PSF_SIDECARS = ("{stem}.psf", "{stem}_psfcat.psf", "{stem}_psf.fits", "{stem}.ps
 
 
 def _parse_value(text):
+    # TOML and shell habits: true/false as well as Python's True/False.
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -58,7 +61,7 @@ def load_config(path=None, overrides=None):
             raise ConfigError(f"config file {path}: not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: not valid TOML ({exc})") from None
-        values.update(data.get("config", data))
+        values.update(_config_table(data, path))
     values.update(overrides or {})
     try:
         return ModelPsfMatchConfig.from_dict(values)
@@ -67,6 +70,23 @@ def load_config(path=None, overrides=None):
         raise ConfigError(f"{where}: {exc}") from None
     except TypeError as exc:
         raise ConfigError(f"configuration: {exc}") from None
+
+
+def _config_table(data, path):
+    """The configuration fields of a TOML document: its ``[config]`` table or its top level.
+
+    Both at once is refused rather than one silently dropped.
+    """
+    if "config" not in data:
+        return data
+    if not isinstance(data["config"], dict):
+        raise ConfigError(f"config file {path}: 'config' must be a [config] table")
+    others = sorted(k for k in data if k != "config")
+    if others:
+        raise ConfigError(
+            f"config file {path}: has a [config] table and top-level fields ({', '.join(others)}); "
+            "put every field in the [config] table, or all at the top level")
+    return data["config"]
 
 
 def resolve_psf(spec):

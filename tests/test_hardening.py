@@ -579,3 +579,72 @@ def test_output_name_collisions_are_refused_up_front(tmp_path, capsys, no_comput
     line = [x for x in err.splitlines() if "would both be written" in x]
     assert len(line) == 1 and clash in line[0] and inputs[-1] in line[0]
     assert not out.exists() or files_under(out) == []
+
+
+# -- reading: planes of a primary-HDU image, CCDData files, TOML ----------------------------
+
+
+def _planes(shape=(12, 10), seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.normal(100.0, 5.0, shape).astype(np.float32)
+    variance = rng.uniform(1.0, 9.0, shape).astype(np.float32)
+    mask = (rng.random(shape) < 0.2).astype(np.int32) * 4
+    return image, variance, mask
+
+
+def test_primary_image_with_mask_and_variance_extensions(tmp_path, caplog):
+    from astropy.io import fits
+
+    image, variance, mask = _planes()
+    path = tmp_path / "p.fits"
+    fits.HDUList([fits.PrimaryHDU(image), fits.ImageHDU(mask, name="MASK"),
+                  fits.ImageHDU(variance, name="VARIANCE")]).writeto(path)
+    exposure = gm.Exposure.read_fits(path)
+    np.testing.assert_array_equal(exposure.image, image)
+    np.testing.assert_array_equal(exposure.variance, variance)
+    np.testing.assert_array_equal(exposure.mask, mask)
+    assert "plain image without" not in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["StdDevUncertainty", "VarianceUncertainty", "InverseVariance"])
+def test_ccddata_file_mask_and_uncertainty(tmp_path, kind):
+    nddata = pytest.importorskip("astropy.nddata")
+    image, variance, mask = _planes(seed=1)
+    uncert = {"StdDevUncertainty": nddata.StdDevUncertainty(np.sqrt(variance.astype(float))),
+              "VarianceUncertainty": nddata.VarianceUncertainty(variance.astype(float)),
+              "InverseVariance": nddata.InverseVariance(1.0 / variance.astype(float))}[kind]
+    ccd = nddata.CCDData(image.astype(float), unit="adu", uncertainty=uncert, mask=mask > 0)
+    path = tmp_path / "ccd.fits"
+    ccd.write(path)
+    exposure = gm.Exposure.read_fits(path)
+    np.testing.assert_array_equal(exposure.image, image.astype(float))
+    np.testing.assert_allclose(exposure.variance, variance, rtol=1e-6)
+    bad = exposure.mask_planes["BAD"]
+    np.testing.assert_array_equal(exposure.mask, (mask > 0).astype(int) << bad)
+
+
+def test_toml_with_a_config_table_and_top_level_fields_is_refused(tmp_path, capsys):
+    from gpumatch.pipeline import load_config
+
+    cfg = tmp_path / "match.toml"
+    cfg.write_text("kernelSize = 25\n\n[config]\nspatialKernelOrder = 1\n")
+    with pytest.raises(gm.errors.ConfigError, match=r"\[config\] table and top-level fields "
+                                                    r"\(kernelSize\)"):
+        load_config(str(cfg))
+    inp = write_input(tmp_path, "a.fits")
+    code, _, err = run(capsys, "match", inp, "--reference", REF_SPEC, "--psf", PSF_SPEC,
+                       "-o", tmp_path / "o.fits", "--config", cfg)
+    assert code == 2 and str(cfg) in err and len(err.strip().splitlines()) == 1
+    # Either place alone keeps every field.
+    cfg.write_text("[config]\nkernelSize = 25\nspatialKernelOrder = 1\n")
+    assert (load_config(str(cfg)).kernelSize, load_config(str(cfg)).spatialKernelOrder) == (25, 1)
+    cfg.write_text("kernelSize = 25\nspatialKernelOrder = 1\n")
+    assert (load_config(str(cfg)).kernelSize, load_config(str(cfg)).spatialKernelOrder) == (25, 1)
+
+
+def test_set_takes_lower_case_booleans():
+    from gpumatch.pipeline import load_config, parse_overrides
+
+    assert parse_overrides(["scaleByFwhm=true", "doAutoPadPsf=False"]) == \
+        {"scaleByFwhm": True, "doAutoPadPsf": False}
+    assert load_config(None, parse_overrides(["scaleByFwhm=true"])).scaleByFwhm is True

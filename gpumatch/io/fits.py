@@ -228,7 +228,8 @@ def _open(path):
 def _hdu_role(hdu):
     for key in ("EXTTYPE", "EXTNAME"):
         value = hdu.header.get(key)
-        if isinstance(value, str) and value.strip().upper() in _PLANES:
+        # UNCERT: astropy CCDData's uncertainty plane (see _uncertainty_variance).
+        if isinstance(value, str) and value.strip().upper() in _PLANES + ("UNCERT",):
             return value.strip().upper()
     return None
 
@@ -397,7 +398,11 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
     if variance is not None:
         var = _given_plane(variance, shape, p, "variance", float_=True)
     else:
-        var, _ = plane("VARIANCE") if layout != "plain" else (None, None)
+        # A plain image may still carry named planes: an image in the primary
+        # HDU with MASK/VARIANCE extensions, or a CCDData file (MASK, UNCERT).
+        var, _ = plane("VARIANCE")
+        if var is None and "UNCERT" in roles:
+            var = _uncertainty_variance(*plane("UNCERT"), p)
         if var is None:
             if layout != "plain":
                 raise FitsFormatError(
@@ -411,7 +416,7 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
     if mask is not None:
         msk = _as_mask(_given_plane(mask, shape, p, "mask"), p, "the mask argument")
     else:
-        msk, mask_header = plane("MASK") if layout != "plain" else (None, None)
+        msk, mask_header = plane("MASK")
         if msk is None:
             if layout != "plain":
                 raise FitsFormatError(
@@ -430,6 +435,8 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
         planes = _mask_planes(mask_header) if mask_header is not None else {}
         if not planes:
             planes = dict(DEFAULT_MASK_PLANES)
+            if msk.dtype.itemsize < 4:  # e.g. CCDData's uint8 (1 = bad = BAD's bit 0)
+                msk = msk.astype(np.int32)
         width = 8 * msk.dtype.itemsize
         bad = {k: v for k, v in planes.items() if not 0 <= v < width}
         if bad:
@@ -465,6 +472,23 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
         raise FitsFormatError(f"{p}: {exc}") from None
     log.debug("read %s (%s, %dx%d, xy0=%s)", p, layout, shape[1], shape[0], xy0)
     return exposure
+
+
+def _uncertainty_variance(data, header, path):
+    """The variance from a CCDData ``UNCERT`` plane, by its ``UTYPE`` card."""
+    kind = str(header.get("UTYPE", "")).strip()
+    data = np.asarray(data, dtype=np.float64)
+    if kind == "StdDevUncertainty":
+        return data * data
+    if kind == "VarianceUncertainty":
+        return data
+    if kind == "InverseVariance":
+        with np.errstate(divide="ignore"):
+            return np.where(data > 0, 1.0 / np.where(data > 0, data, 1.0), np.inf)
+    raise FitsFormatError(
+        f"{path}: its UNCERT extension has UTYPE = {kind!r}; gpumatch reads StdDevUncertainty, "
+        "VarianceUncertainty or InverseVariance (rewrite it with one of them, or give a "
+        "VARIANCE extension)")
 
 
 def _plain_image_hdu(hdul, path, which):

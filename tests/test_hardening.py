@@ -648,3 +648,18 @@ def test_set_takes_lower_case_booleans():
     assert parse_overrides(["scaleByFwhm=true", "doAutoPadPsf=False"]) == \
         {"scaleByFwhm": True, "doAutoPadPsf": False}
     assert load_config(None, parse_overrides(["scaleByFwhm=true"])).scaleByFwhm is True
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.36, 0.45, 0.6, 0.95])
+def test_truncated_exposure_is_reported_as_truncated(tmp_path, capsys, fraction, no_compute):
+    full = write_input(tmp_path, "full.fits")
+    data = open(full, "rb").read()
+    cut = tmp_path / "cut.fits"
+    cut.write_bytes(data[:int(len(data) * fraction)])
+    with pytest.raises(gm.io.fits.FitsFormatError, match="is truncated"):
+        gm.Exposure.read_fits(cut)
+    code, _, err = run(capsys, "match", cut, "--reference", REF_SPEC, "--psf", PSF_SPEC,
+                       "-o", tmp_path / "o.fits")
+    assert code != 0
+    line = [x for x in err.splitlines() if "truncated" in x]
+    assert len(line) == 1 and str(cut) in line[0] and "variance=" not in err

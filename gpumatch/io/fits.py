@@ -42,7 +42,7 @@ import re
 
 import numpy as np
 
-from .._warnings import quiet
+from .._warnings import quiet, recorded
 from ..errors import GpumatchError
 from ._atomic import atomic_write
 
@@ -213,7 +213,7 @@ def _open(path):
         raise FitsFormatError(f"{p} is not a regular file (a FIFO, device or socket); give "
                               "the path of a FITS file")
     try:
-        with quiet():
+        with recorded() as caught:
             hdul = fits.open(p, memmap=False, lazy_load_hdus=False)
             hdul.verify("silentfix")
     except PermissionError:
@@ -222,7 +222,23 @@ def _open(path):
         raise FitsFormatError(
             f"{p} is not a readable FITS file ({exc.__class__.__name__}: {exc}); "
             "check that it is a complete FITS image") from None
+    _refuse_truncated(hdul, p, caught)
     return hdul
+
+
+def _refuse_truncated(hdul, path, caught):
+    """Refuse a file cut short: astropy reads what it can and only warns, so a
+    missing extension would otherwise be reported as absent (astropy's warnings
+    about a short file or a cut header, or data that end past the file's end)."""
+    size = os.path.getsize(path)
+    end = max(hdul.fileinfo(i)["datLoc"] + hdul.fileinfo(i)["datSpan"] for i in range(len(hdul)))
+    cut = [str(w.message) for w in caught
+           if "truncated" in str(w.message) or "Error validating header" in str(w.message)]
+    if end > size or cut:
+        hdul.close()
+        raise FitsFormatError(
+            f"{path} is truncated ({size} bytes{f', {end} expected' if end > size else ''}; "
+            "the copy or write was interrupted); copy or write the file again")
 
 
 def _hdu_role(hdu):

@@ -23,9 +23,34 @@ def _setup_logging(verbose, quiet):
     root.setLevel(level)
 
 
+def _check_backend(args):
+    """``--backend cupy`` on a machine without CuPy: one line, before any work."""
+    from .backend import _cupy_status
+
+    if args.backend == "cupy":
+        cp, why = _cupy_status()
+        if cp is None:
+            raise ValueError(f"--backend cupy: {why}; install CuPy (pip install "
+                             "'gpumatch[cupy]') on a machine with an NVIDIA GPU, or use "
+                             "--backend numpy (or auto)")
+
+
+def _check_optional_dependencies(args):
+    """Optional packages the options need, checked before any input is read."""
+    if getattr(args, "plots", None) or getattr(args, "debug", None):
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ImportError(f"--{'plots' if getattr(args, 'plots', None) else 'debug'} needs "
+                              "matplotlib: pip install matplotlib (or 'gpumatch[plots]'), or "
+                              "leave the option out")
+
+
 def _cmd_example(args):
     from .example import run_example
 
+    _check_backend(args)
+    _check_optional_dependencies(args)
     if args.output:
         from .io._atomic import check_output_path
 
@@ -122,8 +147,10 @@ def _plan_serial_outputs(args):
 
 
 def _cmd_match(args):
+    _check_optional_dependencies(args)
     if getattr(args, "scheduler", None) or getattr(args, "workers", None) is not None:
         return _cmd_match_distributed(args)
+    _check_backend(args)
     import contextlib
 
     from .distributed import _progress_bar, format_summary
@@ -195,11 +222,21 @@ def _cmd_match(args):
 
 
 def build_parser():
+    from . import __version__
+
     p = argparse.ArgumentParser(
         prog="gpumatch",
         description="PSF-match astronomical exposures to a reference PSF model "
                     "(Alard-Lupton spatial kernels, GPU or CPU).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"gpumatch {__version__}")
+    # -v/-q are accepted before the subcommand as well as after it; the
+    # subcommand's copies use other names so that neither overwrites the other.
+    p.add_argument("-v", "--verbose", action="count", default=0, dest="verbose_top",
+                   help="more log output (repeat for debug output and tracebacks)")
+    p.add_argument("-q", "--quiet", action="store_true", dest="quiet_top",
+                   help="only warnings and errors")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -215,7 +252,9 @@ def build_parser():
                     help="read the PSF file a PSF_FILE card of --science/--template names")
     ex.set_defaults(func=_cmd_example)
 
-    m = sub.add_parser("match", parents=[common], help="PSF-match FITS exposures to a reference PSF model")
+    m = sub.add_parser("match", parents=[common], epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="PSF-match FITS exposures to a reference PSF model")
     m.add_argument("exposures", nargs="+", metavar="EXPOSURE.fits", help="input exposures")
     m.add_argument("--reference", required=True, metavar="MODEL",
                    help="reference PSF: e.g. 'gaussian:fwhm=7.7,size=23', "
@@ -229,7 +268,9 @@ def build_parser():
                         "card (relative paths inside the exposure's directory only)")
     m.add_argument("--output-dir", metavar="DIR", help="write outputs here (same file names)")
     m.add_argument("-o", "--output", metavar="FILE", help="output file for a single input")
-    m.add_argument("--config", metavar="FILE.toml", help="configuration (SPEC field names)")
+    m.add_argument("--config", metavar="FILE.toml",
+                   help="configuration: ModelPsfMatchConfig field names (see the README), at "
+                        "top level or in a [config] table")
     m.add_argument("--set", action="append", metavar="FIELD=VALUE", default=[],
                    help="override one configuration field (repeatable)")
     m.add_argument("--backend", default="auto", choices=("auto", "numpy", "cupy"))
@@ -253,16 +294,47 @@ def build_parser():
     return p
 
 
+EPILOG = """\
+examples:
+  gpumatch match visit/*.fits --reference "gaussian:fwhm=7.7,size=23" --output-dir matched/
+  gpumatch match calexp.fits --psf calexp.psf --reference "gaussian:fwhm=7.7" -o matched.fits
+  gpumatch match exposures/*.fits --psf model.psf --reference ref.fits \\
+      --output-dir matched/ --workers 8 --task-timeout 600
+  gpumatch example --backend numpy
+
+PSF models: gaussian:fwhm=F[,size=N], gaussian:sigma=S[,size=N],
+  doublegaussian:sigma1=S1,sigma2=S2,b=B[,size=N], or a file: FILE.psf (PSFEx),
+  FILE.fits (PSF image), FILE.piff (Piff), or psfex:/image:/piff:PATH.
+
+exit codes:
+  0    every input matched (or skipped as already complete)
+  1    some inputs failed (each is reported; the others were written)
+  2    bad command line, configuration or input, refused before any work
+  130  interrupted (Ctrl-C); finished outputs are complete, rerun to resume
+"""
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose, args.quiet)
+    verbose = args.verbose + args.verbose_top
+    _setup_logging(verbose, args.quiet or args.quiet_top)
+    args.verbose, args.quiet = verbose, args.quiet or args.quiet_top
     from .errors import GpumatchError
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("gpumatch: interrupted; outputs already written are complete (rerun to resume)",
+              file=sys.stderr)
+        return 130
     except (GpumatchError, OSError, ValueError, ImportError) as exc:
         print(f"gpumatch: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a failure the checks above did not foresee: still one line
+        log.debug("unexpected error", exc_info=True)
+        print(f"gpumatch: error: {_one_line(exc)} (run with -vv for the traceback)",
+              file=sys.stderr)
         return 2
 
 

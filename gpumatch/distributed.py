@@ -323,7 +323,7 @@ def format_summary(rows, fwhm_ratio=False):
 
 def _progress_bar(total, enabled):
     """A tqdm bar on stderr, or None when disabled (or tqdm is missing)."""
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():  # no carriage returns in log files
         return None
     try:
         from tqdm import tqdm

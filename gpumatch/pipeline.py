@@ -89,12 +89,34 @@ def _config_table(data, path):
     return data["config"]
 
 
+#: Model prefix of a bare PSF file path, by its extension.
+PSF_FILE_KINDS = {".psf": "psfex", ".fits": "image", ".fit": "image", ".fits.gz": "image",
+                  ".piff": "piff"}
+
+
+def _with_prefix(path):
+    """``KIND:path`` for a PSF file named without a prefix, chosen by its extension."""
+    lower = path.lower()
+    for ext, kind in sorted(PSF_FILE_KINDS.items(), key=lambda kv: -len(kv[0])):
+        if lower.endswith(ext):
+            return f"{kind}:{path}"
+    raise ValueError(
+        f"PSF file {path!r}: cannot tell what it holds from its name; a PSF file ends in .psf "
+        "(PSFEx), .fits (PSF image) or .piff (Piff), or say it with a prefix: psfex:PATH, "
+        "image:PATH or piff:PATH")
+
+
 def resolve_psf(spec):
-    """A PSF model from a string (``gaussian:...``, ``psfex:PATH``, a path) or a model."""
+    """A PSF model from a string (``gaussian:...``, ``psfex:PATH``, a path) or a model.
+
+    A string without ``NAME:`` is a PSF file, read by its extension (:data:`PSF_FILE_KINDS`).
+    """
     if not isinstance(spec, str):
         return spec
     from .psf import parse_psf
 
+    if ":" not in spec and ("." in spec or "/" in spec or os.path.exists(spec)):
+        spec = _with_prefix(spec)  # a file name; a bare word ("gaussian") is a model name
     return parse_psf(spec)
 
 
@@ -154,9 +176,7 @@ def header_psf_card(header):
 
 
 def _psf_from_file(path):
-    if path.lower().endswith(".psf"):
-        return resolve_psf(f"psfex:{path}")
-    return resolve_psf(f"image:{path}")
+    return resolve_psf(_with_prefix(path))
 
 
 def read_exposure_with_psf(path, psf=None, *, psf_hint="give --psf MODEL", empty=None,

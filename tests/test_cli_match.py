@@ -176,10 +176,12 @@ def test_single_input_with_output_file(tmp_path, capsys):
     assert files_under(tmp_path) == ["a.fits", "a_matched.fits"]
 
 
-def test_several_inputs_show_progress_and_a_summary(tmp_path, capsys):
+def test_several_inputs_show_progress_and_a_summary(tmp_path, capsys, monkeypatch):
     names = ["n1.fits", "n2.fits", "n3.fits"]
     inputs = [write_input(tmp_path, n, seed=10 + i) for i, n in enumerate(names)]
     outdir = tmp_path / "out"  # created by the command
+    import sys
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar is for terminals only
     code, stdout, stderr = run(capsys, "match", *inputs, "--psf", PSF_SPEC, "--reference",
                                REF_SPEC, "--output-dir", outdir)
     assert code == 0, stderr
@@ -197,7 +199,9 @@ def test_several_inputs_show_progress_and_a_summary(tmp_path, capsys):
         assert_same_pixels(outdir / n, direct(inp))
 
 
-def test_failing_inputs_are_reported_and_do_not_stop_the_others(tmp_path, capsys):
+def test_failing_inputs_are_reported_and_do_not_stop_the_others(tmp_path, capsys, monkeypatch):
+    import sys
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # with the progress bar
     good1 = write_input(tmp_path, "good1.fits", seed=3)
     good2 = write_input(tmp_path, "good2.fits", seed=4)
     truncated = tmp_path / "truncated.fits"

@@ -663,3 +663,115 @@ def test_truncated_exposure_is_reported_as_truncated(tmp_path, capsys, fraction,
     assert code != 0
     line = [x for x in err.splitlines() if "truncated" in x]
     assert len(line) == 1 and str(cut) in line[0] and "variance=" not in err
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+def test_bare_psf_paths_are_read_by_extension(tmp_path, capsys):
+    from test_psfex import _gauss, write_psfex
+
+    inp = write_input(tmp_path, "a.fits")
+    write_psfex(tmp_path / "model.psf", [_gauss(15, 1.6)], samp=1.0, degree=0)
+    ref = _psf_image_file(tmp_path / "ref.fits", sigma=2.55, size=21)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for psf, reference, out in (("model.psf", "ref.fits", "bare.fits"),
+                                    ("./model.psf", "./ref.fits", "dot.fits"),
+                                    ("psfex:model.psf", "image:ref.fits", "prefixed.fits")):
+            code, _, err = run(capsys, "match", inp, "--psf", psf, "--reference", reference,
+                               "-o", out, "-q")
+            assert code == 0, err
+        code, _, err = run(capsys, "match", inp, "--psf", "model.txt", "--reference",
+                           "ref.fits", "-o", "x.fits")
+    finally:
+        os.chdir(cwd)
+    bare = gm.Exposure.read_fits(tmp_path / "bare.fits").image
+    np.testing.assert_array_equal(bare, gm.Exposure.read_fits(tmp_path / "prefixed.fits").image)
+    np.testing.assert_array_equal(bare, gm.Exposure.read_fits(tmp_path / "dot.fits").image)
+    assert ref.shape == (21, 21)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "model.txt" in err and "psfex:PATH" in err and ".psf" in err
+
+
+def test_backend_cupy_without_cupy_is_one_line(tmp_path, capsys, monkeypatch, no_compute):
+    import gpumatch.backend as backend
+
+    monkeypatch.setattr(backend, "_cupy_status", lambda: (None, "cupy does not import"))
+    inp = write_input(tmp_path, "a.fits")
+    code, _, err = run(capsys, "match", inp, "--psf", PSF_SPEC, "--reference", REF_SPEC,
+                       "-o", tmp_path / "o.fits", backend="cupy")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--backend numpy" in err and "Traceback" not in err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    import gpumatch.pipeline as pipeline
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "match_file", interrupted)
+    inp = write_input(tmp_path, "a.fits")
+    code, _, err = run(capsys, "match", inp, "--psf", PSF_SPEC, "--reference", REF_SPEC,
+                       "--output-dir", tmp_path / "out")
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
+    assert files_under(tmp_path / "out") == []  # the lock was released
+
+
+def test_plots_without_matplotlib_fails_before_computing(tmp_path, capsys, monkeypatch,
+                                                         no_compute):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    inp = write_input(tmp_path, "a.fits")
+    for extra in ([], ["--workers", "1"]):
+        code, _, err = run(capsys, "match", inp, "--psf", PSF_SPEC, "--reference", REF_SPEC,
+                           "--output-dir", tmp_path / "out", "--plots", tmp_path / "plots",
+                           *extra)
+        assert code == 2 and "needs matplotlib" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "plots").exists()
+
+
+def test_version_verbosity_anywhere_help_and_python_m(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"gpumatch {gm.__version__}"
+    for argv in (["match", "--help"], ["--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = capsys.readouterr().out
+        assert "exit codes:" in text and "examples:" in text and "SPEC" not in text
+    inp = write_input(tmp_path, "a.fits")
+    for i, where in enumerate(("before", "after")):
+        args = ["match", inp, "--psf", PSF_SPEC, "--reference", REF_SPEC, "--output-dir",
+                tmp_path / f"o{i}", "--backend", "numpy"]
+        argv = ["-q", *args] if where == "before" else [*args, "-q"]
+        assert main([str(a) for a in argv]) == 0
+        assert capsys.readouterr().out == ""  # quiet: no summary table
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "gpumatch", "--version"], cwd=root,
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=root))
+    assert out.returncode == 0 and out.stdout.strip() == f"gpumatch {gm.__version__}"
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path, capsys):
+    inputs = [write_input(tmp_path, f"{n}.fits", seed=i) for i, n in enumerate("ab")]
+    code, _, err = run(capsys, "match", *inputs, "--psf", PSF_SPEC, "--reference", REF_SPEC,
+                       "--output-dir", tmp_path / "out")
+    assert code == 0 and "\r" not in err and "file/s" not in err
+
+
+def test_readme_match_files_snippet_runs_under_a_main_guard():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "README.md")).read()
+    start = text.index("from gpumatch.distributed import match_files")
+    snippet = text[start:text.index("```", start)]
+    assert 'if __name__ == "__main__":' in snippet
+    assert snippet.index("__main__") < snippet.index("match_files(")

@@ -526,6 +526,7 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
                          "of seconds")
 
     from .config import ModelPsfMatchConfig
+    from .io._atomic import check_output_path
     from .io.rundir import check_output_names, run_lock
     from .pipeline import kernel_path_for, output_path_for
 
@@ -544,6 +545,8 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
     outputs = [output_path_for(p, output_dir) for p in paths]
     check_output_names(paths, outputs, [kernel_path_for(o) for o in outputs] if save_kernel else (),
                        os.path.join(output_dir, summary_name) if summary_name else None)
+    if summary_name:  # a summary path that cannot be written is refused before the work
+        check_output_path(os.path.join(output_dir, summary_name), True, "summary")
     jobs = list(range(len(paths)))
     with run_lock(output_dir):
         owned = False

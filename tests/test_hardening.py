@@ -86,8 +86,28 @@ def test_read_only_output_directory_is_refused_before_computing(tmp_path, capsys
     assert code != 0
     line = [x for x in err.splitlines() if "not writable" in x]
     assert len(line) == 1 and str(outdir) in line[0] and "--output-dir" in line[0]
-    assert ".tmp" not in err  # the hidden temporary is not what the message names
+    assert ".tmp" not in err and ".gpumatch.lock" not in err  # not a hidden file's name
     assert os.listdir(outdir) == []
+    pytest.importorskip("distributed")
+    code, out, err = run(capsys, "match", inp, "--reference", REF_SPEC, "--psf", PSF_SPEC,
+                         "--output-dir", outdir, "--workers", "1")
+    assert code == 2 and "not writable" in err and len(err.strip().splitlines()) == 1
+    assert os.listdir(outdir) == []
+
+
+@needs_fifo
+def test_summary_path_that_is_a_fifo_is_refused_before_the_work(tmp_path, capsys, no_compute):
+    pytest.importorskip("distributed")
+    from gpumatch.distributed import SUMMARY_NAME
+
+    inp = write_input(tmp_path, "a.fits")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / SUMMARY_NAME)
+    code, _, err = run(capsys, "match", inp, "--reference", REF_SPEC, "--psf", PSF_SPEC,
+                       "--output-dir", out, "--workers", "1")
+    assert code == 2 and "not a regular file" in err and SUMMARY_NAME in err
+    assert files_under(out) == [SUMMARY_NAME]
 
 
 @pytest.mark.skipif(os.name != "posix" or os.getuid() == 0,

@@ -78,8 +78,11 @@ def run_lock(directory):
         Another live run holds it (its pid and host are named).
     """
     from ..errors import GpumatchWarning, warn
+    from ._atomic import check_directory_writable
 
     directory = os.fspath(directory)
+    # Said about the directory, not about the hidden lock file it cannot hold.
+    check_directory_writable(directory, "outputs")
     path = os.path.join(directory, LOCK_NAME)
     me = {"pid": os.getpid(), "host": socket.gethostname(),
           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

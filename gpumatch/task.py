@@ -64,11 +64,27 @@ class CellSetResult(NamedTuple):
     referencePsfModel: object
 
 
+def _stamp_width(psf):
+    """A PSF's stamp width from its attributes, without evaluating it (0: unknown).
+
+    Evaluating the model here would raise its errors before the cell set, which
+    reports them with the position; an unknown width leaves the padding for the
+    kernel, the usual largest term, in the estimate.
+    """
+    for attrs in (("size",), ("width", "height"), ("array",)):
+        values = [getattr(psf, a, None) for a in attrs]
+        if all(isinstance(v, int) for v in values):
+            return max(values)
+        if attrs == ("array",) and hasattr(values[0], "shape"):
+            return max(values[0].shape)
+    return 0
+
+
 def _check_memory(config, exposure, reference, choice):
     """Stop before the cell set if the run's estimated memory exceeds what is available."""
     from .limits import check_run_memory
 
-    width = max(max(p.dimensions()) for p in (exposure.psf, reference))
+    width = max(_stamp_width(p) for p in (exposure.psf, reference))
     check_run_memory(config, exposure.shape, width, choice.kernel_size, choice.degrees,
                      what="PSF-matching this exposure")
 

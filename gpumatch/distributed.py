@@ -423,6 +423,8 @@ def _completed(client, futures, task_timeout=None, poll=None):
     for a free worker are not timed out. A timed-out task is cancelled; a
     worker thread stuck in a system call may stay stuck, but the batch ends.
     """
+    import asyncio
+
     from distributed import as_completed, wait
 
     if not task_timeout:
@@ -435,7 +437,7 @@ def _completed(client, futures, task_timeout=None, poll=None):
     while pending:
         try:
             done, _ = wait(list(pending), timeout=poll, return_when="FIRST_COMPLETED")
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
             done = set()
         for fut in done:
             pending.discard(fut)
@@ -556,8 +558,6 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
         bar = _progress_bar(len(paths), progress)
         futures = {}
         try:
-            if bar is not None:
-                bar.update(len(paths) - len(jobs))
             for i in jobs:
                 fut = client.submit(match_one, paths[i], reference_model, outputs[i], psf=psf_model,
                                     config=config, backend=backend, kernel_sum=kernel_sum,

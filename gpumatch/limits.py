@@ -15,7 +15,7 @@ import os
 from .errors import GpumatchError
 
 __all__ = ["LIMITS", "MAX_PSF_STAMP", "MAX_PSFEX_DEGREE", "ResourceLimitError", "estimate_run_bytes", "available_memory",
-           "check_run_memory", "check_stamp_size", "format_bytes"]
+           "check_run_memory", "check_stamp_size", "format_bytes", "device_free_memory"]
 
 #: Largest accepted value of each size-driving input (pixels, or a polynomial
 #: degree/order, or a count). Each is far above what a matching run uses
@@ -134,8 +134,22 @@ def _next_odd(x):
     return n if n % 2 == 1 else n + 1
 
 
-def check_run_memory(config, shape, psf_size, kernel_size=None, degrees=None, what="the run"):
+def device_free_memory(xp):
+    """Free bytes on the current device when ``xp`` is CuPy, else None."""
+    if getattr(xp, "__name__", "") != "cupy":
+        return None
+    try:
+        return int(xp.cuda.runtime.memGetInfo()[0])
+    except Exception:  # no device query on this CuPy: the host check still holds
+        return None
+
+
+def check_run_memory(config, shape, psf_size, kernel_size=None, degrees=None, what="the run",
+                     xp=None):
     """Stop a run whose estimated memory exceeds what the machine has available.
+
+    The estimate is checked against the host's available memory and, on the
+    GPU (``xp`` is CuPy), the device's free memory as well.
 
     Raises
     ------
@@ -143,12 +157,16 @@ def check_run_memory(config, shape, psf_size, kernel_size=None, degrees=None, wh
         One line with the estimate, what is available and the fix.
     """
     need = estimate_run_bytes(config, shape, psf_size, kernel_size, degrees)
-    have = available_memory()
-    if have is not None and need > have:
-        raise ResourceLimitError(
-            f"{what} needs about {format_bytes(need)} of memory but {format_bytes(have)} is "
-            f"available ({shape[1]}x{shape[0]} exposure, {psf_size}-pixel PSF stamps, kernelSize "
-            f"{kernel_size or config.kernelSize}, spatialKernelOrder {config.spatialKernelOrder}); "
-            "lower kernelSize, spatialKernelOrder or alardDegGauss (--set FIELD=VALUE), use "
-            "larger cells (--set sizeCellX=... sizeCellY=...), or split the exposure")
+    for have, where in ((available_memory(), "memory"), (device_free_memory(xp), "GPU memory")):
+        if have is not None and need > have:
+            _refuse(what, need, have, where, shape, psf_size, kernel_size, config)
     return need
+
+
+def _refuse(what, need, have, where, shape, psf_size, kernel_size, config):
+    raise ResourceLimitError(
+        f"{what} needs about {format_bytes(need)} of {where} but {format_bytes(have)} is "
+        f"available ({shape[1]}x{shape[0]} exposure, {psf_size}-pixel PSF stamps, kernelSize "
+        f"{kernel_size or config.kernelSize}, spatialKernelOrder {config.spatialKernelOrder}); "
+        "lower kernelSize, spatialKernelOrder or alardDegGauss (--set FIELD=VALUE), use "
+        "larger cells (--set sizeCellX=... sizeCellY=...), or split the exposure")

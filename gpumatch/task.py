@@ -80,13 +80,13 @@ def _stamp_width(psf):
     return 0
 
 
-def _check_memory(config, exposure, reference, choice):
+def _check_memory(config, exposure, reference, choice, xp=np):
     """Stop before the cell set if the run's estimated memory exceeds what is available."""
     from .limits import check_run_memory
 
     width = max(_stamp_width(p) for p in (exposure.psf, reference))
     check_run_memory(config, exposure.shape, width, choice.kernel_size, choice.degrees,
-                     what="PSF-matching this exposure")
+                     what="PSF-matching this exposure", xp=xp)
 
 
 def _backend_stages(name, spatial_solve=None):
@@ -267,7 +267,7 @@ class ModelPsfMatchTask:
         """
         kernel_sum = self._check_inputs(exposure, referencePsfModel, kernelSum)
         choice = self._basis_choice(exposure, referencePsfModel)
-        _check_memory(self.config, exposure, referencePsfModel, choice)
+        _check_memory(self.config, exposure, referencePsfModel, choice, self._stages.xp)
         cell_set, reference = build_cell_set(exposure, referencePsfModel, self.config,
                                              choice.kernel_size, xp=self._stages.xp)
         basis = None if basis_for is None else basis_for(choice.kernel_size, choice.sigmas,

@@ -419,6 +419,23 @@ def test_run_larger_than_memory_stops_before_allocating(tmp_path, capsys, monkey
     assert not (tmp_path / "o.fits").exists()
 
 
+def test_gpu_runs_are_checked_against_free_device_memory(monkeypatch):
+    import types
+
+    import gpumatch.limits as limits
+
+    config = gm.ModelPsfMatchConfig()
+    need = limits.estimate_run_bytes(config, (256, 256), 21)
+    monkeypatch.setattr(limits, "available_memory", lambda: 100 * need)
+    fake = types.SimpleNamespace(__name__="cupy", cuda=types.SimpleNamespace(
+        runtime=types.SimpleNamespace(memGetInfo=lambda: (need // 2, 80 << 30))))
+    with pytest.raises(limits.ResourceLimitError, match="of GPU memory but"):
+        limits.check_run_memory(config, (256, 256), 21, xp=fake)
+    assert limits.check_run_memory(config, (256, 256), 21, xp=np) == need
+    fake.cuda.runtime.memGetInfo = lambda: (2 * need, 80 << 30)
+    assert limits.check_run_memory(config, (256, 256), 21, xp=fake) == need
+
+
 @needs_fifo
 def test_fifo_given_as_an_exposure_is_refused_not_opened(tmp_path):
     os.mkfifo(tmp_path / "x.fits")

@@ -812,3 +812,31 @@ def test_readme_match_files_snippet_runs_under_a_main_guard():
     snippet = text[start:text.index("```", start)]
     assert 'if __name__ == "__main__":' in snippet
     assert snippet.index("__main__") < snippet.index("match_files(")
+
+
+def test_match_files_follows_header_cards_only_when_asked(tmp_path):
+    pytest.importorskip("distributed")
+    from distributed import Client, LocalCluster
+
+    from gpumatch.distributed import match_files
+
+    _psf_image_file(tmp_path / "model_psf.fits", sigma=1.6)
+    inp = write_input(tmp_path, "a.fits", meta={"PSF_FILE": "model_psf.fits"})
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                           dashboard_address=None)
+    client = Client(cluster)
+    try:
+        off = match_files([inp], REF_SPEC, tmp_path / "off", client=client, backend="numpy",
+                          progress=False)
+        on = match_files([inp], REF_SPEC, tmp_path / "on", client=client, backend="numpy",
+                         progress=False, psf_from_header=True)
+    finally:
+        client.close()
+        cluster.close()
+    assert off[0]["status"] == "failed" and "--psf-from-header" in off[0]["error"]
+    assert on[0]["status"] == "ok", on[0]["error"]
+    expected = gm.Exposure.read_fits(inp)
+    expected.psf = gm.ImagePsf(_psf_image_file(tmp_path / "again_psf.fits", sigma=1.6))
+    result = gm.ModelPsfMatchTask(backend="numpy").run(expected, gm.parse_psf(REF_SPEC))
+    np.testing.assert_array_equal(gm.Exposure.read_fits(tmp_path / "on" / "a.fits").image,
+                                  np.asarray(result.psfMatchedExposure.image))

@@ -550,24 +550,31 @@ def test_two_concurrent_runs_one_writes_the_other_is_refused(tmp_path):
     out.mkdir()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root)
-    # The first holds the lock for a second longer than its match takes.
-    hold = ("import sys, time, gpumatch.io.rundir as r; real = r.run_lock\n"
-            "import contextlib\n@contextlib.contextmanager\ndef slow(d):\n"
-            "    with real(d) as p:\n        open(sys.argv[1], 'w').close(); yield p; "
-            "time.sleep(1)\nr.run_lock = slow\n"
-            "from gpumatch.cli import main; sys.exit(main(sys.argv[2:]))")
+    # The first takes the lock, says so, and waits to be released before matching.
+    hold = ("import os, sys, time, contextlib, gpumatch.io.rundir as r; real = r.run_lock\n"
+            "@contextlib.contextmanager\ndef held(d):\n"
+            "    with real(d) as p:\n"
+            "        open(sys.argv[1], 'w').close()\n"
+            "        t0 = time.monotonic()\n"
+            "        while not os.path.exists(sys.argv[2]) and time.monotonic() - t0 < 120:\n"
+            "            time.sleep(0.05)\n"
+            "        yield p\n"
+            "r.run_lock = held\n"
+            "from gpumatch.cli import main; sys.exit(main(sys.argv[3:]))")
     args = ["match", str(inp), "--reference", REF_SPEC, "--psf", PSF_SPEC, "--output-dir",
             str(out), "--backend", "numpy", "-q"]
-    started = tmp_path / "started"
-    first = subprocess.Popen([sys.executable, "-c", hold, str(started), *args], env=env,
-                             stderr=subprocess.PIPE, text=True)
+    started, release = tmp_path / "started", tmp_path / "release"
+    first = subprocess.Popen([sys.executable, "-c", hold, str(started), str(release), *args],
+                             env=env, stderr=subprocess.PIPE, text=True)
     import time
     t0 = time.monotonic()
-    while not started.exists() and time.monotonic() - t0 < 60 and first.poll() is None:
+    while not started.exists() and time.monotonic() - t0 < 120 and first.poll() is None:
         time.sleep(0.05)
+    assert started.exists(), first.stderr.read()
     second = subprocess.run([sys.executable, "-m", "gpumatch", *args], env=env,
                             capture_output=True, text=True)
-    _, first_err = first.communicate(timeout=120)
+    release.touch()
+    _, first_err = first.communicate(timeout=300)
     assert first.returncode == 0, first_err
     assert second.returncode == 2 and "in use by another gpumatch run" in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1

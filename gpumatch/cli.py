@@ -23,9 +23,34 @@ def _setup_logging(verbose, quiet):
     root.setLevel(level)
 
 
+def _check_backend(args):
+    """``--backend cupy`` on a machine without CuPy: one line, before any work."""
+    from .backend import _cupy_status
+
+    if args.backend == "cupy":
+        cp, why = _cupy_status()
+        if cp is None:
+            raise ValueError(f"--backend cupy: {why}; install CuPy (pip install "
+                             "'gpumatch[cupy]') on a machine with an NVIDIA GPU, or use "
+                             "--backend numpy (or auto)")
+
+
+def _check_optional_dependencies(args):
+    """Optional packages the options need, checked before any input is read."""
+    if getattr(args, "plots", None) or getattr(args, "debug", None):
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ImportError(f"--{'plots' if getattr(args, 'plots', None) else 'debug'} needs "
+                              "matplotlib: pip install matplotlib (or 'gpumatch[plots]'), or "
+                              "leave the option out")
+
+
 def _cmd_example(args):
     from .example import run_example
 
+    _check_backend(args)
+    _check_optional_dependencies(args)
     if args.output:
         from .io._atomic import check_output_path
 
@@ -40,7 +65,8 @@ def _cmd_example(args):
 
         if not (args.science and args.template):
             raise SystemExit("gpumatch example: give both --science and --template FITS files")
-        result, lines = run_fits_example(args.science, args.template, backend=args.backend)
+        result, lines = run_fits_example(args.science, args.template, backend=args.backend,
+                                         psf_from_header=args.psf_from_header)
     else:
         result, lines = run_example(backend=args.backend)
     print("\n".join(lines))
@@ -137,6 +163,15 @@ def _load_config(args):
     return recommended_per_exposure(config, overrides)
 
 
+def _one_line(exc):
+    """An exception as one line: its class and its message with whitespace collapsed."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, MemoryError) and not text:
+        text = ("out of memory; lower kernelSize, spatialKernelOrder or alardDegGauss "
+                "(--set FIELD=VALUE), or run fewer at once (fewer --workers)")
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
+
+
 def _cmd_match_distributed(args):
     """``gpumatch match --scheduler ADDRESS`` / ``--workers N``: one Dask task per file."""
     from .distributed import SUMMARY_NAME, format_summary, match_files
@@ -156,16 +191,47 @@ def _cmd_match_distributed(args):
                        client=args.scheduler, psf=args.psf, config=config, backend=args.backend,
                        kernel_sum=args.kernel_sum, overwrite=args.overwrite,
                        n_workers=args.workers, progress=not args.quiet,
-                       save_kernel=args.save_kernel, plots_dir=args.plots)
+                       save_kernel=args.save_kernel, plots_dir=args.plots,
+                       psf_from_header=args.psf_from_header, dashboard=args.dashboard,
+                       task_timeout=args.task_timeout)
     if not args.quiet or not _all_good(rows):
         print(format_summary(rows))
         print(f"summary: {os.path.join(args.output_dir, SUMMARY_NAME)}")
     return _exit_code(rows)
 
 
+def _plan_serial_outputs(args):
+    """Outputs of a serial run, refused up front if they collide; the run's lock, not yet held.
+
+    Temporary files that an earlier, interrupted run left for these outputs
+    are removed once the lock is held (no other run can own them then).
+    """
+    import contextlib
+
+    from .distributed import _remove_stale
+    from .io.rundir import check_output_names, run_lock
+    from .pipeline import kernel_path_for, output_path_for
+
+    outputs = [output_path_for(p, args.output_dir, args.output) for p in args.exposures]
+    check_output_names(args.exposures, outputs,
+                       [kernel_path_for(o) for o in outputs] if args.save_kernel else ())
+    directory = args.output_dir or os.path.dirname(os.path.abspath(args.output))
+
+    @contextlib.contextmanager
+    def locked():
+        with run_lock(directory):
+            for out in outputs:
+                _remove_stale(out)
+            yield
+
+    return outputs, locked()
+
+
 def _cmd_match(args):
+    _check_optional_dependencies(args)
     if getattr(args, "scheduler", None) or getattr(args, "workers", None) is not None:
         return _cmd_match_distributed(args)
+    _check_backend(args)
     import contextlib
     import time
 
@@ -174,6 +240,9 @@ def _cmd_match(args):
     from .pipeline import output_path_for, resolve_psf
     from .task import ModelPsfMatchTask
 
+    if args.task_timeout is not None:
+        raise ValueError("--task-timeout works with --workers N or --scheduler ADDRESS; add one "
+                         "of them, or leave --task-timeout out")
     if args.output and len(args.exposures) > 1:
         raise ValueError("-o/--output takes one input; use --output-dir DIR for several")
     if not args.output and not args.output_dir:
@@ -186,6 +255,7 @@ def _cmd_match(args):
     task = ModelPsfMatchTask(config, backend=args.backend)
     if args.output_dir and not os.path.isdir(args.output_dir):
         os.makedirs(args.output_dir, exist_ok=True)
+    outputs, lock = _plan_serial_outputs(args)
     rows = []
     t_start = time.perf_counter()
     bar = _progress_bar(len(args.exposures), not args.quiet and len(args.exposures) > 1)
@@ -203,9 +273,8 @@ def _cmd_match(args):
         else:
             print(line, file=sys.stderr)
 
-    with redirect:
-        for path in args.exposures:
-            out = output_path_for(path, args.output_dir, args.output)
+    with lock, redirect:
+        for path, out in zip(args.exposures, outputs):
             if bar is not None:
                 bar.set_postfix_str(f"{os.path.basename(path)} ({_counts(rows)})")
             # As on a Dask worker: never raises; skips an output that is this run's,
@@ -213,7 +282,8 @@ def _cmd_match(args):
             row = match_one(path, reference, out, psf=psf, kernel_sum=args.kernel_sum,
                             save_kernel=args.save_kernel, plots_dir=args.plots,
                             overwrite=args.overwrite, task=task,
-                            compress=args.compress or None)
+                            compress=args.compress or None,
+                            psf_from_header=args.psf_from_header)
             if row["status"] in ("failed", "conflict"):
                 log.debug("%s on %s:\n%s", row["status"], path, row.pop("traceback", ""))
                 report(f"gpumatch: {path}: {row['status']}: {row['error']}")
@@ -234,12 +304,21 @@ def _cmd_match(args):
 
 
 def build_parser():
+    from . import __version__
+
     p = argparse.ArgumentParser(
         prog="gpumatch",
         description="PSF-match astronomical exposures to a reference PSF model "
                     "(Alard-Lupton spatial kernels, GPU or CPU).",
-        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"gpumatch {__version__}")
+    # -v/-q are accepted before the subcommand as well as after it; the
+    # subcommand's copies use other names so that neither overwrites the other.
+    p.add_argument("-v", "--verbose", action="count", default=0, dest="verbose_top",
+                   help="more log output (repeat for debug output and tracebacks)")
+    p.add_argument("-q", "--quiet", action="store_true", dest="quiet_top",
+                   help="only warnings and errors")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -251,10 +330,13 @@ def build_parser():
     ex.add_argument("--debug", metavar="DIR", help="save diagnostic figures in DIR")
     ex.add_argument("--output", metavar="FILE", help="write the matched exposure (FITS)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    ex.add_argument("--psf-from-header", action="store_true",
+                    help="read the PSF file a PSF_FILE card of --science/--template names")
     ex.set_defaults(func=_cmd_example)
 
-    m = sub.add_parser("match", parents=[common],
-                       help="PSF-match FITS exposures to a reference PSF model", epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = sub.add_parser("match", parents=[common], epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="PSF-match FITS exposures to a reference PSF model")
     m.add_argument("exposures", nargs="+", metavar="EXPOSURE.fits", help="input exposures")
     m.add_argument("--reference", required=True, metavar="MODEL",
                    help="reference PSF: e.g. 'gaussian:fwhm=7.7,size=23', "
@@ -262,11 +344,15 @@ def build_parser():
                         "'psfex:FILE.psf' or a PSF file")
     m.add_argument("--psf", metavar="MODEL",
                    help="PSF of the exposures (same forms); default: the PSF archived in an "
-                        "LSST file, else the file named by the header card PSF_FILE or lying "
-                        "next to each exposure (<stem>.psf)")
+                        "LSST file, else the file lying next to each exposure (<stem>.psf)")
+    m.add_argument("--psf-from-header", action="store_true",
+                   help="read the PSF file named by each exposure's PSF_FILE/PSFFILE/PSFMODEL "
+                        "card (relative paths inside the exposure's directory only)")
     m.add_argument("--output-dir", metavar="DIR", help="write outputs here (same file names)")
     m.add_argument("-o", "--output", metavar="FILE", help="output file for a single input")
-    m.add_argument("--config", metavar="FILE.toml", help="configuration (SPEC field names)")
+    m.add_argument("--config", metavar="FILE.toml",
+                   help="configuration: ModelPsfMatchConfig field names (see the README), at "
+                        "top level or in a [config] table")
     m.add_argument("--lsst-defaults", action="store_true",
                    help="use LSST's default configuration (and --set) instead of the settings "
                         "recommended for each exposure's PSF and the reference (the default "
@@ -286,7 +372,13 @@ def build_parser():
                         "outputs whose provenance is this run's are skipped, other existing "
                         "ones are conflicts; a JSON summary is written in --output-dir")
     m.add_argument("--workers", type=int, metavar="N",
-                   help="run on a local Dask cluster of N worker processes (as --scheduler)")
+                   help="run on a local Dask cluster of N worker processes (as --scheduler; "
+                        "it listens on 127.0.0.1 only, with TLS)")
+    m.add_argument("--task-timeout", type=float, metavar="SECONDS",
+                   help="with --workers/--scheduler: report a file as failed when it runs longer "
+                        "than this, and go on with the others")
+    m.add_argument("--dashboard", action="store_true",
+                   help="with --workers: serve the Dask dashboard on 127.0.0.1:8787")
     m.set_defaults(func=_cmd_match)
 
     st = sub.add_parser(
@@ -304,16 +396,47 @@ def build_parser():
     return p
 
 
+EPILOG = """\
+examples:
+  gpumatch match visit/*.fits --reference "gaussian:fwhm=7.7,size=23" --output-dir matched/
+  gpumatch match calexp.fits --reference "gaussian:fwhm=6,size=25" -o matched.fits
+  gpumatch match calexp.fits --psf calexp.psf --reference "gaussian:fwhm=7.7" -o matched.fits
+  gpumatch match exposures/*.fits --psf model.psf --reference ref.fits \\
+      --output-dir matched/ --workers 8 --task-timeout 600
+  gpumatch selftest --backend cupy
+  gpumatch example --backend numpy
+
+PSF models: gaussian:fwhm=F[,size=N], gaussian:sigma=S[,size=N],
+  doublegaussian:sigma1=S1,sigma2=S2,b=B[,size=N], moffat:fwhm=F[,beta=B][,size=N],
+  or a file: FILE.psf (PSFEx), FILE.fits (PSF image), FILE.piff (Piff), or
+  psfex:/image:/piff:/lsstimages:PATH.
+
+""" + EXIT_CODES_HELP + """
+  130  interrupted (Ctrl-C); finished outputs are complete, rerun to resume
+"""
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose, args.quiet)
+    verbose = args.verbose + args.verbose_top
+    _setup_logging(verbose, args.quiet or args.quiet_top)
+    args.verbose, args.quiet = verbose, args.quiet or args.quiet_top
     from .errors import GpumatchError
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("gpumatch: interrupted; outputs already written are complete (rerun to resume)",
+              file=sys.stderr)
+        return 130
     except (GpumatchError, OSError, ValueError, ImportError) as exc:
         print(f"gpumatch: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # a failure the checks above did not foresee: still one line
+        log.debug("unexpected error", exc_info=True)
+        print(f"gpumatch: error: {_one_line(exc)} (run with -vv for the traceback)",
+              file=sys.stderr)
         return EXIT_USAGE
 
 

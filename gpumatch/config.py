@@ -224,4 +224,19 @@ class ModelPsfMatchConfig:
         need(as_int("padPsfBy") >= 0, "padPsfBy", "must be >= 0")
         # An odd padPsfBy is reported when the cell set is built (SPEC section 3),
         # because it only matters when doAutoPadPsf is False.
+        self._check_limits()
         return self
+
+    def _check_limits(self):
+        """Bound every field that drives memory (:data:`gpumatch.limits.LIMITS`)."""
+        from .limits import LIMITS
+
+        for name, limit in LIMITS.items():
+            value = getattr(self, name, None)
+            if value is None:
+                continue
+            values = value if isinstance(value, tuple) else (value,)
+            if max(values) > limit:
+                raise ConfigError(
+                    f"{name}={value!r} is invalid: must be at most {limit} (larger values need "
+                    "more memory than any PSF-matching run should; lower it)")

@@ -33,10 +33,13 @@ by gpumatch; the checks above guard against files put there by anything else.
 
 The summary of every file (status, error, seconds, kernel sum, condition
 number, residual, worker, backend and, when the task reports them, the
-verdict ``matchQuality`` and ``noiseVarianceGain``) is written atomically as
-JSON next to the outputs (:data:`SUMMARY_NAME`). The client and the workers must see the
-output directory at the same path (a shared file system). Run one
-``match_files`` per output directory at a time.
+verdict and the noise variance gain) is written atomically as JSON next to the
+outputs (:data:`SUMMARY_NAME`). The client and the workers must see the
+output directory at the same path (a shared file system). A run holds the
+output directory's lock (:func:`gpumatch.io.rundir.run_lock`) from start to
+end, so a second run into the same directory is refused, and inputs whose
+outputs (or ``--save-kernel`` files, or the summary) would share a name are
+refused before any work.
 """
 
 from __future__ import annotations
@@ -58,8 +61,8 @@ from ._warnings import recorded
 
 log = logging.getLogger("gpumatch")
 
-__all__ = ["match_files", "match_one", "output_complete", "stale_temporaries", "SUMMARY_NAME",
-           "COMPLETION_CARD", "format_summary", "write_run_summary"]
+__all__ = ["match_files", "match_one", "local_cluster", "output_complete", "stale_temporaries",
+           "SUMMARY_NAME", "COMPLETION_CARD", "format_summary", "write_run_summary"]
 
 #: File name of the JSON summary written in the output directory.
 SUMMARY_NAME = "gpumatch_summary.json"
@@ -245,7 +248,7 @@ def _existing_output(path, output, reference, psf, config, kernel_sum, verify):
 
 def match_one(path, reference, output, psf=None, config=None, backend="auto", kernel_sum=1.0,
               overwrite=False, save_kernel=False, plots_dir=None, verify_outputs=True,
-              tune_malloc=False, task=None, compress=None):
+              tune_malloc=False, task=None, compress=None, psf_from_header=False):
     """Match one file unless its output is this run's already; never raises.
 
     This is the task :func:`match_files` runs on the workers, and what the
@@ -287,7 +290,7 @@ def match_one(path, reference, output, psf=None, config=None, backend="auto", ke
                                  backend=row["backend"], kernel_sum=kernel_sum,
                                  save_kernel=save_kernel, plots_dir=plots_dir,
                                  overwrite=overwrite, task=task, compress=compress,
-                                 on_poor_match="ignore")
+                                 on_poor_match="ignore", psf_from_header=psf_from_header)
             row.update(summary)
             row["status"] = "ok"
     except Exception as exc:
@@ -376,7 +379,7 @@ def _shown_status(row):
 
 def _progress_bar(total, enabled):
     """A tqdm bar on stderr, or None when disabled (or tqdm is missing)."""
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():  # no carriage returns in log files
         return None
     try:
         from tqdm import tqdm
@@ -385,16 +388,64 @@ def _progress_bar(total, enabled):
     return tqdm(total=total, unit="file", dynamic_ncols=True, file=sys.stderr)
 
 
-def _open_client(client, n_workers, threads_per_worker, memory_limit):
+#: Where a local cluster's dashboard listens when asked for (loopback only).
+LOCAL_DASHBOARD = "127.0.0.1:8787"
+
+
+def local_cluster(n_workers=None, threads_per_worker=1, memory_limit="auto", dashboard=False):
+    """A Dask ``LocalCluster`` that only this user can reach.
+
+    Every server (scheduler, nannies, workers and their HTTP endpoints)
+    listens on 127.0.0.1 only, and all Dask traffic uses TLS with a temporary
+    certificate made for this cluster (``distributed.security.Security.temporary``),
+    so another user of a shared machine can neither attach a client (and
+    run code as this user) nor read the cluster's state. The dashboard (which
+    shows file names, logs and call stacks) is off unless ``dashboard``, and
+    then on :data:`LOCAL_DASHBOARD`.
+
+    Raises
+    ------
+    ImportError
+        The ``cryptography`` package (for the certificate) is missing.
+    """
+    from distributed import LocalCluster
+    from distributed.security import Security
+
+    try:
+        security = Security.temporary()
+    except ImportError:
+        raise ImportError(
+            "a local Dask cluster is secured with TLS, which needs the cryptography package: "
+            "pip install 'gpumatch[distributed]' (or pip install cryptography)") from None
+    import dask
+
+    # Every server also runs an HTTP server, without TLS or authentication, that
+    # any local user can reach on the loopback; its pages (worker information,
+    # call stacks, metrics) are turned off unless the dashboard is asked for,
+    # and it listens at a free port, not 0.0.0.0:8787. A fresh list: the
+    # scheduler appends to the configured one.
+    routes = {"distributed.worker.http.routes": []}
+    if not dashboard:
+        routes["distributed.scheduler.http.routes"] = []
+    with dask.config.set(routes):
+        return LocalCluster(
+            n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+            memory_limit=memory_limit, host="127.0.0.1", protocol="tls://", security=security,
+            dashboard_address=LOCAL_DASHBOARD if dashboard else None,
+            scheduler_kwargs={"dashboard": bool(dashboard),
+                              "dashboard_address": LOCAL_DASHBOARD if dashboard else "127.0.0.1:0"})
+
+
+def _open_client(client, n_workers, threads_per_worker, memory_limit, dashboard=False):
     """``(client, owned)``: the given client, one for an address, or a new local cluster."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if client is None:
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker,
-                               processes=True, memory_limit=memory_limit)
-        log.info("local Dask cluster: %d workers, dashboard %s", len(cluster.workers),
-                 cluster.dashboard_link)
-        return Client(cluster), True
+        cluster = local_cluster(n_workers, threads_per_worker, memory_limit, dashboard)
+        log.info("local Dask cluster: %d workers at %s%s", len(cluster.workers),
+                 cluster.scheduler_address,
+                 f", dashboard {cluster.dashboard_link}" if dashboard else "")
+        return Client(cluster, security=cluster.security), True
     if isinstance(client, str):
         return Client(client), True
     return client, False
@@ -420,6 +471,45 @@ def _for_workers(spec):
     return model
 
 
+def _completed(client, futures, task_timeout=None, poll=None):
+    """Yield ``(future, timed_out)`` as ``futures`` finish, or run past ``task_timeout``.
+
+    A task's time counts from when the scheduler first reports it processing
+    on a worker (seen by polling, every ``poll`` seconds), so tasks waiting
+    for a free worker are not timed out. A timed-out task is cancelled; a
+    worker thread stuck in a system call may stay stuck, but the batch ends.
+    """
+    import asyncio
+
+    from distributed import as_completed, wait
+
+    if not task_timeout:
+        for fut in as_completed(list(futures)):
+            yield fut, False
+        return
+    poll = poll or min(1.0, task_timeout / 4)
+    pending = set(futures)
+    started = {}
+    while pending:
+        try:
+            done, _ = wait(list(pending), timeout=poll, return_when="FIRST_COMPLETED")
+        except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
+            done = set()
+        for fut in done:
+            pending.discard(fut)
+            yield fut, False
+        now = time.monotonic()
+        processing = {k for keys in client.processing().values() for k in keys}
+        for fut in list(pending):
+            if fut.key in processing:
+                started.setdefault(fut.key, now)
+            if fut.key in started and now - started[fut.key] > task_timeout \
+                    and fut.status not in ("finished", "error"):
+                pending.discard(fut)
+                fut.cancel()
+                yield fut, True
+
+
 def _close_client(client):
     cluster = getattr(client, "cluster", None)
     client.close()
@@ -431,7 +521,7 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
                 backend="auto", kernel_sum=1.0, overwrite=False, *, n_workers=None,
                 threads_per_worker=1, memory_limit="auto", progress=True, save_kernel=False,
                 plots_dir=None, verify_outputs=True, summary_name=SUMMARY_NAME,
-                tune_malloc=True):
+                tune_malloc=True, psf_from_header=False, dashboard=False, task_timeout=None):
     """PSF-match many FITS files on a Dask cluster, one task per file.
 
     Parameters
@@ -444,10 +534,11 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
         Created if needed; must be visible to the workers at the same path.
     client : distributed.Client or str, optional
         A client, or a scheduler address (``"tcp://host:8786"``). Default: a
-        ``LocalCluster`` of ``n_workers`` processes, closed afterwards.
+        ``LocalCluster`` of ``n_workers`` processes, closed afterwards, that
+        listens on 127.0.0.1 only and speaks TLS (see :func:`local_cluster`).
     psf : Psf or str, optional
-        PSF of every exposure; default: the file named by the header card
-        ``PSF_FILE`` or lying next to each exposure.
+        PSF of every exposure; default: the file lying next to each exposure
+        (``<stem>.psf``) or, with ``psf_from_header``, named by its header.
     config : ModelPsfMatchConfig, optional
     backend : {"auto", "numpy", "cupy"}
         Resolved on each worker: ``"auto"`` uses the worker's GPU if it has one.
@@ -472,6 +563,16 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
         On workers started by a Dask nanny (Linux), raise glibc's mmap and trim
         thresholds once per worker process: Dask's ``MALLOC_TRIM_THRESHOLD_``
         otherwise makes matching 2.5x slower (see ``_tune_malloc``).
+    task_timeout : float, optional
+        Seconds a file may take once it has started on a worker; a file that
+        takes longer is reported as failed (``TimeoutError``) and cancelled,
+        and the batch goes on. Default: no limit.
+    dashboard : bool
+        Serve the local cluster's dashboard on 127.0.0.1:8787 (default: none).
+    psf_from_header : bool
+        Read the PSF file that an exposure's ``PSF_FILE``/``PSFFILE``/``PSFMODEL``
+        card names (a relative path inside its directory only; see
+        :func:`gpumatch.pipeline.find_psf`). Off by default: a header is data.
 
     Returns
     -------
@@ -479,10 +580,14 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
         One row per input, in input order (see :func:`match_one`).
     """
     _require_dask()
-    from distributed import as_completed
+    if task_timeout is not None and not float(task_timeout) > 0:
+        raise ValueError(f"task_timeout={task_timeout!r} (--task-timeout): give a positive number "
+                         "of seconds")
 
     from .config import ModelPsfMatchConfig
-    from .pipeline import output_path_for
+    from .io._atomic import check_output_path
+    from .io.rundir import check_output_names, run_lock
+    from .pipeline import kernel_path_for, output_path_for
 
     t_start = time.perf_counter()
     paths = [os.fspath(p) for p in paths]
@@ -497,72 +602,70 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
 
     rows = [None] * len(paths)
     outputs = [output_path_for(p, output_dir) for p in paths]
-    first = {}
-    jobs = []
-    for i, (path, out) in enumerate(zip(paths, outputs)):
-        key = os.path.abspath(out)
-        if key in first:
-            rows[i] = {"input": path, "output": out, "status": "failed", "seconds": 0.0,
-                       "error": f"ValueError: output {out} would also be written by input "
-                                f"{paths[first[key]]}; input file names must differ"}
-        else:
-            first[key] = i
-            jobs.append(i)
-
-    owned = False
-    if jobs:
-        client, owned = _open_client(client, n_workers, threads_per_worker, memory_limit)
-    bar = _progress_bar(len(paths), progress)
-    futures = {}
-    try:
-        if bar is not None:
-            bar.update(len(paths) - len(jobs))
-        for i in jobs:
-            fut = client.submit(match_one, paths[i], reference_model, outputs[i], psf=psf_model,
-                                config=config, backend=backend, kernel_sum=kernel_sum,
-                                overwrite=overwrite, save_kernel=save_kernel,
-                                plots_dir=plots_dir, verify_outputs=verify_outputs,
-                                tune_malloc=tune_malloc,
-                                pure=False, key=f"gpumatch-{os.path.basename(paths[i])}-{i}-"
-                                                f"{os.urandom(4).hex()}")
-            futures[fut] = i
-        for fut in as_completed(list(futures)):
-            i = futures[fut]
-            try:
-                row = fut.result()
-            except Exception as exc:  # KilledWorker, a lost scheduler, ...
-                row = {"input": paths[i], "output": outputs[i], "status": "failed",
-                       "error": f"{exc.__class__.__name__}: {exc}", "seconds": None}
-            rows[i] = row
-            if row["status"] in ("failed", "conflict"):
-                log.warning("%s: %s: %s", paths[i], row["status"], row["error"])
+    check_output_names(paths, outputs, [kernel_path_for(o) for o in outputs] if save_kernel else (),
+                       os.path.join(output_dir, summary_name) if summary_name else None)
+    if summary_name:  # a summary path that cannot be written is refused before the work
+        check_output_path(os.path.join(output_dir, summary_name), True, "summary")
+    jobs = list(range(len(paths)))
+    with run_lock(output_dir):
+        owned = False
+        if jobs:
+            client, owned = _open_client(client, n_workers, threads_per_worker, memory_limit,
+                                         dashboard)
+        bar = _progress_bar(len(paths), progress)
+        futures = {}
+        try:
+            for i in jobs:
+                fut = client.submit(match_one, paths[i], reference_model, outputs[i], psf=psf_model,
+                                    config=config, backend=backend, kernel_sum=kernel_sum,
+                                    overwrite=overwrite, save_kernel=save_kernel,
+                                    plots_dir=plots_dir, verify_outputs=verify_outputs,
+                                    tune_malloc=tune_malloc, psf_from_header=psf_from_header,
+                                    pure=False, key=f"gpumatch-{os.path.basename(paths[i])}-{i}-"
+                                                    f"{os.urandom(4).hex()}")
+                futures[fut] = i
+            for fut, timed_out in _completed(client, futures, task_timeout):
+                i = futures[fut]
+                try:
+                    if timed_out:
+                        raise TimeoutError(
+                            f"{paths[i]}: not finished {task_timeout:g} s after it started "
+                            "(--task-timeout); the input may be a FIFO, on a hung file system or "
+                            "too large; check it, or raise --task-timeout")
+                    row = fut.result()
+                except Exception as exc:  # KilledWorker, a lost scheduler, ...
+                    row = {"input": paths[i], "output": outputs[i], "status": "failed",
+                           "error": f"{exc.__class__.__name__}: {exc}", "seconds": None}
+                rows[i] = row
+                if row["status"] in ("failed", "conflict"):
+                    log.warning("%s: %s: %s", paths[i], row["status"], row["error"])
+                if bar is not None:
+                    done = [r["status"] for r in rows if r is not None]
+                    bar.set_postfix_str(f"{os.path.basename(paths[i])} (ok {done.count('ok')}, "
+                                        f"skipped {done.count('skipped')}, "
+                                        f"conflict {done.count('conflict')}, "
+                                        f"failed {done.count('failed')})")
+                    bar.update(1)
+                fut.release()
+        except BaseException:
+            # Interrupted (Ctrl-C): do not leave tasks running on someone else's cluster.
+            if futures:
+                client.cancel(list(futures))
+            raise
+        finally:
             if bar is not None:
-                done = [r["status"] for r in rows if r is not None]
-                bar.set_postfix_str(f"{os.path.basename(paths[i])} (ok {done.count('ok')}, "
-                                    f"skipped {done.count('skipped')}, "
-                                    f"conflict {done.count('conflict')}, "
-                                    f"failed {done.count('failed')})")
-                bar.update(1)
-            fut.release()
-    except BaseException:
-        # Interrupted (Ctrl-C): do not leave tasks running on someone else's cluster.
-        if futures:
-            client.cancel(list(futures))
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        if owned:
-            _close_client(client)
-    # Every task has ended: what temporary files remain belong to dead writers.
-    for i in jobs:
-        _remove_stale(outputs[i])
+                bar.close()
+            if owned:
+                _close_client(client)
+        # Every task has ended: what temporary files remain belong to dead writers.
+        for i in jobs:
+            _remove_stale(outputs[i])
 
-    if summary_name:
-        write_run_summary(os.path.join(output_dir, summary_name), rows, reference=reference,
-                          psf=psf, backend=backend, kernel_sum=kernel_sum, config=config,
-                          seconds=time.perf_counter() - t_start)
-    return rows
+        if summary_name:
+            write_run_summary(os.path.join(output_dir, summary_name), rows, reference=reference,
+                              psf=psf, backend=backend, kernel_sum=kernel_sum, config=config,
+                              seconds=time.perf_counter() - t_start)
+        return rows
 
 
 def write_run_summary(path, rows, *, reference, psf, backend, kernel_sum, config, seconds):

@@ -122,11 +122,11 @@ def run_example(backend="auto", reference_sigma=3.0, exposure=None, reference_ps
     return result, lines
 
 
-def run_fits_example(science, template, backend="auto", config=None):
+def run_fits_example(science, template, backend="auto", config=None, psf_from_header=False):
     """The example on real files: match ``science`` to the PSF of ``template``."""
     from .pipeline import read_exposure_with_psf
 
-    # Each PSF from the file itself, its PSF_FILE header card or the file next to it.
-    sci = read_exposure_with_psf(science, psf_hint=None)
-    tmpl = read_exposure_with_psf(template, psf_hint=None)
+    # Each PSF from the file itself, the file next to it or (if asked) its PSF_FILE card.
+    sci = read_exposure_with_psf(science, psf_hint=None, psf_from_header=psf_from_header)
+    tmpl = read_exposure_with_psf(template, psf_hint=None, psf_from_header=psf_from_header)
     return run_example(backend=backend, exposure=sci, reference_psf=tmpl.psf, config=config)

@@ -278,13 +278,15 @@ class _Input:
 
 
 class _ManyMatcher:
-    def __init__(self, task, reference, kernel_sum, psf, batch_size, read_workers=0):
+    def __init__(self, task, reference, kernel_sum, psf, batch_size, read_workers=0,
+                 psf_from_header=False):
         self.task = task
         self.reference = reference
         self.shared = _SharedReference(reference) if hasattr(reference, "compute_kernel_image") \
             else reference
         self.kernel_sum = kernel_sum
         self.psf = psf
+        self.psf_from_header = psf_from_header
         self.batch_size = batch_size
         self.read_workers = int(read_workers)
         self.on_poor_match = "warn"  # match_many's on_poor_match
@@ -436,7 +438,9 @@ class _ManyMatcher:
         from .pipeline import read_exposure_with_psf
 
         return read_exposure_with_psf(path, self.psf, psf_hint="give psf=...",
-                                      empty=self.stages.empty_host)
+                                      empty=self.stages.empty_host,
+                                      psf_from_header=self.psf_from_header,
+                                      header_hint="pass psf_from_header=True")
 
     def _solve_with_retry(self, jobs):
         try:
@@ -549,7 +553,7 @@ class _ManyMatcher:
 
 def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel_sum=1.0, *,
                psf=None, batch_size=None, on_error="raise", read_workers=None,
-               spatial_solve=None, on_poor_match="warn"):
+               spatial_solve=None, on_poor_match="warn", psf_from_header=False):
     """PSF-match many exposures to one reference model, in batches.
 
     Parameters
@@ -569,6 +573,10 @@ def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel
         As ``kernelSum`` of :meth:`ModelPsfMatchTask.run`.
     psf : Psf or str, optional
         PSF of the exposures given as paths.
+    psf_from_header : bool
+        For exposures given as paths without ``psf``: read the PSF file their
+        ``PSF_FILE`` header card names (a relative path inside the exposure's
+        directory only; see :func:`gpumatch.pipeline.find_psf`). Off by default.
     batch_size : int, optional
         Exposures per batch. Default: 8 on the CPU; on the GPU as many as fit
         in 60% of the free device memory and, for exposures read from files,
@@ -620,6 +628,6 @@ def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel
 
         psf = resolve_psf(psf)
     matcher = _ManyMatcher(task, referencePsfModel, kernel_sum, psf, batch_size,
-                           read_workers=int(read_workers))
+                           read_workers=int(read_workers), psf_from_header=psf_from_header)
     matcher.on_poor_match = on_poor_match
     return matcher.run(exposures, on_error)

@@ -12,7 +12,7 @@ from .errors import ConfigError, GpumatchError
 
 log = logging.getLogger("gpumatch")
 
-__all__ = ["load_config", "parse_overrides", "find_psf", "resolve_psf", "match_file",
+__all__ = ["load_config", "parse_overrides", "find_psf", "header_psf_card", "resolve_psf", "match_file",
            "output_path_for", "read_exposure_with_psf"]
 
 #: Header cards that may name an exposure's PSF file (relative to the exposure).
@@ -22,6 +22,9 @@ PSF_SIDECARS = ("{stem}.psf", "{stem}_psfcat.psf", "{stem}_psf.fits", "{stem}.ps
 
 
 def _parse_value(text):
+    # TOML and shell habits: true/false as well as Python's True/False.
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -58,7 +61,7 @@ def load_config(path=None, overrides=None):
             raise ConfigError(f"config file {path}: not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: not valid TOML ({exc})") from None
-        values.update(data.get("config", data))
+        values.update(_config_table(data, path))
     values.update(overrides or {})
     try:
         return ModelPsfMatchConfig.from_dict(values)
@@ -69,29 +72,89 @@ def load_config(path=None, overrides=None):
         raise ConfigError(f"configuration: {exc}") from None
 
 
+def _config_table(data, path):
+    """The configuration fields of a TOML document: its ``[config]`` table or its top level.
+
+    Both at once is refused rather than one silently dropped.
+    """
+    if "config" not in data:
+        return data
+    if not isinstance(data["config"], dict):
+        raise ConfigError(f"config file {path}: 'config' must be a [config] table")
+    others = sorted(k for k in data if k != "config")
+    if others:
+        raise ConfigError(
+            f"config file {path}: has a [config] table and top-level fields ({', '.join(others)}); "
+            "put every field in the [config] table, or all at the top level")
+    return data["config"]
+
+
+#: Model prefix of a bare PSF file path, by its extension.
+PSF_FILE_KINDS = {".psf": "psfex", ".fits": "image", ".fit": "image", ".fits.gz": "image",
+                  ".piff": "piff"}
+
+
+def _with_prefix(path):
+    """``KIND:path`` for a PSF file named without a prefix, chosen by its extension."""
+    lower = path.lower()
+    for ext, kind in sorted(PSF_FILE_KINDS.items(), key=lambda kv: -len(kv[0])):
+        if lower.endswith(ext):
+            return f"{kind}:{path}"
+    raise ValueError(
+        f"PSF file {path!r}: cannot tell what it holds from its name; a PSF file ends in .psf "
+        "(PSFEx), .fits (PSF image) or .piff (Piff), or say it with a prefix: psfex:PATH, "
+        "image:PATH or piff:PATH")
+
+
 def resolve_psf(spec):
-    """A PSF model from a string (``gaussian:...``, ``psfex:PATH``, a path) or a model."""
+    """A PSF model from a string (``gaussian:...``, ``psfex:PATH``, a path) or a model.
+
+    A string without ``NAME:`` is a PSF file, read by its extension (:data:`PSF_FILE_KINDS`).
+    """
     if not isinstance(spec, str):
         return spec
     from .psf import parse_psf
 
+    if ":" not in spec and ("." in spec or "/" in spec or os.path.exists(spec)):
+        spec = _with_prefix(spec)  # a file name; a bare word ("gaussian") is a model name
     return parse_psf(spec)
 
 
-def find_psf(exposure_path, header=None):
-    """The PSF model file named in the exposure's header or lying next to it.
+def find_psf(exposure_path, header=None, psf_from_header=False):
+    """The PSF model file of an exposure: named by its header (if asked) or next to it.
 
-    Returns the path, or None.
+    This is the one place that decides where an exposure's PSF file comes
+    from. A header card (``PSF_FILE``, ``PSFFILE``, ``PSFMODEL``) is followed
+    only when ``psf_from_header`` is True, and then only to a regular file of
+    at most :data:`gpumatch.io.safety.MAX_NAMED_FILE_BYTES` named by a
+    relative path inside the exposure's directory; the sidecar files
+    (:data:`PSF_SIDECARS`) are found by their names, not by the header.
+
+    Returns
+    -------
+    str or None
+        The path, or None.
+
+    Raises
+    ------
+    UnsafePathError
+        ``psf_from_header`` and the card names no file gpumatch will read
+        (one wording for every reason, so it does not reveal which files exist).
     """
+    from .io.safety import MAX_NAMED_FILE_BYTES, UnsafePathError, confined_file
+
     directory = os.path.dirname(os.path.abspath(exposure_path))
-    for key in PSF_HEADER_KEYS:
-        if header is not None and key in header:
-            candidate = os.path.join(directory, str(header[key]))
-            if not os.path.exists(candidate):
-                raise FileNotFoundError(
-                    f"{exposure_path}: header card {key} names PSF file {header[key]!r}, which "
-                    f"does not exist in {directory}; fix the card or give --psf")
-            return candidate
+    card = header_psf_card(header)
+    if psf_from_header and card is not None:
+        key, value = card
+        found = confined_file(directory, value)
+        if found is None:
+            raise UnsafePathError(
+                f"{exposure_path}: header card {key} = {str(value)!r} is not a PSF file "
+                f"gpumatch will read (it must be a relative path to a regular file of at most "
+                f"{MAX_NAMED_FILE_BYTES // 2 ** 20} MiB inside {directory}); fix the card or "
+                "give --psf MODEL")
+        return found
     stem = os.path.basename(exposure_path)
     for ext in (".fits.fz", ".fits.gz", ".fits", ".fit"):
         if stem.lower().endswith(ext):
@@ -99,26 +162,34 @@ def find_psf(exposure_path, header=None):
             break
     for pattern in PSF_SIDECARS:
         candidate = os.path.join(directory, pattern.format(stem=stem))
-        if os.path.exists(candidate):
+        if os.path.isfile(candidate):  # a FIFO or device there would block or never end
             return candidate
     return None
 
 
+def header_psf_card(header):
+    """``(key, value)`` of the first header card that names a PSF file, or None."""
+    for key in PSF_HEADER_KEYS:
+        if header is not None and key in header:
+            return key, header[key]
+    return None
+
+
 def _psf_from_file(path):
-    if path.lower().endswith(".psf"):
-        return resolve_psf(f"psfex:{path}")
-    return resolve_psf(f"image:{path}")
+    return resolve_psf(_with_prefix(path))
 
 
-def read_exposure_with_psf(path, psf=None, *, psf_hint="give --psf MODEL", empty=None):
+def read_exposure_with_psf(path, psf=None, *, psf_hint="give --psf MODEL", empty=None,
+                           psf_from_header=False, header_hint="pass --psf-from-header"):
     """Read the exposure at ``path`` and give it a PSF model.
 
     The PSF is ``psf`` (a model or its string form) when given, else the one
-    read with the exposure, else the file named by a ``PSF_FILE`` header card
-    or lying next to the exposure (:func:`find_psf`).
+    read with the exposure, else the file lying next to the exposure or, with
+    ``psf_from_header``, named by a ``PSF_FILE`` header card (:func:`find_psf`).
 
     ``psf_hint`` is the first remedy the error for an exposure without a PSF
     suggests (how the caller's user passes one); None leaves it out.
+    ``header_hint`` is how that user turns ``psf_from_header`` on.
     ``empty`` allocates the planes (see :func:`gpumatch.io.fits.read_exposure`).
 
     Raises
@@ -130,16 +201,20 @@ def read_exposure_with_psf(path, psf=None, *, psf_hint="give --psf MODEL", empty
 
     path = os.fspath(path)
     exposure = Exposure.read_fits(path, empty=empty)
-    exposure.psf, exposure.psf_source = exposure_psf(exposure, path, psf, psf_hint)
+    exposure.psf, exposure.psf_source = exposure_psf(exposure, path, psf, psf_hint,
+                                                     psf_from_header, header_hint)
     return exposure
 
 
-def exposure_psf(exposure, path, psf=None, psf_hint="give --psf MODEL"):
+def exposure_psf(exposure, path, psf=None, psf_hint="give --psf MODEL", psf_from_header=False,
+                 header_hint="pass --psf-from-header"):
     """``(model, source)``: the PSF of the exposure read from ``path``, and where it came from.
 
     The order: ``psf`` (the caller's, ``"--psf"``), then the model archived in
-    the file itself (``"archive (PcaPsf)"``), then a PSF file named by a header
-    card or lying next to the exposure (``"file NAME"``).
+    the file itself (``"archive (PcaPsf)"``), then a PSF file lying next to the
+    exposure or, with ``psf_from_header``, named by a header card
+    (``"file NAME"``, :func:`find_psf`). ``psf_hint`` and ``header_hint`` are
+    how the caller's user passes a PSF and turns ``psf_from_header`` on.
     """
     if psf is not None:
         return resolve_psf(psf), "--psf"
@@ -147,13 +222,17 @@ def exposure_psf(exposure, path, psf=None, psf_hint="give --psf MODEL"):
         return exposure.psf, exposure.psf_source or "exposure"
     archive = getattr(exposure, "archive", None)
     problem = getattr(archive, "psf_problem", None)
-    found = find_psf(path, exposure.meta)
+    found = find_psf(path, exposure.meta, psf_from_header=psf_from_header)
     if found is None:
         if problem:
             raise GpumatchError(problem)
         hint = f"{psf_hint}, " if psf_hint else ""
+        card = header_psf_card(exposure.meta)
+        named = (f"{header_hint} to read the file its {card[0]} card names, "
+                 if card is not None else "put a PSF_FILE card in the header (and "
+                 f"{header_hint}), ")
         raise GpumatchError(
-            f"{path}: no PSF model; {hint}put a PSF_FILE card in the header, or place a "
+            f"{path}: no PSF model; {hint}{named}or place a "
             f"PSFEx file next to it ({', '.join(p.format(stem='<stem>') for p in PSF_SIDECARS)})")
     if problem:
         log.info("%s; using %s instead", problem, found)
@@ -206,9 +285,24 @@ def _record_verdict(metadata, meta, summary):
             meta[card] = value
 
 
+def kernel_path_for(output):
+    """Where ``--save-kernel`` writes the kernel of the matched exposure ``output``."""
+    return os.path.splitext(output)[0] + ".kernel.fits"
+
+
+def _check_side_outputs(output, save_kernel, plots_dir, overwrite):
+    """Refuse, before any work, a kernel file or figure directory that cannot be written."""
+    from .io._atomic import check_directory_writable, check_output_path
+
+    if save_kernel:
+        check_output_path(kernel_path_for(output), overwrite, "kernel")
+    if plots_dir and os.path.isdir(plots_dir):
+        check_directory_writable(plots_dir, "figures")
+
+
 def match_file(path, reference, output, psf=None, config=None, backend="auto", kernel_sum=1.0,
                save_kernel=False, plots_dir=None, overwrite=False, task=None, compress=None,
-               on_poor_match="warn"):
+               on_poor_match="warn", psf_from_header=False):
     """Read one exposure, PSF-match it and write the result atomically.
 
     Parameters
@@ -227,6 +321,8 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
     on_poor_match : {"warn", "raise", "ignore"}
         As for :meth:`ModelPsfMatchTask.run`; a poor match's output is
         written unless this is ``"raise"``.
+        With ``psf_from_header``, a file its header names may be read too
+        (:func:`find_psf`).
 
     Returns
     -------
@@ -241,9 +337,11 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
     # Refused before any work (the input missing or being the output, an
     # existing output without overwrite, a missing directory).
     check_output(path, output, overwrite)
+    _check_side_outputs(output, save_kernel, plots_dir, overwrite)
     task = task or ModelPsfMatchTask(config, backend=backend)
     # On the GPU the planes are read into pinned memory: copied to it without staging.
-    exposure = read_exposure_with_psf(path, psf, empty=task._stages.empty_host)
+    exposure = read_exposure_with_psf(path, psf, empty=task._stages.empty_host,
+                                      psf_from_header=psf_from_header)
     reference = resolve_psf(reference)
     task = task_for_exposure(task, exposure, reference)  # the recommended mode
     result = task.run(exposure, reference, kernelSum=kernel_sum, on_poor_match=on_poor_match)
@@ -268,7 +366,7 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
     written = []
     try:
         if save_kernel:
-            kpath = os.path.splitext(output)[0] + ".kernel.fits"
+            kpath = kernel_path_for(output)
             result.psfMatchingKernel.write_fits(kpath, overwrite=overwrite,
                                                 config=task.config.to_dict())
             written.append(kpath)

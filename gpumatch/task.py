@@ -67,6 +67,31 @@ class CellSetResult(NamedTuple):
     referencePsfModel: object
 
 
+def _stamp_width(psf):
+    """A PSF's stamp width from its attributes, without evaluating it (0: unknown).
+
+    Evaluating the model here would raise its errors before the cell set, which
+    reports them with the position; an unknown width leaves the padding for the
+    kernel, the usual largest term, in the estimate.
+    """
+    for attrs in (("size",), ("width", "height"), ("array",)):
+        values = [getattr(psf, a, None) for a in attrs]
+        if all(isinstance(v, int) for v in values):
+            return max(values)
+        if attrs == ("array",) and hasattr(values[0], "shape"):
+            return max(values[0].shape)
+    return 0
+
+
+def _check_memory(config, exposure, reference, choice, xp=np):
+    """Stop before the cell set if the run's estimated memory exceeds what is available."""
+    from .limits import check_run_memory
+
+    width = max(_stamp_width(p) for p in (exposure.psf, reference))
+    check_run_memory(config, exposure.shape, width, choice.kernel_size, choice.degrees,
+                     what="PSF-matching this exposure", xp=xp)
+
+
 def _backend_stages(name, spatial_solve=None):
     if name == "cupy":
         from .cuda.stages import CupyStages
@@ -281,6 +306,7 @@ class ModelPsfMatchTask:
         """
         kernel_sum = self._check_inputs(exposure, referencePsfModel, kernelSum)
         choice = self._basis_choice(exposure, referencePsfModel)
+        _check_memory(self.config, exposure, referencePsfModel, choice, self._stages.xp)
         cell_set, reference = build_cell_set(exposure, referencePsfModel, self.config,
                                              choice.kernel_size, xp=self._stages.xp)
         # The model as given, not resized: what the output records as its reference.

@@ -93,10 +93,65 @@ def _shared_decls(source):
                       source)
 
 
+_private_dir = None
+
+
+def _private_cache(d):
+    """``d`` if it is a real directory of this user that no one else can write into, else None.
+
+    ``lstat``, not ``stat``: a symbolic link planted at the path is refused
+    rather than followed, since the libraries in the directory are loaded and
+    run. Group or world write permission is refused (others could have put a
+    library there); read permission is harmless.
+    """
+    import stat
+
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        st = os.lstat(d)
+    except OSError:
+        return None
+    owner = os.getuid() if hasattr(os, "getuid") else st.st_uid
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != owner or st.st_mode & 0o022:
+        return None
+    return pathlib.Path(d)
+
+
 def _build_dir():
-    d = os.environ.get("GPUMATCH_EMULATOR_CACHE") or os.path.join(
-        tempfile.gettempdir(), f"gpumatch-cuda-emulator-{os.getuid() if hasattr(os, 'getuid') else 0}")
-    os.makedirs(d, exist_ok=True)
+    """Where the compiled libraries go: a directory only this user can read or write.
+
+    ``GPUMATCH_EMULATOR_CACHE`` if set (refused unless private), else
+    ``<tmp>/gpumatch-cuda-emulator-<uid>``, a lasting cache (kernels compile
+    once across runs) used only if it is a directory of this user that no one
+    else can write into (:func:`_private_cache`: a directory someone else
+    created first, or a link planted there, is not trusted). Otherwise a fresh ``tempfile.mkdtemp``
+    directory (0700, an unpredictable name) for this process, removed when it
+    exits.
+    """
+    global _private_dir
+    given = os.environ.get("GPUMATCH_EMULATOR_CACHE")
+    if given:
+        found = _private_cache(given)
+        if found is None:
+            raise EmulatorError(
+                f"GPUMATCH_EMULATOR_CACHE={given} is not a directory of this user that only it "
+                "can write into (chmod 700 it, or unset the variable)")
+        return found
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    found = _private_cache(os.path.join(tempfile.gettempdir(), f"gpumatch-cuda-emulator-{uid}"))
+    if found is not None:
+        return found
+    if _private_dir is None:
+        _private_dir = _scratch_dir("gpumatch-cuda-emulator-")
+    return _private_dir
+
+
+def _scratch_dir(prefix):
+    """A fresh private directory for this process's scratch files, removed when it exits."""
+    import atexit
+
+    d = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
     return pathlib.Path(d)
 
 

@@ -34,7 +34,6 @@ import pathlib
 import random
 import subprocess
 import sys
-import tempfile
 import time
 import types
 import weakref
@@ -638,7 +637,8 @@ def install(kernels="transcribed"):
                         np.multiply(out, 1.001, out=out)
                 on_stream(run)(grid, block, args, **kwargs)
 
-        sources = pathlib.Path(tempfile.mkdtemp(prefix="gpumatch-rawmodule-"))
+        # Private (0700) and removed when the process exits.
+        sources = cuda_emulator._scratch_dir("gpumatch-rawmodule-")
 
         class RawModule:
             """CUDA source compiled for the CPU, ``-D`` options included: the

@@ -182,10 +182,12 @@ def test_single_input_with_output_file(tmp_path, capsys):
     assert files_under(tmp_path) == ["a.fits", "a_matched.fits"]
 
 
-def test_several_inputs_show_progress_and_a_summary(tmp_path, capsys):
+def test_several_inputs_show_progress_and_a_summary(tmp_path, capsys, monkeypatch):
     names = ["n1.fits", "n2.fits", "n3.fits"]
     inputs = [write_input(tmp_path, n, seed=10 + i) for i, n in enumerate(names)]
     outdir = tmp_path / "out"  # created by the command
+    import sys
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar is for terminals only
     code, stdout, stderr = run(capsys, "match", *inputs, "--psf", PSF_SPEC, "--reference",
                                REF_SPEC, "--output-dir", outdir)
     assert code == 0, stderr
@@ -203,7 +205,9 @@ def test_several_inputs_show_progress_and_a_summary(tmp_path, capsys):
         assert_same_pixels(outdir / n, direct(inp))
 
 
-def test_failing_inputs_are_reported_and_do_not_stop_the_others(tmp_path, capsys):
+def test_failing_inputs_are_reported_and_do_not_stop_the_others(tmp_path, capsys, monkeypatch):
+    import sys
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # with the progress bar
     good1 = write_input(tmp_path, "good1.fits", seed=3)
     good2 = write_input(tmp_path, "good2.fits", seed=4)
     truncated = tmp_path / "truncated.fits"
@@ -535,7 +539,8 @@ def test_psf_found_from_header_card_or_sidecar(tmp_path, capsys, how):
         inp = _des_exposure_file(tmp_path, "cutout.fits")
         model = tmp_path / "cutout.psf"
     out = tmp_path / "matched.fits"
-    code, _, stderr = run(capsys, "match", inp, "--reference", REF_SPEC, "-o", out)
+    code, _, stderr = run(capsys, "match", inp, "--reference", REF_SPEC, "-o", out,
+                          *(["--psf-from-header"] if how == "header-card" else []))
     assert code == 0, stderr
     expected = direct(inp, psf=gm.PsfexPsf.read(model))
     got = assert_same_pixels(out, expected)
@@ -552,7 +557,7 @@ def test_missing_psf_files_are_per_file_errors(tmp_path, capsys):
     bare = write_input(tmp_path, "bare.fits", seed=2)
     outdir = tmp_path / "out"
     code, stdout, stderr = run(capsys, "match", card, bare, "--reference", REF_SPEC,
-                               "--output-dir", outdir)
+                               "--output-dir", outdir, "--psf-from-header")
     assert code == 1
     line = error_lines(stderr, f"{card}: failed")
     assert len(line) == 1 and "PSF_FILE" in line[0] and "gone.psf" in line[0]
@@ -625,7 +630,8 @@ def test_unusable_psf_image_file(tmp_path, capsys):
     c = write_input(tmp_path, "c.fits", seed=17, meta={"PSF_FILE": "c_psf.fits"})
     fits.PrimaryHDU(_stars_psf_image(2.0)).writeto(tmp_path / "c_psf.fits")
     outdir = tmp_path / "out"
-    code, _, stderr = run(capsys, "match", b, c, "--reference", REF_SPEC, "--output-dir", outdir)
+    code, _, stderr = run(capsys, "match", b, c, "--reference", REF_SPEC, "--output-dir", outdir,
+                          "--psf-from-header")
     assert code == 1
     line = error_lines(stderr, f"{b}: failed")
     assert len(line) == 1 and "b_psf.fits" in line[0] and "NaN" in line[0]
@@ -674,7 +680,7 @@ def test_example_on_science_and_template_files(tmp_path, capsys):
                            meta={"PSF_FILE": "template_psf_model.fits"})
     out = tmp_path / "matched.fits"
     code, stdout, stderr = run(capsys, "example", "--science", science, "--template", template,
-                               "--output", out)
+                               "--output", out, "--psf-from-header")
     assert code == 0, stderr
     assert "gpumatch example: 256x256 exposure" in stdout
     assert "PsfexPsf(" in stdout and "science.psf" in stdout

@@ -6,8 +6,9 @@ import contextlib
 import errno
 import os
 import secrets
+import stat
 
-__all__ = ["atomic_write", "check_output_path"]
+__all__ = ["atomic_write", "check_output_path", "check_directory_writable"]
 
 
 def _suffixes(name):
@@ -43,17 +44,44 @@ def _create_temporary(path):
     raise FileExistsError(f"cannot create a temporary file for {path} in {directory}")
 
 
+def check_directory_writable(directory, what="file"):
+    """Refuse a ``directory`` this process cannot create files in, before any work.
+
+    ``os.access`` asks the kernel, so a read-only mount and a directory
+    without write or search permission are both seen.
+
+    Raises
+    ------
+    PermissionError
+        ``directory`` is not writable.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"cannot write {what} in {directory}: the directory is not writable (read-only or "
+            "no permission); choose another output directory (--output-dir DIR or -o FILE)")
+    return directory
+
+
 def check_output_path(path, overwrite, what="file"):
     """Validate an output path before any work is done.
+
+    Only regular files are ever written or replaced: an existing path that is
+    anything else (a device node, a FIFO, a socket, a directory) is refused
+    even with ``overwrite``, so ``-o /dev/null --overwrite`` cannot replace a
+    device with a file.
 
     Raises
     ------
     FileExistsError
-        ``path`` exists and ``overwrite`` is False.
+        ``path`` exists and ``overwrite`` is False, or it exists and is not a
+        regular file.
     FileNotFoundError
         The directory that should hold ``path`` does not exist.
     IsADirectoryError
         ``path`` is a directory.
+    PermissionError
+        The directory that should hold ``path`` is not writable.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -62,11 +90,34 @@ def check_output_path(path, overwrite, what="file"):
     if not os.path.isdir(directory):
         raise FileNotFoundError(
             f"cannot write {what} {path}: directory {directory} does not exist; create it first")
+    try:
+        mode = os.stat(path).st_mode  # follows a symbolic link to what it names
+    except FileNotFoundError:
+        mode = None  # nothing there, or a dangling link (replaced, not followed)
+    if mode is not None and not stat.S_ISREG(mode):
+        raise FileExistsError(
+            f"cannot write {what} {path}: it exists and is not a regular file (a device, FIFO "
+            "or socket), so it is never replaced, even with --overwrite; choose another name")
     if not overwrite and os.path.lexists(path):
         raise FileExistsError(
             f"{path} already exists; pass overwrite=True (or --overwrite) to replace it, "
             "or choose another name")
+    check_directory_writable(directory, what)
     return path
+
+
+def _fsync_directory(directory):
+    """Make a rename in ``directory`` durable (POSIX: the entry lives in the directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms that cannot open a directory (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # file systems that do not support it
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path, writer, overwrite=False, what="file"):
@@ -105,4 +156,5 @@ def atomic_write(path, writer, overwrite=False, what="file"):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+    _fsync_directory(os.path.dirname(os.path.abspath(path)))
     return path

@@ -53,7 +53,7 @@ import re
 
 import numpy as np
 
-from .._warnings import quiet
+from .._warnings import quiet, recorded
 from ..errors import GpumatchError
 from ..provenance import CARDS, NOISE_CARDS
 from ._atomic import atomic_write
@@ -224,8 +224,11 @@ def _open(path):
         raise FileNotFoundError(f"{p}: no such file; check the path")
     if os.path.isdir(p):
         raise IsADirectoryError(f"{p} is a directory, not a FITS file; give the file's path")
+    if not os.path.isfile(p):  # a FIFO or device would block or never end
+        raise FitsFormatError(f"{p} is not a regular file (a FIFO, device or socket); give "
+                              "the path of a FITS file")
     try:
-        with quiet():
+        with recorded() as caught:
             hdul = fits.open(p, memmap=False, lazy_load_hdus=False)
             hdul.verify("silentfix")
     except PermissionError:
@@ -234,13 +237,30 @@ def _open(path):
         raise FitsFormatError(
             f"{p} is not a readable FITS file ({exc.__class__.__name__}: {exc}); "
             "check that it is a complete FITS image") from None
+    _refuse_truncated(hdul, p, caught)
     return hdul
+
+
+def _refuse_truncated(hdul, path, caught):
+    """Refuse a file cut short: astropy reads what it can and only warns, so a
+    missing extension would otherwise be reported as absent (astropy's warnings
+    about a short file or a cut header, or data that end past the file's end)."""
+    size = os.path.getsize(path)
+    end = max(hdul.fileinfo(i)["datLoc"] + hdul.fileinfo(i)["datSpan"] for i in range(len(hdul)))
+    cut = [str(w.message) for w in caught
+           if "truncated" in str(w.message) or "Error validating header" in str(w.message)]
+    if end > size or cut:
+        hdul.close()
+        raise FitsFormatError(
+            f"{path} is truncated ({size} bytes{f', {end} expected' if end > size else ''}; "
+            "the copy or write was interrupted); copy or write the file again")
 
 
 def _hdu_role(hdu):
     for key in ("EXTTYPE", "EXTNAME"):
         value = hdu.header.get(key)
-        if isinstance(value, str) and value.strip().upper() in _PLANES:
+        # UNCERT: astropy CCDData's uncertainty plane (see _uncertainty_variance).
+        if isinstance(value, str) and value.strip().upper() in _PLANES + ("UNCERT",):
             return value.strip().upper()
     return None
 
@@ -352,6 +372,12 @@ def read_exposure(path, *, psf=None, variance=None, mask=None, mask_planes=None,
         return _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty)
     except (FitsFormatError, OSError):
         raise
+    except MemoryError:
+        from ..limits import ResourceLimitError, format_bytes
+
+        raise ResourceLimitError(
+            f"{p}: not enough memory to read its planes ({format_bytes(os.path.getsize(p))} on "
+            "disk); free memory, or run fewer at once (fewer --workers)") from None
     except Exception as exc:
         # Truncated or corrupt data sections surface here (astropy reads lazily).
         raise FitsFormatError(
@@ -408,7 +434,11 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
     if variance is not None:
         var = _given_plane(variance, shape, p, "variance", float_=True)
     else:
-        var, _ = plane("VARIANCE") if layout != "plain" else (None, None)
+        # A plain image may still carry named planes: an image in the primary
+        # HDU with MASK/VARIANCE extensions, or a CCDData file (MASK, UNCERT).
+        var, _ = plane("VARIANCE")
+        if var is None and "UNCERT" in roles:
+            var = _uncertainty_variance(*plane("UNCERT"), p)
         if var is None:
             if layout != "plain":
                 raise FitsFormatError(
@@ -422,7 +452,7 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
     if mask is not None:
         msk = _as_mask(_given_plane(mask, shape, p, "mask"), p, "the mask argument")
     else:
-        msk, mask_header = plane("MASK") if layout != "plain" else (None, None)
+        msk, mask_header = plane("MASK")
         if msk is None:
             if layout != "plain":
                 raise FitsFormatError(
@@ -445,6 +475,8 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
             planes = mask_planes_from_cards(mask_header, p)  # lsst-images' MSKN/MSKM
         if not planes:
             planes = dict(DEFAULT_MASK_PLANES)
+            if msk.dtype.itemsize < 4:  # e.g. CCDData's uint8 (1 = bad = BAD's bit 0)
+                msk = msk.astype(np.int32)
         elif "NO_DATA" not in planes:
             _add_no_data_plane(planes, msk, p)
         width = 8 * msk.dtype.itemsize
@@ -516,6 +548,23 @@ def _read_record(exposure, hdul, primary, path, set_psf):
     exposure.provenance, exposure.noise_correlation = prov, corr
     if set_psf and reference is not None:
         exposure.psf = reference
+
+
+def _uncertainty_variance(data, header, path):
+    """The variance from a CCDData ``UNCERT`` plane, by its ``UTYPE`` card."""
+    kind = str(header.get("UTYPE", "")).strip()
+    data = np.asarray(data, dtype=np.float64)
+    if kind == "StdDevUncertainty":
+        return data * data
+    if kind == "VarianceUncertainty":
+        return data
+    if kind == "InverseVariance":
+        with np.errstate(divide="ignore"):
+            return np.where(data > 0, 1.0 / np.where(data > 0, data, 1.0), np.inf)
+    raise FitsFormatError(
+        f"{path}: its UNCERT extension has UTYPE = {kind!r}; gpumatch reads StdDevUncertainty, "
+        "VarianceUncertainty or InverseVariance (rewrite it with one of them, or give a "
+        "VARIANCE extension)")
 
 
 def _plain_image_hdu(hdul, path, which):

@@ -56,9 +56,12 @@ def _size(spec, p, sigma_max):
     default = max(3, int(math.ceil(6.0 * sigma_max)) | 1)
     w = p.get("size", p.get("width", p.get("height", default)))
     h = p.get("size", p.get("height", p.get("width", default)))
+    from ..limits import check_stamp_size
+
     for v in (w, h):
         if v != int(v) or int(v) < 1 or int(v) % 2 == 0:
             raise _fail(spec, f"stamp size {v:g} must be an odd positive integer")
+        check_stamp_size(v, f"PSF model {spec!r}")
     return int(w), int(h)
 
 
@@ -127,12 +130,20 @@ def read_image_psf(path):
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"PSF image {path}: no such file; check the path")
+    from ..limits import check_stamp_size
+
+    def image(h):
+        # The header's size is checked before its data are read.
+        if not (h.is_image and h.header.get("NAXIS") == 2):
+            return None
+        check_stamp_size(max(h.header.get("NAXIS1", 0), h.header.get("NAXIS2", 0)),
+                         f"PSF image {path}")
+        return None if h.data is None else np.array(h.data, dtype=np.float64)
+
     try:
         with quiet():
             with fits.open(path, memmap=False) as hdul:
-                data = next((np.array(h.data, dtype=np.float64) for h in hdul
-                             if h.is_image and h.data is not None and np.ndim(h.data) == 2),
-                            None)
+                data = next((d for d in map(image, hdul) if d is not None), None)
     except OSError as exc:
         raise ValueError(f"PSF image {path} is not a readable FITS file ({exc})") from None
     if data is None:

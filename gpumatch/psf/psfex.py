@@ -47,6 +47,7 @@ import numpy as np
 from .._warnings import quiet
 from ..backend import to_numpy
 from ..errors import PsfEvaluationError
+from ..limits import MAX_PSF_STAMP, MAX_PSFEX_DEGREE
 from .base import Psf
 
 log = logging.getLogger("gpumatch")
@@ -161,6 +162,9 @@ class PsfexPsf(Psf):
         size = int(size)
         if size < 1 or size % 2 == 0:
             raise ValueError(f"stamp size must be odd and positive, got {size}")
+        if size > MAX_PSF_STAMP:
+            raise ValueError(f"{size}-pixel stamps exceed gpumatch's limit of {MAX_PSF_STAMP} "
+                             "pixels (PSFAXIS x PSF_SAMP, or size=)")
         self.size = size
         self.path = path
         self.header = dict(header or {})
@@ -268,7 +272,20 @@ class PsfexPsf(Psf):
             if ax3 != nterms:
                 raise bad(f"PSFAXIS3 = {ax3} but a degree-{degree} polynomial in "
                           f"{polnaxis} variables has {nterms} terms")
-            raw = np.asarray(hdu.data["PSF_MASK"])
+            # Sizes checked before the data are read or any stamp is allocated.
+            if degree > MAX_PSFEX_DEGREE:
+                raise bad(f"POLDEG1 = {degree} exceeds gpumatch's limit of {MAX_PSFEX_DEGREE}")
+            stamp = max(ax1, ax2) * sampling
+            if min(ax1, ax2) < 1 or not stamp <= MAX_PSF_STAMP:
+                raise bad(f"PSFAXIS1 x PSFAXIS2 = {ax1} x {ax2} sampled every PSF_SAMP = "
+                          f"{sampling:g} pixels makes {stamp:g}-pixel stamps (limit "
+                          f"{MAX_PSF_STAMP}); the file is damaged or not a PSF model")
+            try:
+                raw = np.asarray(hdu.data["PSF_MASK"])
+            except Exception as exc:  # a truncated file surfaces here (astropy reads lazily)
+                log.debug("%s: PSF_MASK unreadable: %r", p, exc)
+                raise bad(f"its PSF_MASK data are missing or cut short ({os.path.getsize(p)} "
+                          "bytes); the file is truncated, write or copy it again") from None
             if raw.shape[0] < 1:
                 raise bad("the PSF_DATA table has no rows")
             data = np.asarray(raw[0], dtype=np.float64)

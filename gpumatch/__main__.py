@@ -1,0 +1,8 @@
+"""``python -m gpumatch``: the same as the ``gpumatch`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

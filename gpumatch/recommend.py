@@ -111,6 +111,11 @@ class _Footprint:
     def __init__(self, bbox, psf):
         self.bbox, self.psf = bbox, psf
 
+    @property
+    def shape(self):
+        """``(ny, nx)`` of the detector it stands for (the run's memory check reads it)."""
+        return self.bbox.height, self.bbox.width
+
 
 def detector_box(psf, bbox=None):
     """The detector area over which ``psf`` is measured (parent pixels).

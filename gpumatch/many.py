@@ -535,7 +535,9 @@ class _ManyMatcher:
             t0 = time.perf_counter()
             solved = stages.solve_spatial_many([j.A for j in group], [j.rhs for j in group], nb,
                                                nkt, [j.kernel_sum for j in group],
-                                               cfg.conditionNumberType)
+                                               cfg.conditionNumberType,
+                                               to_models=[j.sf.from_solve_functions()
+                                                          for j in group])
             share = (time.perf_counter() - t0) / len(group)
             for job, sol in zip(group, solved):
                 job.times["spatialSolve"] += share

@@ -98,7 +98,7 @@ def solve_symmetric(A, b, condition_type="EIGENVALUE"):
 def _equilibrate(A, b, xp):
     """``d = diag(A)^-1/2`` (1 where the diagonal is not positive), ``D A D`` and ``D b``."""
     diag = xp.diagonal(A, axis1=1, axis2=2)
-    d = xp.where(diag > 0, 1.0 / xp.sqrt(xp.where(diag > 0, diag, 1.0)), 1.0)
+    d = xp.where(diag > 0, diag, 1.0) ** -0.5
     return d, A * d[:, :, None] * d[:, None, :], b * d
 
 
@@ -212,15 +212,16 @@ def _solve_lower(L, B, trans, xp):
 
 
 def _backward_error(As, bs, y, xp):
-    """Normwise backward error of ``y`` per system (inf where ``y`` is not finite)."""
+    """Normwise backward error ``|As y - bs| / (|As| |y| + |bs|)`` (infinity norms) per
+    system: NaN where ``y`` is not finite, which no test accepts."""
     r = xp.einsum("nij,nj->ni", As, y) - bs
     size = abs(As).sum(axis=-1).max(axis=-1) * abs(y).max(axis=-1) + abs(bs).max(axis=-1)
-    size = xp.where(size > 0, size, 1.0)
-    return xp.where(xp.isfinite(y).all(axis=-1), abs(r).max(axis=-1) / size, xp.inf)
+    return abs(r).max(axis=-1) / size
 
 
-def _cholesky_solve(As, bs, xp):
-    """Cholesky solutions of the equilibrated stacks, refined once with their residual.
+def _cholesky_solve(As, bs, xp, refine=True):
+    """Cholesky solutions of the equilibrated stacks, refined once with their
+    residual where ``refine``.
 
     Returns
     -------
@@ -236,14 +237,14 @@ def _cholesky_solve(As, bs, xp):
         return _solve_lower(L, _solve_lower(L, rhs, "N", xp), "T", xp)
 
     y = solve(bs)
-    # One step of refinement: it costs two triangular solves and brings the
-    # solution several times closer to that of the stored system (measured on
-    # the production basis), at no risk: it is kept only where it is finite.
-    refined = y - solve(xp.einsum("nij,nj->ni", As, y) - bs)
-    y = xp.where(xp.isfinite(refined).all(axis=-1)[:, None], refined, y)
-    berr = _backward_error(As, bs, y, xp)
-    pivot = (xp.diagonal(L, axis1=1, axis2=2) ** 2).min(axis=-1)
-    return y, pivot, berr
+    if refine:
+        # One step of refinement: it costs two triangular solves and brings the
+        # solution several times closer to that of the stored system (measured on
+        # the production basis), at no risk: it is kept only where it is finite.
+        refined = y - solve(xp.einsum("nij,nj->ni", As, y) - bs)
+        y = xp.where(xp.isfinite(refined).all(axis=-1)[:, None], refined, y)
+    pivot = xp.diagonal(L, axis1=1, axis2=2).min(axis=-1) ** 2
+    return y, pivot, _backward_error(As, bs, y, xp)
 
 
 def _accepted(pivot, berr, m):
@@ -372,7 +373,7 @@ def _solve_small(M, b, xp):
     if not len(M):
         return xp.empty_like(b)
     d, Ms, bs = _equilibrate(M, b, xp)
-    y, pivot, berr = _cholesky_solve(Ms, bs, xp)
+    y, pivot, berr = _cholesky_solve(Ms, bs, xp, refine=False)
     pivot, berr = to_numpy(xp.stack([pivot, berr]))      # one copy to the host
     ok = _accepted(pivot, berr, M.shape[-1])
     redo = np.flatnonzero(~ok)

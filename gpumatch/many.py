@@ -494,7 +494,9 @@ class _ManyMatcher:
         for job in jobs:
             if job.error is None:
                 groups.setdefault((id(job.basis), job.cell_set.psf_size), []).append(job)
-        for group in groups.values():
+        pending = deque(groups.values())
+        while pending:
+            group = pending.popleft()
             t0 = time.perf_counter()
             try:
                 if len(group) == 1:
@@ -508,8 +510,15 @@ class _ManyMatcher:
             except self.oom:
                 raise
             except Exception as exc:
-                for job in group:
-                    job.error = exc
+                if len(group) > 1:
+                    # A failure of the batch's call is no exposure's own: each is
+                    # tried alone, so only those that fail alone fail.
+                    log.warning("candidate normal equations or solves of %d exposures together "
+                                "failed (%s: %s); "
+                                "retrying them one by one", len(group), type(exc).__name__, exc)
+                    pending.extendleft([job] for job in reversed(group))
+                    continue
+                group[0].error = exc
                 continue
             del templates, targets
             share = (time.perf_counter() - t0) / len(group)

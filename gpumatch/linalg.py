@@ -1,25 +1,57 @@
-"""Symmetric solves that survive rank deficiency, and condition numbers."""
+"""Symmetric solves that survive rank deficiency, and condition numbers.
+
+The rule (docs/algorithm.md section 6): a system is solved by Cholesky of its
+diagonally equilibrated form whenever that factorisation succeeds and its
+solution passes a backward-error check; only otherwise does an eigen-decomposition
+pseudo-inverse solve it. No direction of a system that factorises is dropped,
+however large its condition number.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from .backend import array_namespace, to_numpy
 
+log = logging.getLogger("gpumatch")
+
 __all__ = ["SymmetricSolution", "solve_symmetric", "solve_symmetric_many", "solve_symmetric_batch",
-           "condition_number"]
+           "condition_number", "DEVICE_FAILURES"]
+
+#: What a device linear-algebra call may raise that a smaller call or the host can
+#: still do: CuPy's ``CUSOLVERError``, ``CUBLASError`` and ``CUDARuntimeError``
+#: are RuntimeErrors, its ``OutOfMemoryError`` a MemoryError, and
+#: ``cupyx.errstate(linalg="raise")`` raises LinAlgError. Programming errors
+#: (TypeError, AttributeError...) are not among them.
+DEVICE_FAILURES = (RuntimeError, MemoryError, np.linalg.LinAlgError)
+
+#: Per-candidate systems solved in one stacked device call (27 x 27 systems of the
+#: production basis: ~6 MB each for the matrices); a visit has ~200,000.
+DEVICE_CHUNK = 8192
+#: Below this many systems a failing device chunk goes to the host.
+_MIN_DEVICE_CHUNK = 256
 
 
 @dataclass
 class SymmetricSolution:
-    """Solution of ``A x = b`` and how it was found."""
+    """Solution of ``A x = b`` and how it was found.
+
+    ``condition_number`` is that of ``A`` (or of the matrix the caller named,
+    see :func:`solve_symmetric_many`), ``equilibrated_condition_number`` that
+    of the diagonally equilibrated matrix actually factorised: the one that
+    says how well the solution is determined. ``reason`` says, in words, why
+    ``method`` ran.
+    """
 
     x: np.ndarray
-    method: str  # "cholesky", "lu" or "eigen-pseudo-inverse"
+    method: str  # "cholesky" or "eigen-pseudo-inverse"
     condition_number: float
     rank: int
+    equilibrated_condition_number: float = float("nan")
+    reason: str = ""
 
 
 def _rank_tolerance(eigvals, n):
@@ -48,17 +80,15 @@ def condition_number(A, kind="EIGENVALUE", eigvals=None, xp=None):
 
 
 def solve_symmetric(A, b, condition_type="EIGENVALUE"):
-    """Solve symmetric ``A x = b`` in float64.
+    """Solve symmetric positive semi-definite ``A x = b`` in float64.
 
-    An exact factorisation (Cholesky, else LU) is used when ``A`` is
-    numerically invertible; otherwise an eigen-decomposition pseudo-inverse
-    inverts only the eigenvalues above ``n eps max|lambda|``.
-
-    Both the rank decision and the solve work on the Jacobi-equilibrated
-    matrix ``D A D`` (``D = diag(A)^-1/2``), so that unknowns of very
-    different scales (for example raw-pixel "polynomial" spatial terms, whose
-    columns span many orders of magnitude) do not make an invertible matrix
-    look singular. The reported condition number is that of ``A`` itself.
+    Cholesky of the Jacobi-equilibrated matrix ``D A D`` (``D = diag(A)^-1/2``,
+    so that unknowns of very different scales do not matter), refined once
+    with its residual, is accepted when every pivot is above rounding level
+    and the solution's backward error is below ``1e-8``; otherwise an
+    eigen-decomposition pseudo-inverse of ``D A D`` inverts the eigenvalues
+    above ``m eps max|lambda|`` (the minimum-norm least-squares solution). The
+    reported condition number is that of ``A`` itself.
     """
     A = np.asarray(A, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
@@ -68,23 +98,20 @@ def solve_symmetric(A, b, condition_type="EIGENVALUE"):
 def _equilibrate(A, b, xp):
     """``d = diag(A)^-1/2`` (1 where the diagonal is not positive), ``D A D`` and ``D b``."""
     diag = xp.diagonal(A, axis1=1, axis2=2)
-    d = xp.where(diag > 0, 1.0 / xp.sqrt(xp.where(diag > 0, diag, 1.0)), 1.0)
+    d = xp.where(diag > 0, diag, 1.0) ** -0.5
     return d, A * d[:, :, None] * d[:, None, :], b * d
 
 
-def solve_symmetric_many(A, b, condition_type="EIGENVALUE", xp=None, batched=None):
+def solve_symmetric_many(A, b, condition_type="EIGENVALUE", xp=None, batched=None,
+                         condition_of=None):
     """:func:`solve_symmetric` for a stack of systems ``A (n, m, m)``, ``b (n, m)``.
 
-    On the host (``xp`` NumPy, not ``batched``) the condition numbers and
-    eigenvalues (the cost) are one stacked LAPACK call each, which NumPy makes
-    matrix by matrix, and each system is then factorised alone, so every
-    system is solved exactly (bitwise) as it would be alone.
-
-    ``batched`` solves the whole stack with stacked factorisations and chooses
-    each system's method afterwards (:func:`_solve_batched`): the same
-    decisions, condition numbers and ranks, and solutions equal to rounding;
-    it is how a device (``xp`` CuPy) solves, and with NumPy it tests that
-    algorithm against the host path.
+    On the host (``xp`` NumPy, not ``batched``) each system is solved alone,
+    so exactly (bitwise) as it would be alone. ``batched`` solves the whole
+    stack with stacked factorisations, one copy to the host, and one more
+    for the systems that need the pseudo-inverse: it is how a device (``xp``
+    CuPy) solves, and with NumPy it tests that path against the host's. Both
+    make the same decision by the same rule.
 
     Parameters
     ----------
@@ -97,6 +124,10 @@ def solve_symmetric_many(A, b, condition_type="EIGENVALUE", xp=None, batched=Non
     batched : bool, optional
         Default: True for CuPy, False for NumPy (which alone has the
         system-by-system path).
+    condition_of : array (n, m, m), optional
+        The matrices whose condition numbers are reported, when ``A`` is an
+        equivalent system in other unknowns (see
+        :func:`gpumatch.spatial_solve.solve_spatial_systems`). Default: ``A``.
 
     Returns
     -------
@@ -107,48 +138,34 @@ def solve_symmetric_many(A, b, condition_type="EIGENVALUE", xp=None, batched=Non
     if batched is None:
         batched = xp is not np
     if batched:
-        return _solve_batched(A, b, condition_type, xp)
+        return _solve_batched(A, b, condition_type, xp, condition_of)
     if xp is not np:
         raise ValueError("only NumPy solves system by system; use batched=True with "
                          f"{xp.__name__}")
-    import scipy.linalg
-
     A = np.asarray(to_numpy(A), dtype=np.float64)
     b = np.asarray(to_numpy(b), dtype=np.float64)
-    if not len(A):
-        return []
-    m = A.shape[-1]
-    conds = condition_number(A, condition_type)
-    d, As, bs = _equilibrate(A, b, np)
-    # Eigenvalues alone decide the rank (a third of the cost of eigenvectors,
-    # which only a rank-deficient system needs).
-    lam = np.linalg.eigvalsh(As)
-    tol = _rank_tolerance(lam, m)
-    out = []
-    for i in range(len(A)):
-        cond = float(conds[i])
-        if int((np.abs(lam[i]) > tol[i]).sum()) == m:
-            try:
-                y = scipy.linalg.cho_solve(scipy.linalg.cho_factor(As[i], lower=True), bs[i])
-                method = "cholesky"
-            except np.linalg.LinAlgError:
-                y = scipy.linalg.solve(As[i], bs[i], assume_a="sym")
-                method = "lu"
-            if np.all(np.isfinite(y)):
-                out.append(SymmetricSolution(y * d[i], method, cond, m))
-                continue
-        lam_i, vec = np.linalg.eigh(As[i])
-        keep = np.abs(lam_i) > _rank_tolerance(lam_i, m)
-        inv = np.where(keep, 1.0 / np.where(keep, lam_i, 1.0), 0.0)
-        y = vec @ (inv * (vec.T @ bs[i]))
-        out.append(SymmetricSolution(y * d[i], "eigen-pseudo-inverse", cond, int(keep.sum())))
-    return out
+    C = A if condition_of is None else np.asarray(to_numpy(condition_of), dtype=np.float64)
+    return [_solve_batched(A[i:i + 1], b[i:i + 1], condition_type, np, C[i:i + 1])[0]
+            for i in range(len(A))]
 
 
 # A solve is accepted when its normwise backward error |A y - b| / (|A| |y| + |b|)
 # (infinity norms) is below this: a factorisation that worked gives ~m eps
 # (1e-14 for m ~ 160) whatever the conditioning, one that failed gives O(1).
 _BACKWARD_ERROR_MAX = 1e-8
+
+
+def _pivot_tolerance(m):
+    """Smallest acceptable Cholesky pivot of an ``m x m`` unit-diagonal matrix.
+
+    A pivot is what is left of a diagonal element once the unknowns before it
+    are eliminated; rounding makes every element of a unit-diagonal matrix
+    uncertain by ~eps, so a pivot below ``m eps`` is rounding noise: the
+    factorisation broke down (LAPACK's pivoted Cholesky stops at the same
+    level). A system with a tiny but real pivot, however large its condition
+    number, passes.
+    """
+    return m * np.finfo(np.float64).eps
 
 
 def _per_system(fn, xp, *arrays):
@@ -168,7 +185,7 @@ def _stacked(fn, xp, *arrays):
     NumPy (and CuPy told to raise by ``cupyx.errstate(linalg="raise")``)
     refuses a whole stack when one system fails; then the systems are done
     one by one. CuPy by default does not check and leaves invalid values,
-    which the backward error catches.
+    which the pivots and the backward error catch.
     """
     try:
         return fn(*arrays)
@@ -194,67 +211,97 @@ def _solve_lower(L, B, trans, xp):
         return _per_system(solve, xp, L, B)
 
 
-def _backward_stable(As, bs, y, xp):
-    """Per system: ``y`` finite and a backward-stable solution of ``As y = bs``."""
+def _backward_error(As, bs, y, xp):
+    """Normwise backward error ``|As y - bs| / (|As| |y| + |bs|)`` (infinity norms) per
+    system: NaN where ``y`` is not finite, which no test accepts."""
     r = xp.einsum("nij,nj->ni", As, y) - bs
     size = abs(As).sum(axis=-1).max(axis=-1) * abs(y).max(axis=-1) + abs(bs).max(axis=-1)
-    return xp.isfinite(y).all(axis=-1) & (abs(r).max(axis=-1) <= _BACKWARD_ERROR_MAX * size)
+    return abs(r).max(axis=-1) / size
 
 
-def _solve_batched(A, b, condition_type, xp):
-    """The stacked form of the host path, with at most two copies to the host.
+def _cholesky_solve(As, bs, xp, refine=True):
+    """Cholesky solutions of the equilibrated stacks, refined once with their
+    residual where ``refine``.
 
-    Every system is factorised by Cholesky (one stacked call); then one copy
-    brings back the solutions, condition numbers, ranks and whether each
-    factorisation worked, as a backward error tells. Only the systems whose
-    Cholesky did not (rare: the spatial system is positive semi-definite by
-    construction) go through :func:`_solve_fallback`, with one more copy.
-    In exact arithmetic every decision is the host path's.
+    Returns
+    -------
+    y : array (n, m)
+    pivot : array (n,)
+        The smallest pivot of each factorisation (NaN where it broke down).
+    berr : array (n,)
+        The backward error of each solution.
     """
+    L = _stacked(xp.linalg.cholesky, xp, As)
+
+    def solve(rhs):
+        return _solve_lower(L, _solve_lower(L, rhs, "N", xp), "T", xp)
+
+    y = solve(bs)
+    if refine:
+        # One step of refinement: it costs two triangular solves and brings the
+        # solution several times closer to that of the stored system (measured on
+        # the production basis), at no risk: it is kept only where it is finite.
+        refined = y - solve(xp.einsum("nij,nj->ni", As, y) - bs)
+        y = xp.where(xp.isfinite(refined).all(axis=-1)[:, None], refined, y)
+    pivot = xp.diagonal(L, axis1=1, axis2=2).min(axis=-1) ** 2
+    return y, pivot, _backward_error(As, bs, y, xp)
+
+
+def _accepted(pivot, berr, m):
+    """Host bools: which Cholesky solutions the rule accepts."""
+    with np.errstate(invalid="ignore"):
+        return (pivot > _pivot_tolerance(m)) & (berr <= _BACKWARD_ERROR_MAX)
+
+
+def _reasons(pivot, berr, m, rank):
+    """Why each system was solved as it was, in words."""
+    tol = _pivot_tolerance(m)
+    out = []
+    for p, e, r in zip(pivot, berr, rank):
+        if p > tol and e <= _BACKWARD_ERROR_MAX:
+            out.append(f"Cholesky of the equilibrated system: smallest pivot {p:.3g} > "
+                       f"{tol:.3g}, backward error {e:.2g} <= {_BACKWARD_ERROR_MAX:.0e}")
+            continue
+        if not np.isfinite(p):
+            why = "it is not positive definite"
+        elif p <= tol:
+            why = f"pivot {p:.3g} <= {tol:.3g} (rounding level)"
+        else:
+            why = f"backward error {e:.2g} > {_BACKWARD_ERROR_MAX:.0e}"
+        out.append(f"Cholesky of the equilibrated system broke down ({why}); the eigen "
+                   f"pseudo-inverse kept {int(r)} of {m} eigenvalues")
+    return out
+
+
+def _solve_batched(A, b, condition_type, xp, condition_of=None):
+    """The stacked solve: every system by Cholesky (one stacked call); one copy
+    brings back the solutions and what decides each system's method; only the
+    systems that Cholesky does not solve (rare: the spatial system is positive
+    semi-definite by construction) are solved by the pseudo-inverse, with one
+    more copy."""
     A = xp.asarray(A, dtype=xp.float64)
     b = xp.asarray(b, dtype=xp.float64)
     if not len(A):
         return []
     m = A.shape[-1]
-    conds = condition_number(A, condition_type, xp=xp)
+    C = A if condition_of is None else xp.asarray(condition_of, dtype=xp.float64)
+    conds = condition_number(C, condition_type, xp=xp)
     d, As, bs = _equilibrate(A, b, xp)
-    lam = xp.linalg.eigvalsh(As)
-    rank = (abs(lam) > _rank_tolerance(lam, m)[:, None]).sum(axis=-1)
-    L = _stacked(xp.linalg.cholesky, xp, As)
-    y = _solve_lower(L, _solve_lower(L, bs, "N", xp), "T", xp)
-    x, (conds, rank, worked) = _to_host(y * d, (conds, rank, _backward_stable(As, bs, y, xp)), xp)
-    rank, worked = rank.astype(int), worked > 0
-    full = rank == m
-    methods = np.where(full & worked, "cholesky", "eigen-pseudo-inverse").astype(object)
-    redo = np.flatnonzero(~(full & worked))
+    conds_eq = condition_number(As, condition_type, xp=xp)
+    y, pivot, berr = _cholesky_solve(As, bs, xp)
+    x, (conds, conds_eq, pivot, berr) = _to_host(y * d, (conds, conds_eq, pivot, berr), xp)
+    ok = _accepted(pivot, berr, m)
+    rank = np.full(len(x), m)
+    redo = np.flatnonzero(~ok)
     if redo.size:
         at = xp.asarray(redo)
-        x[redo], rank[redo], lu = _solve_fallback(As[at], bs[at], d[at], full[redo], xp)
-        methods[redo[lu]] = "lu"
-    return [SymmetricSolution(x[i], methods[i], float(conds[i]), int(rank[i]))
-            for i in range(len(x))]
-
-
-def _solve_fallback(As, bs, d, full, xp):
-    """Equilibrated systems solved by LU where ``full`` (host bools) says, by the
-    eigen pseudo-inverse elsewhere and where LU is not finite; one copy to the host.
-
-    Returns
-    -------
-    x : ndarray (n, m)
-    rank : ndarray (n,) of int
-        ``m`` for LU, else the number of eigenvalues kept.
-    lu : ndarray (n,) of bool
-    """
-    y, rank = _pseudo_inverse_solve(As, bs, xp)
-    lu = xp.zeros(len(As), dtype=bool)
-    if full.any():
-        y_lu = _stacked(xp.linalg.solve, xp, As, bs[..., None])[..., 0]
-        lu = xp.asarray(full) & xp.isfinite(y_lu).all(axis=-1)
-        y = xp.where(lu[:, None], y_lu, y)
-        rank = xp.where(lu, As.shape[-1], rank)
-    x, (rank, lu) = _to_host(y * d, (rank, lu), xp)
-    return x, rank.astype(int), lu > 0
+        y2, r2 = _pseudo_inverse_solve(As[at], bs[at], xp)
+        x[redo], (r2,) = _to_host(y2 * d[at], (r2,), xp)
+        rank[redo] = r2.astype(int)
+    methods = np.where(ok, "cholesky", "eigen-pseudo-inverse")
+    reasons = _reasons(pivot, berr, m, rank)
+    return [SymmetricSolution(x[i], str(methods[i]), float(conds[i]), int(rank[i]),
+                              float(conds_eq[i]), reasons[i]) for i in range(len(x))]
 
 
 def _to_host(y, columns, xp):
@@ -282,12 +329,55 @@ def _pseudo_inverse_solve(M, b, xp):
     return xp.einsum("nij,nj->ni", vec, inv * proj), keep.sum(axis=-1)
 
 
-def solve_symmetric_batch(M, b, xp=np):
-    """Batched version of :func:`solve_symmetric` for ``(n, m, m)`` systems.
+def solve_symmetric_batch(M, b, xp=np, chunk=None):
+    """Solutions ``(n, m)`` of many small systems ``M (n, m, m)``, ``b (n, m)``, by the
+    rule of :func:`solve_symmetric` (no condition numbers).
 
-    Returns only the solutions ``(n, m)``.
+    These are the single-candidate kernels, diagnostics only: on a device they
+    are solved in chunks of at most ``chunk`` systems (default
+    :data:`DEVICE_CHUNK`), so that no library call meets a whole visit's
+    candidates at once, and a chunk whose device call fails
+    (:data:`DEVICE_FAILURES`) is solved again in smaller chunks, then on the
+    host: such a failure never fails the exposures.
     """
-    # For full-rank systems this equals the exact solution to rounding; the
-    # single-candidate kernels are diagnostics, so one path serves both cases.
-    return _pseudo_inverse_solve(xp.asarray(M, dtype=xp.float64), xp.asarray(b, dtype=xp.float64),
-                                 xp)[0]
+    M = xp.asarray(M, dtype=xp.float64)
+    b = xp.asarray(b, dtype=xp.float64)
+    if xp is np:
+        return _solve_small(M, b, np)
+    chunk = DEVICE_CHUNK if chunk is None else max(1, int(chunk))
+    out = xp.empty_like(b)
+    for start in range(0, len(M), chunk):
+        stop = min(len(M), start + chunk)
+        out[start:stop] = _solve_small_on_device(M[start:stop], b[start:stop], xp)
+    return out
+
+
+def _solve_small_on_device(M, b, xp):
+    """:func:`_solve_small` on the device; on a device failure, in quarters, then on the host."""
+    try:
+        return _solve_small(M, b, xp)
+    except DEVICE_FAILURES as exc:
+        if len(M) <= _MIN_DEVICE_CHUNK:
+            log.warning("device solve of %d single-candidate systems failed (%s: %s); solving "
+                        "them on the host", len(M), type(exc).__name__, exc)
+            return xp.asarray(_solve_small(to_numpy(M), to_numpy(b), np))
+        step = -(-len(M) // 4)
+        log.warning("device solve of %d single-candidate systems failed (%s: %s); retrying in "
+                    "chunks of %d", len(M), type(exc).__name__, exc, step)
+        return xp.concatenate([_solve_small_on_device(M[i:i + step], b[i:i + step], xp)
+                               for i in range(0, len(M), step)])
+
+
+def _solve_small(M, b, xp):
+    """Cholesky of the equilibrated systems, the pseudo-inverse where it is not accepted."""
+    if not len(M):
+        return xp.empty_like(b)
+    d, Ms, bs = _equilibrate(M, b, xp)
+    y, pivot, berr = _cholesky_solve(Ms, bs, xp, refine=False)
+    pivot, berr = to_numpy(xp.stack([pivot, berr]))      # one copy to the host
+    ok = _accepted(pivot, berr, M.shape[-1])
+    redo = np.flatnonzero(~ok)
+    if redo.size:
+        at = xp.asarray(redo)
+        y[at] = _pseudo_inverse_solve(Ms[at], bs[at], xp)[0]
+    return y * d

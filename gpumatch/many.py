@@ -501,7 +501,9 @@ class _ManyMatcher:
         for job in jobs:
             if job.error is None:
                 groups.setdefault((id(job.basis), job.cell_set.psf_size), []).append(job)
-        for group in groups.values():
+        pending = deque(groups.values())
+        while pending:
+            group = pending.popleft()
             t0 = time.perf_counter()
             try:
                 if len(group) == 1:
@@ -515,8 +517,15 @@ class _ManyMatcher:
             except self.oom:
                 raise
             except Exception as exc:
-                for job in group:
-                    job.error = exc
+                if len(group) > 1:
+                    # A failure of the batch's call is no exposure's own: each is
+                    # tried alone, so only those that fail alone fail.
+                    log.warning("candidate normal equations or solves of %d exposures together "
+                                "failed (%s: %s); "
+                                "retrying them one by one", len(group), type(exc).__name__, exc)
+                    pending.extendleft([job] for job in reversed(group))
+                    continue
+                group[0].error = exc
                 continue
             del templates, targets
             share = (time.perf_counter() - t0) / len(group)
@@ -542,7 +551,9 @@ class _ManyMatcher:
             t0 = time.perf_counter()
             solved = stages.solve_spatial_many([j.A for j in group], [j.rhs for j in group], nb,
                                                nkt, [j.kernel_sum for j in group],
-                                               cfg.conditionNumberType)
+                                               cfg.conditionNumberType,
+                                               to_models=[j.sf.from_solve_functions()
+                                                          for j in group])
             share = (time.perf_counter() - t0) / len(group)
             for job, sol in zip(group, solved):
                 job.times["spatialSolve"] += share

@@ -105,6 +105,39 @@ class SpatialFunctions:
                     T[j, index[(i, l)]] += Fx[a, i] * Fy[c, l]
         return T, (cx, cy, hx, hy)
 
+    def solve_functions(self):
+        """The functions in which the spatial system is assembled and solved.
+
+        The Chebyshev functions of the same order over the same region: for
+        ``"chebyshev1"`` this object itself; for ``"polynomial"`` the same
+        polynomials written in the region's scaled coordinates, which span
+        exactly the same kernels. Raw parent coordinates (hundreds to thousands
+        of pixels, often far from 0) make the powers x^a y^c nearly collinear
+        over the region, and the system assembled in them loses digits that no
+        solver recovers; so both models solve one and the same well-scaled
+        system and give the same kernel (docs/algorithm.md section 6), and
+        :meth:`from_solve_functions` turns its coefficients into this model's.
+        """
+        if self.model_type == "chebyshev1":
+            return self
+        return SpatialFunctions("chebyshev1", self.order, self.region)
+
+    def from_solve_functions(self):
+        """``R (n_terms, n_terms)`` with ``a = c R``: the coefficients ``a`` of these
+        functions that give the kernel whose coefficients in
+        :meth:`solve_functions` are ``c`` (one row per basis). None when they are
+        the same functions.
+
+        Exact polynomial algebra: the Chebyshev functions expanded in monomials
+        of the raw parent coordinates.
+        """
+        if self.model_type == "chebyshev1":
+            return None
+        from .exposure import Box
+
+        # A box whose scaled coordinates are the raw ones: centre 0, half size 1.
+        return self.solve_functions().to_scaled_monomials(Box(-1, -1, 3, 3))[0]
+
     def __repr__(self):
         return (f"SpatialFunctions({self.model_type!r}, order={self.order}, "
                 f"region=[{self.xmin}, {self.xmax}] x [{self.ymin}, {self.ymax}])")

@@ -28,14 +28,18 @@ class NumpyStages:
     def solve_candidates(self, M, b):
         return solve_candidates(M, b, xp=np)
 
-    def solve_spatial(self, A, rhs, nb, nkt, kernel_sum, condition_type="EIGENVALUE"):
+    def solve_spatial(self, A, rhs, nb, nkt, kernel_sum, condition_type="EIGENVALUE",
+                      to_model=None):
         """:func:`~gpumatch.spatial_solve.solve_spatial_system` (LAPACK, system by system)."""
-        return solve_spatial_system(A, rhs, nb, nkt, kernel_sum, condition_type, xp=np)
+        return solve_spatial_system(A, rhs, nb, nkt, kernel_sum, condition_type, xp=np,
+                                    to_model=to_model)
 
-    def solve_spatial_many(self, As, rhss, nb, nkt, kernel_sums, condition_type="EIGENVALUE"):
+    def solve_spatial_many(self, As, rhss, nb, nkt, kernel_sums, condition_type="EIGENVALUE",
+                           to_models=None):
         """:func:`~gpumatch.spatial_solve.solve_spatial_systems`: a :class:`SpatialSolution`
         or the :class:`~gpumatch.errors.SolutionError` of each system."""
-        return solve_spatial_systems(As, rhss, nb, nkt, kernel_sums, condition_type, xp=np)
+        return solve_spatial_systems(As, rhss, nb, nkt, kernel_sums, condition_type, xp=np,
+                                     to_models=to_models)
 
     def apply(self, exposure, kernel, psf):
         return self.start_apply(exposure, kernel, psf).result()

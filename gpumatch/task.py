@@ -288,7 +288,8 @@ class ModelPsfMatchTask:
 
         sf, A, rhs = self._spatial_system(cell_set, M, b, solutions)
         solution = stages.solve_spatial(A, rhs, len(basis), sf.n_terms, kernel_sum,
-                                        self.config.conditionNumberType)
+                                        self.config.conditionNumberType,
+                                        to_model=sf.from_solve_functions())
         times["spatialSolve"] = time.perf_counter() - t2
         return cell_set, choice, basis, sf, solution, reference
 
@@ -322,7 +323,9 @@ class ModelPsfMatchTask:
         Returns
         -------
         tuple
-            ``(sf, A, rhs)``: the spatial functions, the system and its right side.
+            ``(sf, A, rhs)``: the spatial functions, the system and its right
+            side, in the unknowns of ``sf.solve_functions()`` (docs/algorithm.md
+            section 6; ``sf.from_solve_functions()`` converts the solution).
         """
         cfg, xp = self.config, self._stages.xp
         cell_set.normal_matrices, cell_set.normal_vectors = M, b
@@ -330,7 +333,7 @@ class ModelPsfMatchTask:
         cell_set.status = ["GOOD"] * len(cell_set)
         sf = SpatialFunctions(cfg.spatialModelType, cfg.spatialKernelOrder, cell_set.region)
         # A few numbers per candidate: made on the host, copied once.
-        P = xp.asarray(sf.evaluate(cell_set.xs, cell_set.ys))
+        P = xp.asarray(sf.solve_functions().evaluate(cell_set.xs, cell_set.ys))
         A, rhs = assemble_spatial_system(M, b, P, xp=xp)
         cell_set.spatial_matrix = A  # for the equilibrated condition number (gpumatch.verdict)
         return sf, A, rhs
@@ -385,6 +388,8 @@ class ModelPsfMatchTask:
             "numSpatialTerms": sf.n_terms,
             "numSpatialUnknowns": solution.n_unknowns,
             "spatialSolveMethod": solution.method,
+            "spatialSolveReason": solution.reason,
+            "spatialConditionNumEquilibrated": solution.equilibrated_condition_number,
             "spatialSolveRank": solution.rank,
             "spatialSolveOn": self.spatial_solve,
             "psfSize": cell_set.psf_size,

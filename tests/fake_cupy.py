@@ -600,6 +600,7 @@ def install(kernels="transcribed"):
         setattr(cupyx.scipy, sub, module)
         sys.modules[module.__name__] = module
     sys.modules.update({"cupy": cupy, "cupyx": cupyx, "cupyx.scipy": cupyx.scipy})
+    _install_library_errors()
 
     import gpumatch.backend as gb
     import gpumatch.cuda.module as cm
@@ -744,6 +745,29 @@ def install(kernels="transcribed"):
     cm.get_kernel = cne.get_kernel = get_kernel
     cm.device_limits = cne.device_limits = lambda: limits
     _check_against_cupy(cupy, cupyx)
+
+
+def _install_library_errors():
+    """CuPy's cuSOLVER and cuBLAS errors, where CuPy keeps them
+    (``cupy_backends.cuda.libs.cusolver.CUSOLVERError``, ``...cublas.CUBLASError``:
+    RuntimeErrors made from the library's status, named in the message), for
+    tests that make a library call fail."""
+    for name in ("cupy_backends", "cupy_backends.cuda", "cupy_backends.cuda.libs"):
+        sys.modules[name] = types.ModuleType(name)
+    for lib, cls in (("cusolver", "CUSOLVERError"), ("cublas", "CUBLASError")):
+        prefix = f"{lib.upper()}_STATUS_"
+        status = {3: "INVALID_VALUE" if lib == "cusolver" else "ALLOC_FAILED",
+                  7: "INVALID_VALUE" if lib == "cublas" else "INTERNAL_ERROR",
+                  13: "EXECUTION_FAILED"}
+
+        def __init__(self, code, _prefix=prefix, _status=status):
+            self.status = code
+            RuntimeError.__init__(self, _prefix + _status.get(code, str(code)))
+
+        module = types.ModuleType(f"cupy_backends.cuda.libs.{lib}")
+        setattr(module, cls, type(cls, (RuntimeError,), {"__init__": __init__}))
+        sys.modules[module.__name__] = module
+        setattr(sys.modules["cupy_backends.cuda.libs"], lib, module)
 
 
 def _check_against_cupy(cupy, cupyx):

@@ -63,7 +63,9 @@ def random_symmetric_systems(rng, m=14):
     2. positive semi-definite of rank ``m // 2`` with a unit diagonal (so the
        equilibration is the identity): the pseudo-inverse, whose answer is the
        minimum-norm solution ``pinv(A) b``;
-    3. indefinite (two negative eigenvalues) but invertible: Cholesky fails, LU;
+    3. indefinite (two negative eigenvalues) but invertible: Cholesky fails, so
+       the pseudo-inverse, which keeps every eigenvalue (rank ``m``) and gives
+       the exact solution;
     4. zero: the pseudo-inverse, rank 0, ``x = 0``.
 
     Returns
@@ -97,7 +99,8 @@ def random_symmetric_systems(rng, m=14):
     weights[1] = scales
     return types.SimpleNamespace(
         A=A, b=b, x=x, weights=weights,
-        methods=["cholesky", "cholesky", "eigen-pseudo-inverse", "lu", "eigen-pseudo-inverse"],
+        methods=["cholesky", "cholesky", "eigen-pseudo-inverse", "eigen-pseudo-inverse",
+                 "eigen-pseudo-inverse"],
         ranks=[m, m, r, m, 0],
         conds=[lam[0].max() / lam[0].min(), None, None,
                np.abs(lam[3]).max() / np.abs(lam[3]).min(), np.inf])

@@ -831,3 +831,45 @@ def test_match_many_device_out_of_memory_halves_the_batch(monkeypatch):
     assert n_cand > 0
     for g, w in zip(got, want):
         _assert_identical(g, w)
+
+
+@pytest.mark.parametrize("failing", ["large", "all"])
+def test_match_many_device_solver_error_falls_back(monkeypatch, failing, caplog):
+    """A cuSOLVER (or cuBLAS) error that is not out-of-memory in the batch's per-candidate
+    solves: the failing device calls are redone in smaller chunks ("large": only
+    calls on more than one exposure's candidates fail), then on the host ("all":
+    every device call fails); no exposure fails and every result equals run's."""
+    import cupy_backends.cuda.libs.cublas as cublas
+    import cupy_backends.cuda.libs.cusolver as cusolver
+
+    from gpumatch import linalg
+
+    cfg, ref = _config(), _reference()
+    exps = _visit()
+    want = [gm.ModelPsfMatchTask(cfg, backend="cupy").run(e, ref) for e in exps]
+    n_cand = len(want[0].kernelCellSet)
+    real = cp.linalg.cholesky
+    sizes = []
+
+    def cholesky(a):
+        sizes.append(len(a))
+        if failing == "all":
+            raise cublas.CUBLASError(13)
+        if len(a) > n_cand:
+            raise cusolver.CUSOLVERError(3)
+        return real(a)
+
+    monkeypatch.setattr(cp.linalg, "cholesky", cholesky)
+    monkeypatch.setattr(linalg, "_MIN_DEVICE_CHUNK", 8 if failing == "large" else 1 << 20)
+    with caplog.at_level("WARNING", logger="gpumatch"):
+        got = list(gm.match_many(exps, ref, cfg, backend="cupy", batch_size=len(exps)))
+    assert sizes[0] > n_cand                       # the batch's call, which failed
+    if failing == "large":
+        assert 0 < max(sizes[1:]) <= n_cand        # then smaller chunks, which worked
+        assert "retrying in chunks" in caplog.text
+    else:
+        assert "on the host" in caplog.text
+    assert len(got) == len(exps)
+    for g, w in zip(got, want):
+        assert not isinstance(g, Exception)
+        _assert_identical(g, w)

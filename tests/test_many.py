@@ -272,6 +272,44 @@ def test_out_of_memory_halves_the_batch_and_retries(monkeypatch):
         assert_same_result(g, w)
 
 
+def test_a_failing_batch_call_retries_each_exposure_alone(monkeypatch):
+    """A library error (not out-of-memory) in the batch's per-candidate solves fails
+    no exposure that succeeds alone: each is retried alone, results unchanged; an
+    exposure whose own solve fails still fails, alone."""
+    import gpumatch.many as many
+
+    cfg = small_config()
+    exposures = [small_exposure(seed=s) for s in range(4)]
+    want = serial(exposures, cfg)
+    task = gm.ModelPsfMatchTask(cfg, backend="numpy")
+    real = task._stages.solve_candidates
+    sizes = []
+
+    class SolverError(RuntimeError):      # as CuPy's CUSOLVERError
+        pass
+
+    def failing(M, b):
+        sizes.append(len(M))
+        if len(M) > 42 or np.array_equal(M, bad_M[0]):
+            raise SolverError("CUSOLVER_STATUS_INVALID_VALUE")
+        return real(M, b)
+
+    bad_M = [None]
+    monkeypatch.setattr(task._stages, "solve_candidates", failing)
+    monkeypatch.setattr(many, "ModelPsfMatchTask", lambda *a, **k: task)
+    got = list(gm.match_many(exposures, REFERENCE, cfg, backend="numpy", batch_size=4))
+    assert sizes == [4 * 42, 42, 42, 42, 42]
+    for g, w in zip(got, want):
+        assert_same_result(g, w)
+    # Exposure 2 fails alone too: only it fails.
+    bad_M[0] = want[2].kernelCellSet.normal_matrices
+    got = list(gm.match_many(exposures, REFERENCE, cfg, backend="numpy", batch_size=4,
+                             on_error="yield"))
+    assert isinstance(got[2], SolverError)
+    for i in (0, 1, 3):
+        assert_same_result(got[i], want[i])
+
+
 def test_device_batch_size_from_free_memory(monkeypatch):
     """The device batch-size arithmetic, with a stand-in for CuPy's memory queries."""
     import sys

@@ -22,8 +22,8 @@ import cupy
 import numpy as np
 
 from ..apply import start_apply_kernel
-from ..linalg import solve_symmetric_batch
-from ..spatial_solve import check_spatial_solve, solve_spatial_system, solve_spatial_systems
+from ..linalg import DEVICE_FAILURES, solve_symmetric_batch
+from ..spatial_solve import check_spatial_solve, solve_spatial_systems
 from .apply import pinned_empty
 from .normal_equations import candidate_normal_equations_cupy
 
@@ -62,9 +62,6 @@ class CupyStages:
     def spatial_solve(self, where):
         self._spatial_solve = check_spatial_solve(where)
 
-    def _spatial_xp(self):
-        return np if self._spatial_solve == "host" else cupy
-
     def sync(self):
         """Wait for all work queued on the current stream."""
         cupy.cuda.get_current_stream().synchronize()
@@ -74,20 +71,34 @@ class CupyStages:
         return candidate_normal_equations_cupy(templates, targets, basis, variance)
 
     def solve_candidates(self, M, b):
-        """Single-candidate kernels ``M^-1 b`` (batched eigendecomposition on the device,
-        pseudo-inverse where singular, as on the host)."""
+        """Single-candidate kernels ``M^-1 b`` (diagnostics): stacked Cholesky on the
+        device in bounded chunks, the pseudo-inverse where it is not accepted, as on
+        the host; a chunk whose device call fails is redone smaller, then on the host
+        (:func:`~gpumatch.linalg.solve_symmetric_batch`)."""
         return solve_symmetric_batch(cupy.asarray(M), cupy.asarray(b), cupy)
 
-    def solve_spatial(self, A, rhs, nb, nkt, kernel_sum, condition_type="EIGENVALUE"):
+    def solve_spatial(self, A, rhs, nb, nkt, kernel_sum, condition_type="EIGENVALUE",
+                      to_model=None):
         """:func:`~gpumatch.spatial_solve.solve_spatial_system` where :attr:`spatial_solve` says."""
-        return solve_spatial_system(A, rhs, nb, nkt, kernel_sum, condition_type,
-                                    xp=self._spatial_xp())
+        (sol,) = self.solve_spatial_many([A], [rhs], nb, nkt, [kernel_sum], condition_type,
+                                         [to_model])
+        if isinstance(sol, BaseException):
+            raise sol
+        return sol
 
-    def solve_spatial_many(self, As, rhss, nb, nkt, kernel_sums, condition_type="EIGENVALUE"):
+    def solve_spatial_many(self, As, rhss, nb, nkt, kernel_sums, condition_type="EIGENVALUE",
+                           to_models=None):
         """:func:`~gpumatch.spatial_solve.solve_spatial_systems` where :attr:`spatial_solve`
-        says (on the device, one stacked solve for all the systems)."""
-        return solve_spatial_systems(As, rhss, nb, nkt, kernel_sums, condition_type,
-                                     xp=self._spatial_xp())
+        says (on the device, one stacked solve for all the systems; if a device call
+        fails, on the host, where the same rule gives the same answers)."""
+        args = (As, rhss, nb, nkt, kernel_sums, condition_type)
+        if self._spatial_solve == "device":
+            try:
+                return solve_spatial_systems(*args, xp=cupy, to_models=to_models)
+            except DEVICE_FAILURES as exc:
+                log.warning("device solve of %d spatial systems failed (%s: %s); solving them "
+                            "on the host", len(As), type(exc).__name__, exc)
+        return solve_spatial_systems(*args, xp=np, to_models=to_models)
 
     def apply(self, exposure, kernel, psf):
         """Exact per-pixel application; stays on the device for CuPy planes."""

@@ -237,7 +237,7 @@ def _cmd_match(args):
 
     from .distributed import (SUMMARY_NAME, _progress_bar, format_summary, match_one,
                               write_run_summary)
-    from .pipeline import output_path_for, resolve_psf
+    from .pipeline import resolve_psf
     from .task import ModelPsfMatchTask
 
     if args.task_timeout is not None:

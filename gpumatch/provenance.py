@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import weakref
 
 import numpy as np

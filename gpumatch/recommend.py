@@ -35,7 +35,7 @@ import numpy as np
 
 from .errors import GpumatchError, PoorMatchWarning, warn
 from .exposure import Box
-from .moments import adaptive_moments_batch, determinant_radius
+from .moments import adaptive_moments_batch
 from .psf.base import pad_or_crop
 
 log = logging.getLogger("gpumatch")

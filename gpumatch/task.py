@@ -408,7 +408,7 @@ class ModelPsfMatchTask:
             "candidateFwhmExposure": quality["fwhm_exposure"].tolist(),
             "timings": times,
         }
-        judge(md, self.config, cell_set, solution, matched.image)
+        judge(md, self.config, solution, matched.image)
         self.metadata = md
         record_match(matched, state.exposure, cell_set.reference_given, kernel, self.config,
                      self.backend)

@@ -22,15 +22,13 @@ The quality figures themselves are those of docs/algorithm.md section 8.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .backend import array_namespace, to_numpy
 from .errors import ConditioningWarning, PoorMatchError, PoorMatchWarning, warn
 
 __all__ = ["ON_POOR_MATCH", "match_verdict", "valid_pixel_count",
-           "equilibrated_condition_number", "conditioning_threat", "apply_policy",
+           "conditioning_threat", "apply_policy",
            "check_on_poor_match", "warn_conditioning", "judge"]
 
 #: Accepted values of ``on_poor_match``.
@@ -65,27 +63,6 @@ def valid_pixel_count(image, kernel_size):
     xp = array_namespace(image)
     valid = int(to_numpy(xp.count_nonzero(xp.isfinite(image[h:ny - h, h:nx - h]))))
     return valid, iy * ix
-
-
-def equilibrated_condition_number(A):
-    """Condition number of ``D A D`` with ``D = diag(A)**-1/2`` (2-norm, host).
-
-    This is the system the spatial solve actually factorises
-    (:func:`gpumatch.linalg.solve_symmetric`), so it, not the condition
-    number of ``A``, bounds the rounding error of the solution. Infinite when
-    ``A`` is singular or has a non-positive diagonal. Computed where ``A``
-    lies (host or device).
-    """
-    xp = array_namespace(A)
-    d = 1.0 / xp.sqrt(xp.diag(A))
-    try:
-        lam = xp.abs(xp.linalg.eigvalsh(A * d[:, None] * d[None, :]))
-    except np.linalg.LinAlgError:  # NaN from a non-positive diagonal
-        return float("inf")
-    # One small copy back: the extreme eigenvalues (NaN where A is not positive
-    # on its diagonal or not finite).
-    hi, lo = (float(v) for v in to_numpy(xp.stack([lam.max(), lam.min()])))
-    return hi / lo if lo > 0 and math.isfinite(hi / lo) else float("inf")
 
 
 def conditioning_threat(cond_equilibrated, rank, n_unknowns):
@@ -221,20 +198,14 @@ def warn_conditioning(md):
     return why
 
 
-def judge(md, config, cell_set, solution, image):
+def judge(md, config, solution, image):
     """Add the verdict and the equilibrated condition number to ``md`` (in place).
 
-    Keys added: ``spatialConditionNumEquilibrated`` (unless already there),
-    ``matchQuality``, ``matchQualityReason`` and ``numValidPixels``. The
-    equilibrated condition number is the solution's own when it carries one,
-    else computed from the spatial matrix kept on ``cell_set``.
+    Keys added: ``spatialConditionNumEquilibrated`` (the solution's, unless
+    already there), ``matchQuality``, ``matchQualityReason`` and ``numValidPixels``.
     """
-    if "spatialConditionNumEquilibrated" not in md:
-        cond = getattr(solution, "equilibrated_condition_number", None)
-        if cond is None:
-            matrix = getattr(cell_set, "spatial_matrix", None)
-            cond = float("nan") if matrix is None else equilibrated_condition_number(matrix)
-        md["spatialConditionNumEquilibrated"] = float(cond)
+    md.setdefault("spatialConditionNumEquilibrated",
+                  float(solution.equilibrated_condition_number))
     quality, reason, valid = match_verdict(md, config, image)
     md.update(matchQuality=quality, matchQualityReason=reason, numValidPixels=valid)
     return md

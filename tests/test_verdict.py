@@ -22,7 +22,7 @@ import gpumatch as gm
 from gpumatch.cli import EXIT_FAILED, EXIT_OK, EXIT_POOR, EXIT_USAGE, build_parser, main
 from gpumatch.config import ModelPsfMatchConfig
 from gpumatch.example import make_fake_exposure
-from gpumatch.verdict import (conditioning_threat, equilibrated_condition_number, match_verdict,
+from gpumatch.verdict import (conditioning_threat, match_verdict,
                               valid_pixel_count)
 
 FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))  # FWHM / sigma of a Gaussian
@@ -262,9 +262,13 @@ def test_conditioning_threat_rule():
     assert why is not None and f"rank {n} of {n}" in why
     assert "rank 150 of 157" in conditioning_threat(1e10, 150, 157)
     assert conditioning_threat(float("inf"), n, n) is not None
-    A = np.diag([4.0, 9.0])
-    assert equilibrated_condition_number(A) == pytest.approx(1.0)   # diagonal: scaled away
-    assert math.isinf(equilibrated_condition_number(np.array([[1.0, 1.0], [1.0, 1.0]])))
+    # The solve's equilibrated condition number, which the rule reads.
+    from gpumatch.linalg import solve_symmetric
+
+    diagonal = solve_symmetric(np.diag([4.0, 9.0]), np.ones(2))
+    assert diagonal.equilibrated_condition_number == pytest.approx(1.0)   # scaled away
+    singular = solve_symmetric(np.array([[1.0, 1.0], [1.0, 1.0]]), np.ones(2))
+    assert math.isinf(singular.equilibrated_condition_number)
 
 
 def test_conditioning_warning_fires_on_an_undetermined_system():

@@ -1,11 +1,11 @@
-"""GPU benchmark of ModelPsfMatchTask (issue 3): one command on a lent H100/H200.
+"""GPU benchmark of ModelPsfMatchTask: one command on a lent H100/H200.
 
 Usage (repository root, on the GPU machine):
 
     python3 benchmarks/bench_gpu.py --output bench_gpu.md
 
 Workload: one 4096 x 4096 float32 exposure (image, variance, int32 mask) with
-the production configuration of SPEC section 11 (VaryingGaussianPsf 25x25
+the production configuration of docs/algorithm.md section 11 (VaryingGaussianPsf 25x25
 exposure PSF, reference DoubleGaussianPsf(23, 23, 3.27, 8.175, 0.1),
 kernelSize 21, sigmas 1.0/2.0/4.5, degrees 4/2/2, spatial order 2).
 

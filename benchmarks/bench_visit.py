@@ -1,4 +1,4 @@
-"""Visit benchmark of gpumatch.match_many (issue 5): a whole camera visit on one device.
+"""Visit benchmark of gpumatch.match_many: a whole camera visit on one device.
 
 Usage (repository root):
 
@@ -7,7 +7,7 @@ Usage (repository root):
 
 Workload: a synthetic camera visit of ``--exposures`` (default 189) exposures of
 4096 columns x 4004 rows (``--shape NY NX``), each a noisy float32 image and
-variance plane and an int32 mask, with the production configuration of SPEC
+variance plane and an int32 mask, with the production configuration of docs/algorithm.md
 section 11 (``workloads.production_config()``: kernelSize 21, sigmas
 1.0/2.0/4.5, degrees 4/2/2, spatial order 2) and reference
 (``workloads.production_reference()``: DoubleGaussianPsf(23, 23, 3.27, 8.175,
@@ -358,7 +358,7 @@ def main(argv=None):
 
     cmd = shlex.join(["python3"] + [os.path.relpath(sys.argv[0])] + sys.argv[1:]) \
         if argv is None else shlex.join(["bench_visit"] + list(argv))
-    out(f"# gpumatch visit benchmark (issue 5), {datetime.date.today().isoformat()}")
+    out(f"# gpumatch visit benchmark, {datetime.date.today().isoformat()}")
     out()
     out(f"- command: `{cmd}`")
     out(f"- device: **{device}**")
@@ -500,7 +500,7 @@ def main(argv=None):
             out(f"- CuPy memory pool after the {label} runs: {r['pool_bytes'] / 2**30:.1f} GiB")
     else:
         out("- host<->device copies: none (NumPy backend: everything stays in host memory)")
-    out(f"- targets (issue 5, one GPU, 189 exposures of 4096x4004): host-resident < "
+    out(f"- targets: host-resident < "
         f"{TARGETS['host']:g} s (pageable or pinned input planes), device-resident < "
         f"{TARGETS['device']:g} s"
         + ("" if backend == "cupy" else "; this is a CPU run, so they do not apply"))

@@ -12,13 +12,13 @@ from gpumatch import Box, DoubleGaussianPsf, Exposure, ModelPsfMatchConfig, Vary
 
 
 def production_config():
-    """SPEC section 11: LSST PSF-matched warps."""
+    """docs/algorithm.md section 11: LSST PSF-matched warps."""
     return ModelPsfMatchConfig(kernelSize=21, alardSigGauss=(1.0, 2.0, 4.5),
                                alardDegGauss=(4, 2, 2), spatialKernelOrder=2)
 
 
 def production_reference():
-    """Reference double Gaussian of SPEC section 11 (FWHM 7.7 px)."""
+    """Reference double Gaussian of docs/algorithm.md section 11 (FWHM 7.7 px)."""
     return DoubleGaussianPsf(23, 23, 3.270, 8.175, 0.1)
 
 

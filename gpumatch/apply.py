@@ -1,4 +1,4 @@
-"""Exact per-pixel application of a spatial kernel to an exposure (SPEC section 7).
+"""Exact per-pixel application of a spatial kernel to an exposure (docs/algorithm.md section 7).
 
 At output pixel ``(x, y)`` the kernel is ``K = sum_k X^a Y^c Q_k`` (scaled
 monomials, see :meth:`SpatialKernel.scaled_terms`), so
@@ -97,7 +97,7 @@ def footprint_or(plane, support):
     plane : integer or bool array (ny, nx)
     support : bool array (k, k)
         Footprint pixels (``support[j, i]`` reads input offset
-        ``(j - h, i - h)``, the orientation of SPEC section 5).
+        ``(j - h, i - h)``, the orientation of docs/algorithm.md section 5).
 
     Returns
     -------
@@ -247,7 +247,7 @@ def out_of_range(data, factor=RANGE_FACTOR):
 def edge_planes(shape, dtypes, no_data_bit, xp=np):
     """Image, variance and mask planes holding the edge values everywhere.
 
-    NaN, +inf and only the NO_DATA bit (SPEC section 7); the application fills
+    NaN, +inf and only the NO_DATA bit (docs/algorithm.md section 7); the application fills
     the interior.
     """
     image = xp.full(shape, np.nan, dtype=dtypes[0])
@@ -311,7 +311,7 @@ def _clip_negative_variance(result, variance, k):
 
 
 def convolve_planes(image, variance, mask, kernel, box, no_data_bit):
-    """NumPy implementation of SPEC section 7 on plain arrays.
+    """NumPy implementation of docs/algorithm.md section 7 on plain arrays.
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""The Alard-Lupton kernel basis (SPEC section 4)."""
+"""The Alard-Lupton kernel basis (docs/algorithm.md section 4)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ class BasisChoice:
 
 
 def basis_widths(config, template_sigma=None, reference_sigma=None):
-    """Choose the basis widths and kernel size (SPEC section 4, ``scaleByFwhm``).
+    """Choose the basis widths and kernel size (docs/algorithm.md section 4, ``scaleByFwhm``).
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""Cells, kernel candidates and PSF stamps (SPEC section 3)."""
+"""Cells, kernel candidates and PSF stamps (docs/algorithm.md section 3)."""
 
 from __future__ import annotations
 

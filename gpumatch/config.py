@@ -28,7 +28,7 @@ def _as_tuple(value, kind, name):
 
 @dataclass
 class ModelPsfMatchConfig:
-    """Configuration of :class:`~gpumatch.ModelPsfMatchTask` (SPEC section 2).
+    """Configuration of :class:`~gpumatch.ModelPsfMatchTask` (docs/algorithm.md section 2).
 
     Values are checked on construction and again by :meth:`validate`, which the
     task calls before every run; a bad value raises :class:`ConfigError` naming
@@ -222,7 +222,7 @@ class ModelPsfMatchConfig:
         as_bool("doAutoPadPsf")
         need(1.0 <= as_float("autoPadPsfTo") <= 2.0, "autoPadPsfTo", "must lie in [1.0, 2.0]")
         need(as_int("padPsfBy") >= 0, "padPsfBy", "must be >= 0")
-        # An odd padPsfBy is reported when the cell set is built (SPEC section 3),
+        # An odd padPsfBy is reported when the cell set is built (docs/algorithm.md section 3),
         # because it only matters when doAutoPadPsf is False.
         self._check_limits()
         return self

@@ -11,7 +11,7 @@ from .backend import array_namespace
 
 __all__ = ["Box", "Exposure", "DEFAULT_MASK_PLANES"]
 
-#: Default mask planes and bits, as in the LSST stack (SPEC section 7).
+#: Default mask planes and bits, as in the LSST stack (docs/algorithm.md section 7).
 DEFAULT_MASK_PLANES = {
     "BAD": 0,
     "SAT": 1,

@@ -39,7 +39,7 @@ def box_variance_factor(correlation, k):
 
 
 class SpatialKernel:
-    """``K(x, y) = sum_b (sum_j a_bj p_j(x, y)) B_b`` (SPEC section 6).
+    """``K(x, y) = sum_b (sum_j a_bj p_j(x, y)) B_b`` (docs/algorithm.md section 6).
 
     Parameters
     ----------

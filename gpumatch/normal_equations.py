@@ -1,4 +1,4 @@
-"""Per-candidate normal equations (SPEC section 6, first part).
+"""Per-candidate normal equations (docs/algorithm.md section 6, first part).
 
 Written once for NumPy and CuPy (``xp``); the CUDA backend replaces
 :func:`candidate_normal_equations` with fused kernels of the same result.
@@ -37,7 +37,7 @@ def candidate_design_matrices(templates, basis, xp=np):
     """Basis convolutions of the template stamps on the good region.
 
     ``C[n, p, b] = (T_n (*) B_b)`` at good pixel ``p`` (row-major), with the
-    correlation orientation of SPEC section 5.
+    correlation orientation of docs/algorithm.md section 5.
 
     Returns
     -------

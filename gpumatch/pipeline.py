@@ -45,7 +45,7 @@ def parse_overrides(items):
 def load_config(path=None, overrides=None):
     """A validated config from an optional TOML file plus ``field=value`` overrides.
 
-    The TOML file holds SPEC section 2 field names at top level or in a
+    The TOML file holds docs/algorithm.md section 2 field names at top level or in a
     ``[config]`` table.
     """
     values = {}

@@ -12,7 +12,7 @@ __all__ = ["candidate_residuals", "matched_psf_stamps"]
 
 
 def _correlate_each(stamps, kernels, xp=np):
-    """Correlate stamp ``i`` with kernel ``i`` (SPEC section 5 orientation).
+    """Correlate stamp ``i`` with kernel ``i`` (docs/algorithm.md section 5 orientation).
 
     Returns the whole stamps ``(n, size, size)``, pixels outside the stamp
     taken as zero. Batched FFTs on the arrays' own device.

@@ -1,4 +1,4 @@
-"""Spatial functions p_j(x, y) of the kernel coefficients (SPEC section 6)."""
+"""Spatial functions p_j(x, y) of the kernel coefficients (docs/algorithm.md section 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The spatial system: assembly and float64 solve (SPEC section 6)."""
+"""The spatial system: assembly and float64 solve (docs/algorithm.md section 6)."""
 
 from __future__ import annotations
 
@@ -107,8 +107,8 @@ def _to_solution(sol, nb, nkt, kernel_sum, to_model=None):
         )
     # kernelSum is a multiplicative factor on the whole kernel: a0 is replaced
     # by it and the other coefficients are scaled by it, so the normalised
-    # kernel (and the matched image) does not depend on it (issue 2), and
-    # kernelSum = 1 is exactly "replace a0 by 1" (SPEC section 6).
+    # kernel (and the matched image) does not depend on it, and
+    # kernelSum = 1 is exactly "replace a0 by 1" (docs/algorithm.md section 6).
     coeffs = np.zeros((nb, nkt))
     coeffs[0, 0] = kernel_sum
     c = sol.x[1:].reshape(nb - 1, nkt)

@@ -131,7 +131,7 @@ def _noise_gains(kernel, bbox, n=5):
 
 
 class ModelPsfMatchTask:
-    """Match an exposure's PSF to a reference PSF model (SPEC section 1).
+    """Match an exposure's PSF to a reference PSF model (docs/algorithm.md section 1).
 
     Parameters
     ----------
@@ -215,7 +215,7 @@ class ModelPsfMatchTask:
         return basis_widths(cfg, t, r)
 
     def buildCellSet(self, exposure, referencePsfModel):
-        """Cells, candidates and stamps for ``exposure`` (SPEC section 3).
+        """Cells, candidates and stamps for ``exposure`` (docs/algorithm.md section 3).
 
         Returns
         -------

@@ -1,9 +1,9 @@
 // Exact per-pixel application of a spatially varying kernel to image, variance
-// and mask (SPEC section 7), fused into one pass over the exposure.
+// and mask (docs/algorithm.md section 7), fused into one pass over the exposure.
 //
 // Loaded by gpumatch/cuda/apply.py through cupy.RawModule (NVRTC). Everything
 // that shapes the code is a compile-time macro, set with -D options; the
-// defaults below are the production configuration (SPEC section 11), so
+// defaults below are the production configuration (docs/algorithm.md section 11), so
 // `nvcc -arch=sm_90 -c apply_spatial.cu` compiles the file as it stands.
 //
 // Math. At output pixel (x, y) the kernel is

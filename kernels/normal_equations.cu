@@ -1,4 +1,4 @@
-// Per-candidate normal equations (SPEC section 6), fused: basis convolutions of
+// Per-candidate normal equations (docs/algorithm.md section 6), fused: basis convolutions of
 // each template stamp on the good region and the products M = C^T C / var,
 // b = C^T s / var, in float64, one thread block per candidate.
 //

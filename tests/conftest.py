@@ -1,6 +1,6 @@
 """Shared fixtures and independent reference computations for the core tests.
 
-Everything here is written from shared/SPEC.md alone, independently of the
+Everything here is written from docs/algorithm.md alone, independently of the
 gpumatch implementation, so the tests compare gpumatch with a second,
 deliberately simple computation (explicit loops, analytic formulas).
 """
@@ -16,12 +16,12 @@ import pytest
 import gpumatch as gm
 
 # --------------------------------------------------------------------------
-# Independent reference computations (SPEC sections 3-7)
+# Independent reference computations (docs/algorithm.md sections 3-7)
 # --------------------------------------------------------------------------
 
 
 def next_odd(v):
-    """SPEC section 3: ceil(v), plus 1 if that is even."""
+    """docs/algorithm.md section 3: ceil(v), plus 1 if that is even."""
     n = math.ceil(v)
     return n + 1 if n % 2 == 0 else n
 
@@ -64,7 +64,7 @@ def center_in(stamp, size):
 
 
 def correlate_valid(image, kernel):
-    """SPEC section 5, brute force: out[y, x] = sum_{j,i} in[y-h+j, x-h+i] K[j, i].
+    """docs/algorithm.md section 5, brute force: out[y, x] = sum_{j,i} in[y-h+j, x-h+i] K[j, i].
 
     Only outputs whose footprint lies inside ``image`` (the good region),
     returned as an array of shape (ny - 2h, nx - 2h); out[0, 0] is input pixel (h, h).
@@ -96,7 +96,7 @@ def correlate_valid_fast(image, kernel):
 
 
 def al_basis(kernel_size, sigmas, degrees):
-    """SPEC section 4, written out term by term."""
+    """docs/algorithm.md section 4, written out term by term."""
     h = kernel_size // 2
     raw = []
     for sigma, deg in zip(sigmas, degrees):
@@ -123,7 +123,7 @@ def al_basis(kernel_size, sigmas, degrees):
 
 
 def spatial_terms(model_type, order, region, x, y):
-    """SPEC section 6 spatial functions p_j(x, y) at one parent position."""
+    """docs/algorithm.md section 6 spatial functions p_j(x, y) at one parent position."""
     if model_type == "polynomial":
         tx, ty = float(x), float(y)
 
@@ -161,7 +161,7 @@ def kernel_image(basis, coeffs, model_type, order, region, x, y):
 
 
 def slow_spatial_system(M, b, P):
-    """SPEC section 6 assembly with explicit loops over candidates and blocks."""
+    """docs/algorithm.md section 6 assembly with explicit loops over candidates and blocks."""
     nc, nb, _ = M.shape
     nkt = P.shape[1]
     nt = (nb - 1) * nkt + 1
@@ -205,7 +205,7 @@ def ref():
 
 
 # --------------------------------------------------------------------------
-# The reference's own test setup (SPEC section 10)
+# The reference's own test setup (docs/algorithm.md section 10)
 # --------------------------------------------------------------------------
 
 
@@ -243,7 +243,7 @@ def make_sec10_exposure(seed=0):
 
 @pytest.fixture
 def sec10():
-    """Namespace with the SPEC section 10 exposure, reference and config factory."""
+    """Namespace with the docs/algorithm.md section 10 exposure, reference and config factory."""
     return types.SimpleNamespace(
         exposure=make_sec10_exposure(),
         reference=gm.DoubleGaussianPsf(11, 11, 3.7),

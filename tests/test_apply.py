@@ -1,4 +1,4 @@
-"""Applying the kernel (SPEC section 7) against a brute-force per-pixel reference."""
+"""Applying the kernel (docs/algorithm.md section 7) against a brute-force per-pixel reference."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""The Alard-Lupton basis (SPEC section 4): images, renormalisation, widths, sizes."""
+"""The Alard-Lupton basis (docs/algorithm.md section 4): images, renormalisation, widths, sizes."""
 
 
 import numpy as np
@@ -96,7 +96,7 @@ def _cfg(**kw):
     return gm.ModelPsfMatchConfig(**kw)
 
 
-# Hand-computed from SPEC section 4:
+# Hand-computed from docs/algorithm.md section 4:
 # t=2.0, r=3.7: k = sqrt(3.7^2 - 2^2) = sqrt(9.69) = 3.1128764832546763
 #   widths k/2 = 1.5564382416273381, 3.1128764832546763, 6.2257529665093525
 #   size int(6 * 6.2257529665) = int(37.3545) = 37

@@ -1,4 +1,4 @@
-"""The cell set (SPEC section 3): region, centres, PSF survey, padding, stamps."""
+"""The cell set (docs/algorithm.md section 3): region, centres, PSF survey, padding, stamps."""
 
 import logging
 

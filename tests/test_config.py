@@ -1,4 +1,4 @@
-"""Configuration: SPEC section 2 defaults and validation."""
+"""Configuration: docs/algorithm.md section 2 defaults and validation."""
 
 import dataclasses
 
@@ -8,7 +8,7 @@ import pytest
 import gpumatch as gm
 from gpumatch import ConfigError, ModelPsfMatchConfig
 
-# SPEC section 2, copied from the table.
+# docs/algorithm.md section 2, copied from the table.
 SPEC_DEFAULTS = {
     "kernelBasisSet": "alard-lupton",
     "kernelSize": 21,

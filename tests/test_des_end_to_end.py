@@ -1,6 +1,6 @@
 """End to end on a realistic detector: DES PSFEx stars on a 2048x4096 CCD, matched to a Gaussian.
 
-Issue 4: a 2048x4096 exposure with the DES header's WCS, point sources drawn
+A 2048x4096 exposure with the DES header's WCS, point sources drawn
 through the DES PSFEx model over the whole detector, matched to a Gaussian
 reference; the second-moment size of every matched star agrees with the
 reference within 1%.
@@ -159,7 +159,7 @@ def test_output_keeps_the_detector_geometry_and_wcs(des_run):
 def test_metadata_reports_every_candidate(des_run):
     result = des_run["result"]
     md = result.metadata
-    # SPEC section 3: (2048 + 256) // 128 = 18 by (4096 + 256) // 128 = 34 cells.
+    # docs/algorithm.md section 3: (2048 + 256) // 128 = 18 by (4096 + 256) // 128 = 34 cells.
     n = 18 * 34
     assert md["numKernelCandidates"] == n == md["numUsedCandidates"]
     assert md["ALKernelSize"] == 21 and md["psfSize"] == 31
@@ -180,7 +180,7 @@ def test_metadata_reports_every_candidate(des_run):
     assert abs(md["matchedPsfFwhmRatioWorst"] - 1.0) < 0.01
 
     # Recompute three candidates independently: the template stamp correlated
-    # (SPEC section 5, no flip) with the normalised kernel at its position.
+    # (docs/algorithm.md section 5, no flip) with the normalised kernel at its position.
     cells, kernel = result.kernelCellSet, result.psfMatchingKernel
     templates = np.asarray(cells.templates)
     targets = np.asarray(cells.targets)

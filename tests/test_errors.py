@@ -1,4 +1,4 @@
-"""SPEC section 9: every error, with a helpful message, and nothing modified."""
+"""docs/algorithm.md section 9: every error, with a helpful message, and nothing modified."""
 
 import re
 

@@ -1,4 +1,4 @@
-"""The CuPy/CUDA backend against the NumPy backend, stage by stage (issue 3).
+"""The CuPy/CUDA backend against the NumPy backend, stage by stage.
 
 Skipped, with the reason, when CuPy does not import or no CUDA device answers,
 so CI (no GPU) never fails here. On a GPU machine:
@@ -284,7 +284,7 @@ def test_run_spatial_solve_on_device_matches_host(resident):
 
 
 def test_run_spatial_solve_on_device_rank_deficient(sec10):
-    """SPEC section 10's rank-deficient setup (25 good pixels for 27 basis
+    """docs/algorithm.md section 10's rank-deficient setup (25 good pixels for 27 basis
     functions): the pseudo-inverse on the device too, and as useful a kernel.
     Its equilibrated system has eigenvalues on both sides of the rank tolerance
     within a factor 1.5 (measured with LAPACK), so the rank itself may differ
@@ -651,7 +651,7 @@ def test_run_user_psf_model_rendered_on_host():
 
 
 def test_run_production_configuration_strict():
-    """SPEC section 11 on 1024 x 1024 (100 candidates): well enough conditioned
+    """docs/algorithm.md section 11 on 1024 x 1024 (100 candidates): well enough conditioned
     (a 1e-16 change of M moves the kernel by ~4e-7 on the CPU) for the issue's
     1e-5 criterion on kernels and matched planes."""
     exp = _exposure(nx=1024, ny=1024, xy0=(0, 0))
@@ -700,7 +700,7 @@ def test_run_ill_conditioned():
 
 
 # ---------------------------------------------------------------------------
-# Many exposures on the device (issue 5)
+# Many exposures on the device
 # ---------------------------------------------------------------------------
 
 

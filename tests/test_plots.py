@@ -1,4 +1,4 @@
-"""Diagnostic figures (issue 4, ``--plots DIR`` / ``--debug``), saved with matplotlib.
+"""Diagnostic figures, saved with matplotlib.
 
 The exposure is deliberately not square (320 x 448 pixels) and has a non-zero,
 partly negative origin, so that swapped axes or a forgotten ``xy0`` show up in
@@ -104,7 +104,7 @@ def test_cells_figure_places_cells_and_candidates_in_parent_pixels(run):
     fig = plots.plot_cells(exposure, cells, res)
     try:
         ax = fig.axes[0]
-        # SPEC section 3: region = bbox grown by 128 px on every side (576 x 704 px),
+        # docs/algorithm.md section 3: region = bbox grown by 128 px on every side (576 x 704 px),
         # holding 576 // 128 = 4 by 704 // 128 = 5 cells; the axes show the whole region.
         assert (cells.n_cells_x, cells.n_cells_y) == (4, 5)
         assert ax.get_xlim() == pytest.approx((XY0[0] - 128 - 0.5, XY0[0] + NX + 128 - 0.5))

@@ -1,4 +1,4 @@
-"""Solving (SPEC sections 5 and 6): normal equations, spatial system, kernels."""
+"""Solving (docs/algorithm.md sections 5 and 6): normal equations, spatial system, kernels."""
 
 import types
 
@@ -112,7 +112,7 @@ def test_xy0_parent_coordinates_varying_psf(ref):
 # --- exact recovery of a known spatial kernel ------------------------------------
 #
 # The reference PSF at (x, y) is built here as the exposure PSF correlated
-# (SPEC section 5) with a known kernel K_true(x, y) = B0 + sum_b c_b(x, y) B_b
+# (docs/algorithm.md section 5) with a known kernel K_true(x, y) = B0 + sum_b c_b(x, y) B_b
 # whose coefficients are Chebyshev polynomials of the spatial order over R.
 # The exposure PSF is zero outside the central pixels so that no flux leaves
 # the stamp; then the least-squares fit is exact (a0 = 1) and every spatial
@@ -196,7 +196,7 @@ def test_known_kernel_recovered_every_order_and_type(order, model_type, ref):
         truth = target.true_kernel(x, y)
         got = kernel.compute_image(x, y)
         assert np.abs(got - truth).max() < 1e-9 * np.abs(truth).max(), (x, y)
-        # The stored coefficients mean what SPEC section 6 says they mean.
+        # The stored coefficients mean what docs/algorithm.md section 6 says they mean.
         mine = ref.kernel_image(kernel.basis_images, kernel.spatial_coefficients, model_type,
                                 order, region, x, y)
         np.testing.assert_allclose(got, mine, rtol=0, atol=1e-12 * np.abs(truth).max())
@@ -284,7 +284,7 @@ def test_transposed_problem_gives_transposed_kernel():
 # --- the rank-deficient case -------------------------------------------------------
 
 def test_rank_deficient_reference_setup_has_no_nan(sec10, ref):
-    """SPEC section 10 setup: 13-pixel stamps and a 9-pixel kernel leave 5 x 5 = 25
+    """docs/algorithm.md section 10 setup: 13-pixel stamps and a 9-pixel kernel leave 5 x 5 = 25
     good pixels per candidate for 27 basis functions."""
     for model_type in ("chebyshev1", "polynomial"):
         task = gm.ModelPsfMatchTask(sec10.config(spatialModelType=model_type), backend="numpy")
@@ -306,7 +306,7 @@ def test_rank_deficient_reference_setup_has_no_nan(sec10, ref):
 
 # --- the exact least-squares optimum of an ill-conditioned, invertible system ---------
 #
-# The production basis (SPEC section 11) over 1536 x 896 pixels at xy0 = (700, -300)
+# The production basis (docs/algorithm.md section 11) over 1536 x 896 pixels at xy0 = (700, -300)
 # with an elliptical PSF whose size varies by +-18 % and whose ellipticity reaches
 # 0.09: the raw "polynomial" system has condition numbers of 1e21 (order 2) and
 # 1e29 (order 3), the equilibrated Chebyshev one 2e11. A rank cut on its small
@@ -336,7 +336,7 @@ def _matched_psfs(templates, kernels):
 
 def _least_squares_kernels(res, ref):
     """Kernels at the candidates from the exact least-squares solution of the stacked
-    problem (SPEC section 6: rows C_b p_j(x_c, y_c) of every candidate, weight 1/2),
+    problem (docs/algorithm.md section 6: rows C_b p_j(x_c, y_c) of every candidate, weight 1/2),
     by pivoted QR, then a0 replaced by 1.
 
     The spatial functions are the Chebyshev ones of the region (ref.spatial_terms):
@@ -399,7 +399,7 @@ def test_spatial_solve_is_the_least_squares_optimum(case, order, ref):
     for model_type, matched in got.items():
         assert ref.rel_l2(matched, want) < 1e-6, model_type
     assert ref.rel_l2(got["polynomial"], got["chebyshev1"]) < 1e-6
-    # The polynomial coefficients mean what SPEC section 6 says they mean.
+    # The polynomial coefficients mean what docs/algorithm.md section 6 says they mean.
     kernel = results["polynomial"].psfMatchingKernel
     for x, y in [(cs.xs[0], cs.ys[0]), (1400.5, 100.25), (cs.xs[-1], cs.ys[-1])]:
         mine = ref.kernel_image(kernel.basis_images, kernel.spatial_coefficients, "polynomial",
@@ -431,7 +431,7 @@ def test_host_and_batched_spatial_solves_agree_on_an_ill_conditioned_system():
 
 def test_condition_number_is_that_of_the_models_own_system(ref):
     """The polynomial model is solved in Chebyshev functions; the condition number
-    reported is still that of its own system (SPEC section 6), assembled here with
+    reported is still that of its own system (docs/algorithm.md section 6), assembled here with
     raw-coordinate terms and a slow loop."""
     cfg, exposure, target, coeffs, region = _known_kernel_problem(ref, 1, shape=(96, 128),
                                                                   cell=48)

@@ -1,4 +1,4 @@
-"""SPEC section 10 (the reference's own tests) and section 8 (metadata, logging).
+"""docs/algorithm.md section 10 (the reference's own tests) and section 8 (metadata, logging).
 
 Setup throughout: 256x256 exposure, exposure PSF DoubleGaussianPsf(11, 11, 2.0),
 reference DoubleGaussianPsf(11, 11, 3.7), kernelSize = kernelSizeMin = 9,

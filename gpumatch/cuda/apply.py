@@ -1,10 +1,10 @@
-"""Exact per-pixel application of a spatial kernel on the device (SPEC section 7).
+"""Exact per-pixel application of a spatial kernel on the device (docs/algorithm.md section 7).
 
 :func:`convolve_planes_cupy` is the device twin of
 :func:`gpumatch.apply.convolve_planes`: one fused kernel
 (``kernels/apply_spatial.cu``) evaluates the kernel at every output pixel,
 normalises it there and produces image, variance and mask in a single pass,
-with the edge rules of SPEC section 7.
+with the edge rules of docs/algorithm.md section 7.
 
 * CuPy planes in: everything stays on the device (current stream, no
   synchronisation) and CuPy arrays come out.

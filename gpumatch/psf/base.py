@@ -23,7 +23,7 @@ def pad_or_crop(stamp, width, height):
     stamp = xp.asarray(stamp)
     h, w = stamp.shape[-2:]
     out = xp.zeros(stamp.shape[:-2] + (height, width), dtype=stamp.dtype)
-    # Offsets follow SPEC section 3: (new - old) // 2, negative meaning crop.
+    # Offsets follow docs/algorithm.md section 3: (new - old) // 2, negative meaning crop.
     oy, ox = (height - h) // 2, (width - w) // 2
     sy0, dy0 = max(0, -oy), max(0, oy)
     sx0, dx0 = max(0, -ox), max(0, ox)

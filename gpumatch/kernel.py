@@ -111,7 +111,7 @@ class SpatialKernel:
         """Sum of the squared normalised kernel at parent position(s) ``(x, y)``.
 
         The factor by which matching multiplies the variance of white noise
-        (docs/algorithm.md section 7): the matched variance plane is
+        (docs/algorithm.md section 13.1): the matched variance plane is
         ``sum(Khat**2 * variance)``. For a Gaussian exposure PSF of width ``t``
         matched to a Gaussian of width ``r`` (pixels) the ideal kernel gives
         ``1 / (4 pi (r^2 - t^2))``.
@@ -137,7 +137,7 @@ class SpatialKernel:
         input noise comes out with covariance proportional to the
         autocorrelation ``A(d) = sum_u K(u) K(u + d)``; this returns
         ``A / A(0)``, the correlation coefficient between pixels ``d`` apart
-        (docs/algorithm.md section 7). The variance plane holds
+        (docs/algorithm.md section 13.2). The variance plane holds
         ``A(0) = sum K^2`` times the input variance per pixel and none of the
         correlation: see :func:`box_variance_factor` for sums over apertures.
 

@@ -18,7 +18,7 @@ A matched exposure (``result.psfMatchedExposure``) carries
 :data:`NOISE_CARDS`, :data:`REFPSF` and :data:`NOISECORR`) and
 :func:`gpumatch.io.fits.read_exposure` reads them back, with ``psf`` the
 reference. :func:`output_conflict` is how ``gpumatch match`` decides whether an
-existing output may be kept (docs/algorithm.md section 8).
+existing output may be kept (docs/algorithm.md sections 14 and 14.6).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Recommended settings: a configuration chosen from the two PSFs.
+"""Recommended settings: a configuration chosen from the two PSFs (docs/algorithm.md section 15).
 
 :meth:`ModelPsfMatchConfig.for_psfs` measures the exposure PSF on a 3 x 3 grid
 over the detector and the reference PSF, works out the ideal matching kernel

@@ -1,4 +1,4 @@
-"""Known-answer self-check of an array backend.
+"""Known-answer self-check of an array backend (docs/algorithm.md section 16).
 
 A GPU path can be wrong on one machine and right on another (a driver, a
 CUDA library, a card that rounds or races differently). Before gpumatch

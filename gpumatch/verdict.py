@@ -17,7 +17,8 @@ carries ``metadata["matchQuality"]``:
     quality measurements are not finite: nothing in it can be used.
 
 ``metadata["matchQualityReason"]`` is one line with the numbers and the fix.
-The quality figures themselves are those of docs/algorithm.md section 8.
+The rules are docs/algorithm.md section 12; the quality figures themselves are those of
+section 8.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ __all__ = ["ON_POOR_MATCH", "match_verdict", "valid_pixel_count",
 ON_POOR_MATCH = ("warn", "raise", "ignore")
 
 # The fix named for a match that does not reach the reference: the recommended
-# settings choose kernel and basis from the two PSFs (docs/algorithm.md section 2).
+# settings choose kernel and basis from the two PSFs (docs/algorithm.md section 15).
 _SETTINGS_FIX = ("a larger kernelSize and wider alardSigGauss (now kernelSize={k}, widest "
                  "width {w:g} px), or the recommended settings "
                  "ModelPsfMatchConfig.for_psfs(exposure_psf, reference) (on the command line: "

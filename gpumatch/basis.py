@@ -65,7 +65,46 @@ def alard_lupton_basis(kernel_size, sigmas, degrees):
         if abs(s) > SUM_EPSILON:
             basis[i] = basis[i] / s - b0
         basis[i] /= math.sqrt((basis[i] ** 2).sum())
+    _warn_if_not_zero_sum(basis, sigmas, degrees, k)
     return basis
+
+
+#: Largest sum of a basis image after image 0 that still counts as zero. The
+#: kernel sum is then carried by the first coefficient alone, as the solve's
+#: ``a0 -> kernelSum`` step (docs/algorithm.md section 6) assumes.
+ZERO_SUM_TOLERANCE = 1e-9
+
+
+def bases_with_a_sum(basis, tol=ZERO_SUM_TOLERANCE):
+    """Indices ``b >= 1`` of basis images whose sum is not zero (``|sum| > tol``).
+
+    An image whose raw sum is below ``SUM_EPSILON`` is only scaled to unit
+    norm (docs/algorithm.md section 4); a high-degree term of a narrow Gaussian
+    in a large kernel (for example ``x^6`` of a 0.7-pixel Gaussian with
+    ``kernelSize`` 59) is such an image, and after scaling its sum is of
+    order 1.
+    """
+    sums = np.abs(np.asarray(basis).sum(axis=(1, 2)))
+    return [int(i) for i in np.flatnonzero(sums[1:] > tol) + 1]
+
+
+def _warn_if_not_zero_sum(basis, sigmas, degrees, kernel_size):
+    """Warn when the kernel sum is not carried by the first coefficient alone."""
+    bad = bases_with_a_sum(basis)
+    if not bad:
+        return
+    from .errors import ConditioningWarning, warn
+
+    owners, first = [], 0
+    for g, degree in enumerate(degrees):
+        n = (int(degree) + 1) * (int(degree) + 2) // 2
+        if any(first <= b < first + n for b in bad):
+            owners.append(f"alardSigGauss[{g}]={float(sigmas[g]):g} (degree {int(degree)})")
+        first += n
+    warn(f"{len(bad)} basis images of {', '.join(owners)} in a {kernel_size}-pixel kernel are "
+         "too small to be made zero-sum and keep a sum of order 1, so replacing the fitted a0 "
+         "by kernelSum distorts the kernel; lower alardDegGauss for that Gaussian, widen it, or "
+         "lower kernelSize", ConditioningWarning)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .basis import alard_lupton_basis, bases_with_a_sum
 from .errors import GpumatchError, PoorMatchWarning, warn
 from .exposure import Box
 from .moments import adaptive_moments_batch
@@ -336,6 +337,11 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
                   "alardDegGauss": (2,) * len(sigmas)}
         if attempt >= 1:
             fields["alardDegGauss"] = (4,) + (2,) * (len(sigmas) - 1)
+        if attempt >= 1 and bases_with_a_sum(alard_lupton_basis(
+                size, fields["alardSigGauss"], fields["alardDegGauss"])):
+            # Degree 4 on this narrow width in this kernel leaves basis images
+            # with a sum: the fit's a0 no longer carries the kernel sum.
+            fields["alardDegGauss"] = (2,) * len(sigmas)
         fields.update(overrides)
         fields.setdefault("kernelSizeMax", max(k_max, int(fields["kernelSize"])))
         cfg = cls(**fields)

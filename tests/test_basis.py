@@ -1,5 +1,6 @@
 """The Alard-Lupton basis (docs/algorithm.md section 4): images, renormalisation, widths, sizes."""
 
+import warnings
 
 import numpy as np
 import pytest
@@ -219,3 +220,23 @@ def test_widths_from_measured_fwhm():
                                [1.118033988749895, 2.23606797749979, 4.47213595499958], rtol=1e-6)
     assert res.metadata["ALBasisMode"] == "convolution"
     assert res.metadata["ALKernelSize"] == 27
+
+
+def test_basis_images_that_keep_a_sum_are_found_and_warned_about():
+    """A degree-6 term of a 0.7-pixel Gaussian in a 59-pixel kernel has a raw sum
+    below SUM_EPSILON, so it is only scaled: its sum stays of order 1 and the
+    kernel sum is no longer the first coefficient. Found by summing the images."""
+    import gpumatch
+    from gpumatch.basis import bases_with_a_sum
+
+    with pytest.warns(gpumatch.ConditioningWarning, match=r"alardSigGauss\[0\]=0.702 \(degree 6\)"):
+        basis = alard_lupton_basis(59, (0.702, 1.404), (6, 2))
+    sums = basis.sum(axis=(1, 2))
+    expected = [b for b in range(1, len(basis)) if abs(sums[b]) > 1e-9]
+    assert bases_with_a_sum(basis) == expected and len(expected) == 4
+    assert max(abs(sums[b]) for b in expected) > 0.1
+    # The LSST defaults and the production basis are zero-sum: no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for k, s, d in ((21, (0.7, 1.5, 3.0), (4, 2, 2)), (21, (1.0, 2.0, 4.5), (4, 2, 2))):
+            assert bases_with_a_sum(alard_lupton_basis(k, s, d)) == []

@@ -197,8 +197,15 @@ def stale_temporaries(output):
 
 
 def _remove_stale(output):
+    """Remove the temporaries an interrupted write of ``output`` left, sparing those
+    of a live writer on this host (its write may be in flight)."""
+    from .io._atomic import owner_alive
+
     removed = []
     for p in stale_temporaries(output):
+        if owner_alive(p):
+            log.info("%s: temporary of a live process, left in place", p)
+            continue
         try:
             os.unlink(p)
             removed.append(p)

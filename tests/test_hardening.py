@@ -6,6 +6,7 @@ before anything is allocated; one run per output directory.
 """
 
 import os
+import sys
 import stat
 
 import numpy as np
@@ -597,6 +598,33 @@ def test_serial_run_removes_its_stale_temporaries(tmp_path, capsys):
     assert code == 0, err
     assert files_under(out) == [".b.fits.0123456789ab.tmp.fits", "a.fits",
                                 "gpumatch_summary.json"]
+
+
+def test_temporaries_name_their_writer_and_a_live_writers_are_spared(tmp_path, capsys):
+    """Temporary files carry ``{host}-{pid}``: a sweep removes those of dead writers
+    (and of names without an owner, from older versions) but not a live process's."""
+    import subprocess
+
+    from gpumatch.distributed import _remove_stale
+    from gpumatch.io._atomic import _HOST, _create_temporary, temporary_owner
+
+    out = tmp_path / "x.fits"
+    mine = _create_temporary(str(out))
+    assert temporary_owner(mine) == (_HOST, os.getpid())
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".x.fits.{_HOST}-{sleeper.pid}.00aa11.tmp.fits"
+        dead = tmp_path / f".x.fits.{_HOST}-{2 ** 22 + 7}.00bb22.tmp.fits"  # no such pid
+        old = tmp_path / ".x.fits.0123456789ab.tmp.fits"
+        for p in (live, dead, old):
+            p.write_bytes(b"partial")
+        removed = sorted(os.path.basename(p) for p in _remove_stale(str(out)))
+        assert removed == sorted(os.path.basename(p) for p in (mine, dead, old))
+        assert live.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert [os.path.basename(p) for p in _remove_stale(str(out))] == [live.name]
 
 
 @pytest.mark.parametrize("mode", ["serial", "workers"])

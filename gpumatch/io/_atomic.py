@@ -5,10 +5,43 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
+import socket
 import stat
 
-__all__ = ["atomic_write", "check_output_path", "check_directory_writable"]
+__all__ = ["atomic_write", "check_output_path", "check_directory_writable", "temporary_owner"]
+
+#: ``{host}-{pid}`` of this process in the names of its temporary files, so that a
+#: sweep of stale temporaries can tell which writer (and so which run) made each.
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+_OWNER = re.compile(r"\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[0-9a-f]+\.tmp")
+
+
+def _owner_tag():
+    return f"{_HOST}-{os.getpid()}"  # the pid at call time: forked workers differ
+
+
+def temporary_owner(name):
+    """``(host, pid)`` of the process that created temporary file ``name``, or None
+    for a name without them (written by an older gpumatch)."""
+    m = _OWNER.search(os.path.basename(name))
+    return None if m is None else (m.group("host"), int(m.group("pid")))
+
+
+def owner_alive(name):
+    """Whether the writer of temporary file ``name`` is a live process on this host
+    (other than this one): its file may be in flight and must not be swept."""
+    owner = temporary_owner(name)
+    if owner is None or owner[0] != _HOST or owner[1] == os.getpid():
+        return False
+    try:
+        os.kill(owner[1], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _suffixes(name):
@@ -24,7 +57,8 @@ def _suffixes(name):
 
 
 def _create_temporary(path):
-    """Create an empty ``.{base}.{token}.tmp{suffix}`` beside ``path``; return its name.
+    """Create an empty ``.{base}.{host}-{pid}.{token}.tmp{suffix}`` beside ``path``;
+    return its name.
 
     Created with mode 0o666 so the kernel applies the process umask, as for any
     new file: reading the umask (``os.umask``) would change it process-wide for
@@ -34,7 +68,7 @@ def _create_temporary(path):
     directory = os.path.dirname(os.path.abspath(path))
     base, suffix = os.path.basename(path), ".tmp" + _suffixes(path)
     for _ in range(100):
-        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}{suffix}")
+        tmp = os.path.join(directory, f".{base}.{_owner_tag()}.{secrets.token_hex(6)}{suffix}")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:

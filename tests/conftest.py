@@ -8,12 +8,33 @@ deliberately simple computation (explicit loops, analytic formulas).
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 import types
 
 import numpy as np
 import pytest
 
 import gpumatch as gm
+
+
+def pytest_configure(config):
+    """The CUDA emulator's compiled libraries go to a private directory made for this
+    test run (0700, unpredictable name) and removed at its end; the fake-CuPy
+    subprocesses inherit it. Set GPUMATCH_EMULATOR_CACHE to a private directory of
+    your own to keep them across runs."""
+    if not os.environ.get("GPUMATCH_EMULATOR_CACHE"):
+        run_dir = tempfile.mkdtemp(prefix="gpumatch-emulator-run-")
+        os.environ["GPUMATCH_EMULATOR_CACHE"] = run_dir
+        config._gpumatch_emulator_run_dir = run_dir
+
+
+def pytest_unconfigure(config):
+    run_dir = getattr(config, "_gpumatch_emulator_run_dir", None)
+    if run_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        os.environ.pop("GPUMATCH_EMULATOR_CACHE", None)
 
 # --------------------------------------------------------------------------
 # Independent reference computations (docs/algorithm.md sections 3-7)

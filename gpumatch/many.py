@@ -63,6 +63,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from . import stages
 from .backend import single_threaded_blas, to_numpy
+from .backends import Backend
 from .basis import alard_lupton_basis
 from .cellset import next_odd
 from .psf.base import Psf
@@ -75,10 +76,10 @@ log = logging.getLogger("gpumatch")
 
 __all__ = ["match_many", "solve_spatial_systems"]
 
-#: Exposures per batch on a host backend (its ``default_batch``).
-DEFAULT_CPU_BATCH = 8
-#: Upper bound of the batch size on a device.
-MAX_DEVICE_BATCH = 256
+#: Exposures per batch on a host backend (``Backend.default_batch``).
+DEFAULT_CPU_BATCH = Backend.default_batch
+#: Upper bound of the batch size on a device (``Backend.max_batch``).
+MAX_DEVICE_BATCH = Backend.max_batch
 #: Share of the free device memory a batch may plan to use.
 DEVICE_MEMORY_FRACTION = 0.6
 #: Share of the available host memory that a batch of exposures may hold.
@@ -300,7 +301,7 @@ class _ManyMatcher:
         budget = DEVICE_MEMORY_FRACTION * free - 2 * APPLY_BYTES_PER_PIXEL * exposure.image.size
         limit = int(budget // max(1, self._phase1_bytes(exposure)))
         if not _is_path(first.source):
-            return max(1, min(MAX_DEVICE_BATCH, limit))
+            return max(1, min(self.backend.max_batch, limit))
         # A batch of inputs read from files is held in host memory too (and, with
         # read-ahead, the next batch's): together within the host share. Exposures
         # given as objects exist already; batching them costs no host memory.
@@ -313,7 +314,7 @@ class _ManyMatcher:
             limit = min(limit, int(HOST_MEMORY_FRACTION * host // max(1, held * planes)))
         except (ValueError, OSError, AttributeError):
             pass
-        return max(1, min(MAX_DEVICE_BATCH, limit))
+        return max(1, min(self.backend.max_batch, limit))
 
     def run(self, exposures, on_error):
         source = _Input(exposures, self._load, self.read_workers)

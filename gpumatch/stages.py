@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .backends import get_backend
 from .basis import alard_lupton_basis, basis_widths
 from .cellset import build_cell_set
 from .errors import MissingPsfError, PsfEvaluationError
@@ -38,7 +39,7 @@ from .verdict import judge, warn_conditioning
 
 log = logging.getLogger("gpumatch")
 
-__all__ = ["MatchState", "ModelPsfMatchResult", "timed", "captured", "prepare",
+__all__ = ["MatchState", "StageContext", "ModelPsfMatchResult", "timed", "captured", "prepare",
            "normal_equations", "spatial_system", "solve", "start_apply", "complete",
            "solve_exposure", "check_inputs"]
 
@@ -81,6 +82,26 @@ class MatchState:
     queue_time: float = 0.0
     times: dict = field(default_factory=dict)
     error: BaseException = None
+
+
+@dataclass
+class StageContext:
+    """What the stages read of a task: its configuration and backend.
+
+    A :class:`~gpumatch.ModelPsfMatchTask` is one; this is the task-free form
+    (for callers that solve without a task, such as :mod:`gpumatch.recommend`).
+    """
+
+    config: object
+    array_backend: object
+    backend: str = ""
+    metadata: dict = field(default_factory=dict)
+
+    @classmethod
+    def on(cls, config, backend="numpy"):
+        """A context on a registered backend (no self-check: for the host backends)."""
+        impl = get_backend(backend)
+        return cls(config, impl, impl.name)
 
 
 @contextlib.contextmanager

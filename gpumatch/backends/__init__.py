@@ -25,8 +25,9 @@ from .base import Backend
 
 log = logging.getLogger("gpumatch")
 
-__all__ = ["Backend", "register_backend", "unregister_backend", "backend_names", "get_backend", "resolve_backend_name",
-           "backend_for_namespace", "backend_for_arrays", "backend_status", "cupy_status", "ENTRY_POINT_GROUP"]
+__all__ = ["Backend", "register_backend", "unregister_backend", "backend_names", "get_backend",
+           "resolve_backend_name", "backend_for_namespace", "backend_for_arrays", "backend_status",
+           "cupy_status", "ENTRY_POINT_GROUP"]
 
 #: The entry-point group through which other packages register backends.
 ENTRY_POINT_GROUP = "gpumatch.backends"

@@ -52,8 +52,10 @@ class Backend:
     oom_errors: tuple = ()
     #: What a device linear-algebra call may raise that the host can still do.
     device_errors: tuple = ()
-    #: Exposures per batch of :func:`gpumatch.match_many` when nothing limits it.
+    #: Exposures per batch of :func:`gpumatch.match_many` on the host.
     default_batch = 8
+    #: Upper bound of a batch sized from the free memory of a device.
+    max_batch = 256
     #: Allocates host planes that this backend reads from files.
     empty_host = staticmethod(np.empty)
 

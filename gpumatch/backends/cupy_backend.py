@@ -49,8 +49,6 @@ class CupyBackend(Backend):
     name = "cupy"
     on_device = True
     device_errors = DEVICE_FAILURES
-    #: Upper bound of the batch size of :func:`gpumatch.match_many`.
-    max_batch = 256
     _spatial_solve = "host"
     #: Allocates host planes that this backend reads from files: pinned, so that
     #: they are copied to the device directly, with no staging copy.

@@ -82,21 +82,25 @@ def _cmd_example(args):
 
 
 def _cmd_selftest(args):
-    from .backends import cupy_status
+    from .backends import backend_names, backend_status, resolve_backend_name
     from .selftest import run_self_check
     from .task import ModelPsfMatchTask
 
     backend = args.backend
-    if backend != "numpy":
-        usable, why = cupy_status()
+    if backend == "auto":
+        backend = resolve_backend_name("auto")
+        for name in backend_names()[1:]:  # the ones "auto" passed over, and why
+            usable, why = backend_status(name)
+            if not usable:
+                print(f"gpumatch selftest: backend '{name}' is not usable ({why}); checking "
+                      f"backend '{backend}'")
+    else:
+        usable, why = backend_status(backend)
         if not usable:
-            if backend == "cupy":
-                print(f"gpumatch selftest: error: backend 'cupy' is not usable: {why}; install "
-                      "the 'cupy' extra on a machine with an NVIDIA GPU, or use --backend numpy",
-                      file=sys.stderr)
-                return 2
-            print(f"gpumatch selftest: no usable GPU ({why}); checking the NumPy backend")
-        backend = "cupy" if usable else "numpy"
+            print(f"gpumatch selftest: error: backend '{backend}' is not usable: {why}; install "
+                  "its package (CuPy: the 'cupy' extra on a machine with an NVIDIA GPU), or use "
+                  "--backend numpy", file=sys.stderr)
+            return 2
     report = run_self_check(ModelPsfMatchTask, backend, args.case)
     print(report.table())
     return 0 if report.passed else 1

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import to_numpy
 from .backends import backend_for_namespace
 from .backends.base import SPATIAL_SOLVES, check_spatial_solve
 from .errors import SolutionError

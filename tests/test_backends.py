@@ -13,14 +13,13 @@ import ast
 import json
 import pathlib
 
+import bitwise_baseline
 import numpy as np
 import pytest
 
 import gpumatch as gm
 from gpumatch import backends
 from gpumatch.backend import array_namespace, resolve_backend, to_numpy
-
-import bitwise_baseline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

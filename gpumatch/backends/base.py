@@ -12,6 +12,8 @@ name through :mod:`gpumatch.backends`.
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
 
 import numpy as np
 
@@ -112,6 +114,17 @@ class Backend:
     #: The fused adaptive moments, ``fused_moments(stamps, max_iter, rtol)`` -> ``(n, 5)``,
     #: or None where the array form (:func:`gpumatch.moments.adaptive_moments_batch`) is used.
     fused_moments = None
+
+    def describe_device(self):
+        """The device it computes on, in words (the host's processor here)."""
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next((line.split(":", 1)[1].strip() for line in f
+                            if line.startswith("model name")), cpu)
+        except OSError:
+            pass
+        return f"CPU {cpu} ({os.cpu_count()} cores)"
 
     # -- memory -------------------------------------------------------------------
 

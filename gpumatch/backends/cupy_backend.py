@@ -91,6 +91,18 @@ class CupyBackend(Backend):
         """:func:`gpumatch.cuda.moments.adaptive_moments_cupy` (one launch for all stamps)."""
         return adaptive_moments_cupy(stamps, max_iter, rtol)
 
+    def describe_device(self):
+        """The CUDA device, in words (name, index, memory)."""
+        try:
+            cuda = self.xp.cuda
+            dev = cuda.Device().id
+            props = cuda.runtime.getDeviceProperties(dev)
+            name = props["name"]
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            return f"{name} (CUDA device {dev}, {props['totalGlobalMem'] / 2**30:.0f} GiB)"
+        except Exception as exc:  # a broken device is reported, not raised, here
+            return f"CUDA device (properties unavailable: {exc.__class__.__name__}: {exc})"
+
     def free_memory(self):
         """Free device bytes, counting the blocks CuPy's pool holds unused."""
         xp = self.xp

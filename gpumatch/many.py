@@ -495,7 +495,8 @@ def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel
     referencePsfModel : Psf
         The PSF to match to; measured and realised once for all exposures.
     config : ModelPsfMatchConfig, optional
-    backend : {"auto", "numpy", "cupy"}
+    backend : str
+        ``"auto"`` or a registered backend (:func:`gpumatch.backend.backend_names`).
     kernel_sum : float
         As ``kernelSum`` of :meth:`ModelPsfMatchTask.run`.
     psf : Psf or str, optional

@@ -244,7 +244,8 @@ def evaluate_config(config, exposure_psf, reference, bbox, grid=(5, 5)):
     cx_, cy_ = max(32, -(-(bbox.width - 1) // (nx - 1))), max(32, -(-(bbox.height - 1) // (ny - 1)))
     footprint = Box(bbox.x0 + cx_ // 2, bbox.y0 + cy_ // 2, (nx - 2) * cx_, (ny - 2) * cy_)
     cfg = config.copy(sizeCellX=cx_, sizeCellY=cy_)
-    state = solve_exposure(StageContext.on(cfg, "numpy"), _Footprint(footprint, exposure_psf), reference, 1.0)
+    state = solve_exposure(StageContext.on(cfg, "numpy"), _Footprint(footprint, exposure_psf),
+                           reference, 1.0)
     kernel = SpatialKernel(state.basis, state.sf, state.solution.coefficients)
     q = candidate_residuals(state.cell_set, kernel)
     cx, cy = bbox.center

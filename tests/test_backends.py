@@ -209,3 +209,30 @@ def test_no_import_cycles_between_gpumatch_modules():
                  ("gpumatch.moments", "gpumatch.cuda.moments"),
                  ("gpumatch.recommend", "gpumatch.task")):
         assert b not in graph[a]
+
+
+def test_backends_of_other_packages_come_from_entry_points(monkeypatch):
+    """A distribution's ``gpumatch.backends`` entry point registers its backend, read
+    once, lazily; a name gpumatch registers itself is not overridden."""
+    from importlib.metadata import EntryPoint
+
+    found = [EntryPoint("numpy-plugin", "numpy_test_backend:NumpyTestBackend",
+                        backends.ENTRY_POINT_GROUP),
+             EntryPoint("numpy", "nowhere:Nothing", backends.ENTRY_POINT_GROUP)]
+    asked = []
+
+    def entry_points(group):
+        asked.append(group)
+        return found
+
+    monkeypatch.setattr("importlib.metadata.entry_points", entry_points)
+    backends._entry_points_loaded.cache_clear()
+    try:
+        assert "numpy-plugin" in backends.backend_names() and asked == ["gpumatch.backends"]
+        assert type(backends.get_backend("numpy-plugin")).__name__ == "NumpyTestBackend"
+        assert type(backends.get_backend("numpy")).__name__ == "NumpyBackend"
+        backends.backend_names()
+        assert asked == ["gpumatch.backends"]  # read once
+    finally:
+        backends.unregister_backend("numpy-plugin")
+        backends._entry_points_loaded.cache_clear()

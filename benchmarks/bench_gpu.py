@@ -385,14 +385,18 @@ def main(argv=None):
     ne_only = _events_time(cp, lambda: candidate_normal_equations_cupy(
         cs.templates, cs.targets, basis_d, 2.0), args.repeat)
     M_d, b_d = cs.normal_matrices, cs.normal_vectors
-    solve_only = _events_time(cp, lambda: task._stages.solve_candidates(M_d, b_d), args.repeat)
+    solve_only = _events_time(cp, lambda: task.array_backend.solve_candidates(M_d, b_d), args.repeat)
     # The spatial system as a run leaves it (on the device), solved alone both ways.
-    sf, A_d, rhs_d = task._spatial_system(cs, M_d, b_d, cs.kernel_solutions)
+    from gpumatch import stages
+
+    state = stages.spatial_system(task, stages.MatchState(cell_set=cs), M_d, b_d,
+                                  cs.kernel_solutions)
+    sf, A_d, rhs_d = state.sf, state.A, state.rhs
     spatial_only = {}
     for where in SPATIAL_SOLVERS:
         task.spatial_solve = where
         with single_threaded_blas():                 # as in a run
-            spatial_only[where] = _events_time(cp, lambda: task._stages.solve_spatial(
+            spatial_only[where] = _events_time(cp, lambda: task.array_backend.solve_spatial(
                 A_d, rhs_d, len(basis), sf.n_terms, 1.0, config.conditionNumberType), args.repeat)
     task.spatial_solve = default_solve
     # Host path alone, and its plain (pageable, unpipelined) variant.

@@ -383,7 +383,9 @@ def apply_kernel(exposure, kernel, psf=None, backend="numpy"):
     kernel : SpatialKernel
     psf : Psf, optional
         PSF of the output exposure (the input's when omitted).
-    backend : {"numpy", "cupy", "auto"}
+    backend : str or Backend
+        A registered backend name (see :func:`gpumatch.backend.backend_names`)
+        or a :class:`gpumatch.backends.Backend`.
 
     Returns
     -------
@@ -424,18 +426,8 @@ def start_apply_kernel(exposure, kernel, psf=None, backend="numpy", transfers=No
     PendingExposure
         Its ``result()`` waits for the device and returns the Exposure.
     """
-    from .backend import resolve_backend
+    from .backends import Backend, get_backend, resolve_backend_name
 
-    name = resolve_backend(backend)
-    no_data = exposure.get_plane_bitmask("NO_DATA")
-    if name == "cupy":
-        from .cuda.apply import start_convolve_planes_cupy
-
-        planes = start_convolve_planes_cupy(exposure.image, exposure.variance, exposure.mask,
-                                            kernel, exposure.bbox, no_data, transfers=transfers)
-    else:
-        from .backend import to_numpy
-
-        planes = convolve_planes(to_numpy(exposure.image), to_numpy(exposure.variance),
-                                 to_numpy(exposure.mask), kernel, exposure.bbox, no_data)
-    return PendingExposure(planes, exposure, exposure.psf if psf is None else psf)
+    if not isinstance(backend, Backend):
+        backend = get_backend(resolve_backend_name(backend))
+    return backend.start_apply(exposure, kernel, psf, transfers)

@@ -1,80 +1,47 @@
-"""Array backends: NumPy on the CPU, CuPy on a CUDA device."""
+"""Array backends by name: the user-facing side of :mod:`gpumatch.backends`."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import logging
 
 import numpy as np
 
-log = logging.getLogger("gpumatch")
+from . import backends as _backends
+from .backends import backend_for_arrays, backend_names, resolve_backend_name
 
-__all__ = ["array_namespace", "resolve_backend", "cupy_usable", "to_numpy", "single_threaded_blas"]
+__all__ = ["array_namespace", "resolve_backend", "cupy_usable", "to_numpy", "single_threaded_blas",
+           "backend_names"]
 
-BACKENDS = ("numpy", "cupy", "auto")
 
-
-@functools.lru_cache(maxsize=None)
 def _cupy_status():
-    try:
-        import cupy
-    except Exception as exc:  # ImportError, or a broken CUDA install
-        return None, f"cupy does not import ({exc.__class__.__name__}: {exc})"
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-        if n < 1:
-            return None, "no CUDA device is visible"
-        cupy.zeros(1).sum().item()
-    except Exception as exc:
-        return None, f"no usable CUDA device ({exc.__class__.__name__}: {exc})"
-    return cupy, "ok"
+    """``(usable, why)`` of CuPy (:func:`gpumatch.backends.cupy_status`)."""
+    return _backends.cupy_status()
 
 
 def cupy_usable():
     """True when CuPy imports and a CUDA device answers."""
-    return _cupy_status()[0] is not None
+    return _backends.cupy_status()[0]
 
 
 def resolve_backend(name):
-    """Return ``"numpy"`` or ``"cupy"`` for a requested backend name.
+    """The registered backend name to use for ``name`` (see :func:`backend_names`).
 
-    ``"auto"`` picks cupy when it imports and a device is usable, else numpy,
-    and logs the choice.
+    ``"auto"`` picks the usable backend of highest priority (CuPy when it
+    imports and a device answers, else NumPy) and logs the choice.
     """
-    if name not in BACKENDS:
-        raise ValueError(f"backend={name!r} is not one of {BACKENDS}")
-    if name == "numpy":
-        return "numpy"
-    cp, why = _cupy_status()
-    if name == "cupy":
-        if cp is None:
-            raise RuntimeError(
-                f"backend='cupy' was requested but {why}; install the 'cupy' extra on a "
-                "machine with an NVIDIA GPU, or use backend='numpy'"
-            )
-        return "cupy"
-    chosen = "cupy" if cp is not None else "numpy"
-    log.info("backend='auto' chose %s%s", chosen, "" if cp is not None else f" ({why})")
-    return chosen
+    return resolve_backend_name(name)
 
 
 def array_namespace(*arrays):
-    """The array module (numpy or cupy) that holds ``arrays``."""
-    for a in arrays:
-        mod = type(a).__module__
-        if mod.startswith("cupy"):
-            import cupy
-
-            return cupy
-    return np
+    """The array module (numpy, cupy...) that holds ``arrays``, asked of the registry."""
+    return backend_for_arrays(*arrays).xp
 
 
 def to_numpy(a):
-    """A NumPy view/copy of a NumPy or CuPy array."""
-    if type(a).__module__.startswith("cupy"):
-        return a.get()
-    return np.asarray(a)
+    """A NumPy view or copy of any backend's array."""
+    if type(a) is np.ndarray:  # the common case, without a registry lookup
+        return a
+    return backend_for_arrays(a).to_host(a)
 
 
 @contextlib.contextmanager

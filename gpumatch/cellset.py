@@ -8,8 +8,9 @@ import math
 import numpy as np
 
 from .backend import array_namespace, to_numpy
+from .backends import backend_for_namespace
 from .errors import ConfigError, InsufficientAreaError, KernelTooLargeError, PsfEvaluationError
-from .psf.base import pad_or_crop
+from .psf.base import Psf, pad_or_crop
 
 log = logging.getLogger("gpumatch")
 
@@ -51,7 +52,8 @@ def realize_stamps(psf, xs, ys, label="PSF", xp=np):
     """
     xs = np.asarray(xs, dtype=np.float64).ravel()
     ys = np.asarray(ys, dtype=np.float64).ravel()
-    device = xp is not np and getattr(psf, "supports_device", False)
+    device = (backend_for_namespace(xp).on_device and isinstance(psf, Psf)
+              and psf.renders_on_device)
     try:
         # Positions stay on the host: models work out their per-stamp numbers there.
         stamps = psf.compute_kernel_images(xs, ys, xp=xp) if device \

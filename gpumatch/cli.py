@@ -25,14 +25,14 @@ def _setup_logging(verbose, quiet):
 
 def _check_backend(args):
     """``--backend cupy`` on a machine without CuPy: one line, before any work."""
-    from .backend import _cupy_status
+    from .backends import backend_status
 
-    if args.backend == "cupy":
-        cp, why = _cupy_status()
-        if cp is None:
-            raise ValueError(f"--backend cupy: {why}; install CuPy (pip install "
-                             "'gpumatch[cupy]') on a machine with an NVIDIA GPU, or use "
-                             "--backend numpy (or auto)")
+    if args.backend != "auto":
+        usable, why = backend_status(args.backend)
+        if not usable:
+            raise ValueError(f"--backend {args.backend}: {why}; install its package (CuPy: "
+                             "pip install 'gpumatch[cupy]' on a machine with an NVIDIA GPU), "
+                             "or use --backend numpy (or auto)")
 
 
 def _check_optional_dependencies(args):
@@ -82,21 +82,25 @@ def _cmd_example(args):
 
 
 def _cmd_selftest(args):
-    from .backend import _cupy_status
+    from .backends import backend_names, backend_status, resolve_backend_name
     from .selftest import run_self_check
     from .task import ModelPsfMatchTask
 
     backend = args.backend
-    if backend != "numpy":
-        cupy, why = _cupy_status()
-        if cupy is None:
-            if backend == "cupy":
-                print(f"gpumatch selftest: error: backend 'cupy' is not usable: {why}; install "
-                      "the 'cupy' extra on a machine with an NVIDIA GPU, or use --backend numpy",
-                      file=sys.stderr)
-                return 2
-            print(f"gpumatch selftest: no usable GPU ({why}); checking the NumPy backend")
-        backend = "numpy" if cupy is None else "cupy"
+    if backend == "auto":
+        backend = resolve_backend_name("auto")
+        for name in backend_names()[1:]:  # the ones "auto" passed over, and why
+            usable, why = backend_status(name)
+            if not usable:
+                print(f"gpumatch selftest: backend '{name}' is not usable ({why}); checking "
+                      f"backend '{backend}'")
+    else:
+        usable, why = backend_status(backend)
+        if not usable:
+            print(f"gpumatch selftest: error: backend '{backend}' is not usable: {why}; install "
+                  "its package (CuPy: the 'cupy' extra on a machine with an NVIDIA GPU), or use "
+                  "--backend numpy", file=sys.stderr)
+            return 2
     report = run_self_check(ModelPsfMatchTask, backend, args.case)
     print(report.table())
     return 0 if report.passed else 1
@@ -305,6 +309,7 @@ def _cmd_match(args):
 
 def build_parser():
     from . import __version__
+    from .backends import backend_names
 
     p = argparse.ArgumentParser(
         prog="gpumatch",
@@ -324,7 +329,7 @@ def build_parser():
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = p.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("example", parents=[common], help="run the documented example on built-in fake data")
-    ex.add_argument("--backend", default="auto", choices=("auto", "numpy", "cupy"))
+    ex.add_argument("--backend", default="auto", choices=backend_names())
     ex.add_argument("--science", help="science exposure FITS (its PSF is matched)")
     ex.add_argument("--template", help="template exposure FITS (its PSF is the reference)")
     ex.add_argument("--debug", metavar="DIR", help="save diagnostic figures in DIR")
@@ -359,7 +364,7 @@ def build_parser():
                         "without --config)")
     m.add_argument("--set", action="append", metavar="FIELD=VALUE", default=[],
                    help="override one configuration field (repeatable)")
-    m.add_argument("--backend", default="auto", choices=("auto", "numpy", "cupy"))
+    m.add_argument("--backend", default="auto", choices=backend_names())
     m.add_argument("--kernel-sum", type=float, default=1.0, help="kernel sum (default 1)")
     m.add_argument("--save-kernel", action="store_true",
                    help="also write each solved kernel as <output>.kernel.fits")
@@ -387,7 +392,7 @@ def build_parser():
         description="Match a known exposure on the backend and on NumPy, compare every stage at "
                     "1e-5 relative, print the device, the agreement per stage and the timings; "
                     "exit 0 when all agree, 1 on a disagreement, 2 when the backend is unusable.")
-    st.add_argument("--backend", default="auto", choices=("auto", "numpy", "cupy"),
+    st.add_argument("--backend", default="auto", choices=backend_names(),
                     help="backend to check (auto: the GPU when usable, else NumPy)")
     st.add_argument("--case", default="large", choices=("small", "large"),
                     help="workload: small (256 px, the automatic check) or large (1024 px, "

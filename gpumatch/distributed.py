@@ -547,7 +547,8 @@ def match_files(paths, reference, output_dir, client=None, psf=None, config=None
         PSF of every exposure; default: the file lying next to each exposure
         (``<stem>.psf``) or, with ``psf_from_header``, named by its header.
     config : ModelPsfMatchConfig, optional
-    backend : {"auto", "numpy", "cupy"}
+    backend : str
+        ``"auto"`` or a registered backend (:func:`gpumatch.backend.backend_names`).
         Resolved on each worker: ``"auto"`` uses the worker's GPU if it has one.
     kernel_sum : float
     overwrite : bool

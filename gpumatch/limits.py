@@ -135,13 +135,14 @@ def _next_odd(x):
 
 
 def device_free_memory(xp):
-    """Free bytes on the current device when ``xp`` is CuPy, else None."""
-    if getattr(xp, "__name__", "") != "cupy":
-        return None
+    """Free bytes on the current device when ``xp``'s backend is on one, else None."""
+    from .backends import backend_for_namespace
+
     try:
-        return int(xp.cuda.runtime.memGetInfo()[0])
+        free = backend_for_namespace(xp).free_memory()
     except Exception:  # no device query on this CuPy: the host check still holds
         return None
+    return None if free is None else int(free)
 
 
 def check_run_memory(config, shape, psf_size, kernel_size=None, degrees=None, what="the run",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import array_namespace, to_numpy
+from .backends import backend_for_namespace
 
 log = logging.getLogger("gpumatch")
 
@@ -135,11 +136,12 @@ def solve_symmetric_many(A, b, condition_type="EIGENVALUE", xp=None, batched=Non
         One per system, ``x`` a NumPy array.
     """
     xp = array_namespace(A) if xp is None else xp
+    on_device = backend_for_namespace(xp).on_device
     if batched is None:
-        batched = xp is not np
+        batched = on_device
     if batched:
         return _solve_batched(A, b, condition_type, xp, condition_of)
-    if xp is not np:
+    if on_device:
         raise ValueError("only NumPy solves system by system; use batched=True with "
                          f"{xp.__name__}")
     A = np.asarray(to_numpy(A), dtype=np.float64)
@@ -196,13 +198,10 @@ def _stacked(fn, xp, *arrays):
 def _solve_lower(L, B, trans, xp):
     """``L^-1 B`` (``trans="N"``) or ``L^-T B`` (``"T"``) for stacks of lower-triangular
     ``L (n, m, m)`` and ``B (n, m)``."""
-    if xp is np:
-        from scipy.linalg import solve_triangular
-    else:
-        from cupyx.scipy.linalg import solve_triangular
+    backend = backend_for_namespace(xp)
 
     def solve(Li, Bi):
-        return solve_triangular(Li, Bi, trans=trans, lower=True, check_finite=False)
+        return backend.solve_triangular(Li, Bi, trans=trans)
 
     try:
         return solve(L, B[..., None])[..., 0]
@@ -342,7 +341,7 @@ def solve_symmetric_batch(M, b, xp=np, chunk=None):
     """
     M = xp.asarray(M, dtype=xp.float64)
     b = xp.asarray(b, dtype=xp.float64)
-    if xp is np:
+    if not backend_for_namespace(xp).on_device:
         return _solve_small(M, b, np)
     chunk = DEVICE_CHUNK if chunk is None else max(1, int(chunk))
     out = xp.empty_like(b)

@@ -60,24 +60,26 @@ import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 
+from . import stages
 from .backend import single_threaded_blas, to_numpy
+from .backends import Backend
 from .basis import alard_lupton_basis
 from .cellset import next_odd
 from .psf.base import Psf
 from .spatial_solve import solve_spatial_systems
-from .verdict import apply_policy, check_on_poor_match
+from .stages import MatchState, captured, timed
 from .task import ModelPsfMatchTask
+from .verdict import apply_policy, check_on_poor_match
 
 log = logging.getLogger("gpumatch")
 
 __all__ = ["match_many", "solve_spatial_systems"]
 
-#: Exposures per batch on the CPU (NumPy) backend.
-DEFAULT_CPU_BATCH = 8
-#: Upper bound of the batch size on the device.
-MAX_DEVICE_BATCH = 256
+#: Exposures per batch on a host backend (``Backend.default_batch``).
+DEFAULT_CPU_BATCH = Backend.default_batch
+#: Upper bound of the batch size on a device (``Backend.max_batch``).
+MAX_DEVICE_BATCH = Backend.max_batch
 #: Share of the free device memory a batch may plan to use.
 DEVICE_MEMORY_FRACTION = 0.6
 #: Share of the available host memory that a batch of exposures may hold.
@@ -107,7 +109,7 @@ class _SharedReference(Psf):
     def __init__(self, model):
         self.model = model
         self.average_position = model.average_position
-        self.supports_device = getattr(model, "supports_device", False)
+        self.renders_on_device = isinstance(model, Psf) and model.renders_on_device
         self._stamps = OrderedDict()
         self._radius = {}
         self._dims = {}
@@ -162,40 +164,11 @@ def _unwrap(psf):
     return psf.model if isinstance(psf, _SharedReference) else psf
 
 
-# -- one exposure's state through a batch -----------------------------------------
+# -- one exposure's state through a batch: a gpumatch.stages.MatchState -------------
 
 
-@dataclass
-class _Job:
-    source: object
-    exposure: object = None
-    error: BaseException = None
-    kernel_sum: float = 1.0
-    choice: object = None
-    basis: object = None
-    cell_set: object = None
-    reference: object = None
-    sf: object = None
-    A: object = None
-    rhs: object = None
-    solution: object = None
-    finishing: object = None  # the application in flight (ModelPsfMatchTask._start_finish)
-    times: dict = field(default_factory=dict)
-
-
-def _oom_errors(backend):
-    if backend != "cupy":
-        return ()
-    import cupy
-
-    return (cupy.cuda.memory.OutOfMemoryError,)
-
-
-def _free_device_memory():
-    import cupy
-
-    cupy.get_default_memory_pool().free_all_blocks()
-    cupy.get_default_pinned_memory_pool().free_all_blocks()
+def _job(source):
+    return MatchState(source=source)
 
 
 def _is_path(item):
@@ -290,12 +263,12 @@ class _ManyMatcher:
         self.batch_size = batch_size
         self.read_workers = int(read_workers)
         self.on_poor_match = "warn"  # match_many's on_poor_match
-        self.stages = task._stages
-        self.xp = task._stages.xp
-        self.oom = _oom_errors(task.backend)
+        self.backend = task.array_backend
+        self.xp = self.backend.xp
+        self.oom = self.backend.oom_errors
         self._bases = {}
         self._device_limit = None  # shrinks after an out-of-memory error
-        self.transfers = self.stages.transfers()
+        self.transfers = self.backend.transfers()
 
     # -- batching ------------------------------------------------------------------
 
@@ -316,14 +289,11 @@ class _ManyMatcher:
     def _batch_limit(self, first):
         if self.batch_size is not None:
             return max(1, int(self.batch_size))
-        if self.task.backend != "cupy":
-            return DEFAULT_CPU_BATCH
+        if not self.backend.on_device:
+            return self.backend.default_batch
         if self._device_limit is not None:
             return self._device_limit
-        import cupy
-
-        free, _ = cupy.cuda.runtime.memGetInfo()
-        free += cupy.get_default_memory_pool().free_bytes()
+        free = self.backend.free_memory()
         exposure = first.exposure
         if exposure is None:
             return 1
@@ -331,7 +301,7 @@ class _ManyMatcher:
         budget = DEVICE_MEMORY_FRACTION * free - 2 * APPLY_BYTES_PER_PIXEL * exposure.image.size
         limit = int(budget // max(1, self._phase1_bytes(exposure)))
         if not _is_path(first.source):
-            return max(1, min(MAX_DEVICE_BATCH, limit))
+            return max(1, min(self.backend.max_batch, limit))
         # A batch of inputs read from files is held in host memory too (and, with
         # read-ahead, the next batch's): together within the host share. Exposures
         # given as objects exist already; batching them costs no host memory.
@@ -344,7 +314,7 @@ class _ManyMatcher:
             limit = min(limit, int(HOST_MEMORY_FRACTION * host // max(1, held * planes)))
         except (ValueError, OSError, AttributeError):
             pass
-        return max(1, min(MAX_DEVICE_BATCH, limit))
+        return max(1, min(self.backend.max_batch, limit))
 
     def run(self, exposures, on_error):
         source = _Input(exposures, self._load, self.read_workers)
@@ -383,40 +353,28 @@ class _ManyMatcher:
                     yield self._result(job, on_error)
             finally:
                 for job in jobs:  # on an error or close(): nothing left in flight
-                    if job.finishing is not None:
-                        job.finishing.pending.wait()
-                        job.finishing = None
+                    if job.pending is not None:
+                        job.pending.wait()
+                        job.pending = None
 
     def _start(self, job):
         """Queue ``job``'s application (a failure is the job's; out-of-memory goes up)."""
         if job.error is not None:
             return
-        try:
-            with single_threaded_blas():
-                job.finishing = self.task._start_finish(
-                    job.exposure, job.cell_set, job.choice, job.basis, job.sf, job.solution,
-                    job.reference, dict(job.times), transfers=self.transfers)
-        except self.oom:
-            raise
-        except Exception as exc:
-            job.error = exc
+        with captured(job, self.oom), single_threaded_blas():
+            stages.start_apply(self.task, job, transfers=self.transfers)
 
     def _result(self, job, on_error):
         """``job``'s result (or its error, as ``on_error`` says), its memory released."""
         result = None
         if job.error is None:
-            try:
-                with single_threaded_blas():
-                    result = apply_policy(self.task._complete(job.finishing),
-                                          self.on_poor_match, stacklevel=5)
-            except self.oom:
-                raise
-            except Exception as exc:
-                job.error = exc
+            with captured(job, self.oom), single_threaded_blas():
+                result = apply_policy(stages.complete(self.task, job), self.on_poor_match,
+                                      stacklevel=5)
         # Drop what the batch no longer needs before the next result.
-        if job.finishing is not None:
-            job.finishing.pending.wait()
-        job.exposure = job.cell_set = job.A = job.rhs = job.finishing = None
+        if job.pending is not None:
+            job.pending.wait()
+        job.exposure = job.cell_set = job.A = job.rhs = job.pending = job.kernel = None
         if job.error is not None:
             if on_error == "raise":
                 raise job.error
@@ -424,21 +382,16 @@ class _ManyMatcher:
         return result
 
     def _load(self, item):
-        job = _Job(item)
-        try:
-            if _is_path(item):
-                job.exposure = self._read(item)
-            else:
-                job.exposure = item
-        except Exception as exc:
-            job.error = exc
+        job = _job(item)
+        with captured(job):
+            job.exposure = self._read(item) if _is_path(item) else item
         return job
 
     def _read(self, path):
         from .pipeline import read_exposure_with_psf
 
         return read_exposure_with_psf(path, self.psf, psf_hint="give psf=...",
-                                      empty=self.stages.empty_host,
+                                      empty=self.backend.empty_host,
                                       psf_from_header=self.psf_from_header,
                                       header_hint="pass psf_from_header=True")
 
@@ -446,7 +399,7 @@ class _ManyMatcher:
         try:
             self._solve(jobs)
         except self.oom:
-            _free_device_memory()
+            self.backend.release_cached_memory()
             if len(jobs) == 1:
                 raise
             half = len(jobs) // 2
@@ -455,6 +408,7 @@ class _ManyMatcher:
                         "batches of %d", len(jobs), half)
             for job in jobs:  # start again from the cell sets
                 job.cell_set = job.A = job.rhs = job.solution = None
+                job.times = {}
             self._solve_with_retry(jobs[:half])
             self._solve_with_retry(jobs[half:])
 
@@ -468,32 +422,14 @@ class _ManyMatcher:
             basis = self._bases[key] = alard_lupton_basis(kernel_size, sigmas, degrees)
         return basis
 
-    def _prepare(self, job):
-        t0 = time.perf_counter()
-        job.kernel_sum, job.choice, job.cell_set, reference, job.basis = self.task._prepare(
-            job.exposure, self.shared, self.kernel_sum, basis_for=self._basis)
-        job.reference = _unwrap(reference)
-        self.stages.sync()
-        job.times["cellSet"] = time.perf_counter() - t0
-
-    def _spatial_system(self, job, M, b, solutions):
-        job.sf, job.A, job.rhs = self.task._spatial_system(job.cell_set, M, b, solutions)
-
-    def _guard(self, job, fn, *args):
-        """Run ``fn``; a failure belongs to ``job`` (out-of-memory goes up)."""
-        if job.error is not None:
-            return
-        try:
-            fn(*args)
-        except self.oom:
-            raise
-        except Exception as exc:
-            job.error = exc
-
     def _solve(self, jobs):
-        xp, stages, cfg = self.xp, self.stages, self.task.config
+        xp, backend = self.xp, self.backend
         for job in jobs:
-            self._guard(job, self._prepare, job)
+            if job.error is None:
+                job.reference_model, job.kernel_sum = self.shared, self.kernel_sum
+                with captured(job, self.oom):
+                    stages.prepare(self.task, job, basis_for=self._basis)
+                    job.reference = _unwrap(job.reference)
 
         # Normal equations and single-candidate solves: one call per (basis, stamp size);
         # equal bases are one cached object.
@@ -504,28 +440,26 @@ class _ManyMatcher:
         pending = deque(groups.values())
         while pending:
             group = pending.popleft()
+            if len(group) == 1:  # a batch of one is a run
+                with captured(group[0], self.oom):
+                    stages.normal_equations(self.task, group[0])
+                continue
             t0 = time.perf_counter()
             try:
-                if len(group) == 1:
-                    templates, targets = group[0].cell_set.templates, group[0].cell_set.targets
-                else:
-                    templates = xp.concatenate([j.cell_set.templates for j in group])
-                    targets = xp.concatenate([j.cell_set.targets for j in group])
-                M, b = stages.normal_equations(templates, targets, group[0].basis, 2.0)
-                solutions = stages.solve_candidates(M, b)
-                stages.sync()
+                templates = xp.concatenate([j.cell_set.templates for j in group])
+                targets = xp.concatenate([j.cell_set.targets for j in group])
+                M, b = backend.normal_equations(templates, targets, group[0].basis, 2.0)
+                solutions = backend.solve_candidates(M, b)
+                backend.sync()
             except self.oom:
                 raise
             except Exception as exc:
-                if len(group) > 1:
-                    # A failure of the batch's call is no exposure's own: each is
-                    # tried alone, so only those that fail alone fail.
-                    log.warning("candidate normal equations or solves of %d exposures together "
-                                "failed (%s: %s); "
-                                "retrying them one by one", len(group), type(exc).__name__, exc)
-                    pending.extendleft([job] for job in reversed(group))
-                    continue
-                group[0].error = exc
+                # A failure of the batch's call is no exposure's own: each is
+                # tried alone, so only those that fail alone fail.
+                log.warning("candidate normal equations or solves of %d exposures together "
+                            "failed (%s: %s); "
+                            "retrying them one by one", len(group), type(exc).__name__, exc)
+                pending.extendleft([job] for job in reversed(group))
                 continue
             del templates, targets
             share = (time.perf_counter() - t0) / len(group)
@@ -533,34 +467,16 @@ class _ManyMatcher:
             for job in group:
                 job.times["normalEquations"] = share
                 stop = start + len(job.cell_set)
-                parts = (M, b, solutions) if len(group) == 1 else \
-                    (M[start:stop].copy(), b[start:stop].copy(), solutions[start:stop].copy())
+                parts = (M[start:stop].copy(), b[start:stop].copy(), solutions[start:stop].copy())
                 start = stop
                 # Spatial system: assembled per exposure (sums over its own candidates).
-                t0 = time.perf_counter()
-                self._guard(job, self._spatial_system, job, *parts)
-                job.times["spatialSolve"] = time.perf_counter() - t0
+                with captured(job, self.oom), timed(job, "spatialSolve"):
+                    stages.spatial_system(self.task, job, *parts)
             del M, b, solutions, parts
 
         # Spatial solves: one batched call per system size.
-        by_size = OrderedDict()
-        for job in jobs:
-            if job.error is None:
-                by_size.setdefault((len(job.basis), job.sf.n_terms), []).append(job)
-        for (nb, nkt), group in by_size.items():
-            t0 = time.perf_counter()
-            solved = stages.solve_spatial_many([j.A for j in group], [j.rhs for j in group], nb,
-                                               nkt, [j.kernel_sum for j in group],
-                                               cfg.conditionNumberType,
-                                               to_models=[j.sf.from_solve_functions()
-                                                          for j in group])
-            share = (time.perf_counter() - t0) / len(group)
-            for job, sol in zip(group, solved):
-                job.times["spatialSolve"] += share
-                if isinstance(sol, BaseException):
-                    job.error = sol
-                else:
-                    job.solution = sol
+        stages.solve(self.task, jobs)
+
 
 def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel_sum=1.0, *,
                psf=None, batch_size=None, on_error="raise", read_workers=None,
@@ -579,7 +495,8 @@ def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel
     referencePsfModel : Psf
         The PSF to match to; measured and realised once for all exposures.
     config : ModelPsfMatchConfig, optional
-    backend : {"auto", "numpy", "cupy"}
+    backend : str
+        ``"auto"`` or a registered backend (:func:`gpumatch.backend.backend_names`).
     kernel_sum : float
         As ``kernelSum`` of :meth:`ModelPsfMatchTask.run`.
     psf : Psf or str, optional

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
+
+from .backends import backend_for_arrays, backend_for_namespace
 
 __all__ = ["adaptive_moments", "determinant_radius", "shear_from_moments", "SIGMA_TO_FWHM"]
 
@@ -79,14 +80,10 @@ def adaptive_moments_batch(stamps, max_iter=100, rtol=1e-8, xp=None, device_kern
     array (n, 5)
         ``xc, yc, ixx, iyy, ixy`` per stamp; rows that fail to converge are NaN.
     """
-    if xp is None:
-        from .backend import array_namespace
-
-        xp = array_namespace(stamps)
-    if xp is not np and device_kernel:
-        from .cuda.moments import adaptive_moments_cupy
-
-        return adaptive_moments_cupy(stamps, max_iter, rtol)
+    backend = backend_for_arrays(stamps) if xp is None else backend_for_namespace(xp)
+    xp = backend.xp
+    if device_kernel and backend.fused_moments is not None:
+        return backend.fused_moments(stamps, max_iter, rtol)
     img = xp.asarray(stamps, dtype=xp.float64)
     n, ny, nx = img.shape
     y, x = (xp.asarray(a) for a in np.mgrid[0:ny, 0:nx].astype(np.float64))
@@ -103,10 +100,8 @@ def adaptive_moments_batch(stamps, max_iter=100, rtol=1e-8, xp=None, device_kern
     done = ~ok
     # Converged rows are frozen, so testing for the end less often changes no
     # result; on the device each test is a synchronisation.
-    check_every = 1 if xp is np else 8
-
-    def quiet():
-        return np.errstate(divide="ignore", invalid="ignore") if xp is np else contextlib.nullcontext()
+    check_every = 8 if backend.on_device else 1
+    quiet = backend.errstate
 
     for it in range(max_iter):
         det = wxx * wyy - wxy * wxy

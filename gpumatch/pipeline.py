@@ -340,7 +340,7 @@ def match_file(path, reference, output, psf=None, config=None, backend="auto", k
     _check_side_outputs(output, save_kernel, plots_dir, overwrite)
     task = task or ModelPsfMatchTask(config, backend=backend)
     # On the GPU the planes are read into pinned memory: copied to it without staging.
-    exposure = read_exposure_with_psf(path, psf, empty=task._stages.empty_host,
+    exposure = read_exposure_with_psf(path, psf, empty=task.array_backend.empty_host,
                                       psf_from_header=psf_from_header)
     reference = resolve_psf(reference)
     task = task_for_exposure(task, exposure, reference)  # the recommended mode

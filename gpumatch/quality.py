@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import array_namespace, to_numpy
+from .backends import backend_for_namespace
 from .moments import SIGMA_TO_FWHM, adaptive_moments_batch
 from .normal_equations import good_region
 
@@ -19,7 +20,7 @@ def _correlate_each(stamps, kernels, xp=np):
     """
     import scipy.fft  # not at import time: `import gpumatch` stays light
 
-    fft = scipy.fft if xp is np else xp.fft
+    fft = backend_for_namespace(xp).fft
     n, size, _ = stamps.shape
     k = kernels.shape[1]
     h = k // 2
@@ -45,8 +46,8 @@ def matched_psf_stamps(cell_set, kernel, xp=np):
         Whole stamps; their good region (``good_region(psf_size, k)``) is
         where the kernel footprint stays inside the template stamp.
     """
-    templates = xp.asarray(cell_set.templates) if xp is not np else to_numpy(cell_set.templates)
-    targets = xp.asarray(cell_set.targets) if xp is not np else to_numpy(cell_set.targets)
+    backend = backend_for_namespace(xp)
+    templates, targets = backend.asarray(cell_set.templates), backend.asarray(cell_set.targets)
     K = xp.asarray(kernel.compute_images(cell_set.xs, cell_set.ys, normalize=True))
     return _correlate_each(templates, K, xp), targets
 
@@ -76,7 +77,7 @@ def candidate_residuals(cell_set, kernel):
     # exposure PSF (template) stamps in the same batch tell a deconvolution.
     constant_ref = bool((full_t == full_t[:1]).all())
     n_ref = 1 if constant_ref else n
-    templates = xp.asarray(cell_set.templates) if xp is not np else to_numpy(cell_set.templates)
+    templates = backend_for_namespace(xp).asarray(cell_set.templates)
     mom = adaptive_moments_batch(xp.concatenate([full_m, full_t[:n_ref], templates]), xp=xp)
     radius = to_numpy((mom[:, 2] * mom[:, 3] - mom[:, 4] ** 2) ** 0.25 * SIGMA_TO_FWHM)
     fm = radius[:n]

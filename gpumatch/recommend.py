@@ -236,7 +236,7 @@ def evaluate_config(config, exposure_psf, reference, bbox, grid=(5, 5)):
     """
     from .kernel import SpatialKernel
     from .quality import candidate_residuals
-    from .task import ModelPsfMatchTask
+    from .stages import StageContext, solve_exposure
 
     nx, ny = (max(3, int(g)) for g in grid)
     # Candidates sit at x0 + cell * i (docs/algorithm.md section 3: centres of the
@@ -245,11 +245,10 @@ def evaluate_config(config, exposure_psf, reference, bbox, grid=(5, 5)):
     cx_, cy_ = max(32, -(-(bbox.width - 1) // (nx - 1))), max(32, -(-(bbox.height - 1) // (ny - 1)))
     footprint = Box(bbox.x0 + cx_ // 2, bbox.y0 + cy_ // 2, (nx - 2) * cx_, (ny - 2) * cy_)
     cfg = config.copy(sizeCellX=cx_, sizeCellY=cy_)
-    task = ModelPsfMatchTask(cfg, backend="numpy")
-    cell_set, _, basis, sf, solution, _ = task._solve(_Footprint(footprint, exposure_psf),
-                                                      reference, 1.0, {})
-    kernel = SpatialKernel(basis, sf, solution.coefficients)
-    q = candidate_residuals(cell_set, kernel)
+    state = solve_exposure(StageContext.on(cfg, "numpy"), _Footprint(footprint, exposure_psf),
+                           reference, 1.0)
+    kernel = SpatialKernel(state.basis, state.sf, state.solution.coefficients)
+    q = candidate_residuals(state.cell_set, kernel)
     cx, cy = bbox.center
     return {"residual": q["relative_l2_max"], "fwhm_ratio": q["fwhm_ratio_worst"],
             "noise_variance_gain": float(kernel.noise_variance_gain(cx, cy))}

@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import platform
 import threading
 import time
 
@@ -122,26 +121,13 @@ class SelfCheckReport:
 
 
 def device_description(backend):
-    """The device a backend computes on, in words."""
-    if backend == "cupy":
-        try:
-            import cupy
+    """The device a backend (a registered name) computes on, in words."""
+    from .backends import get_backend
 
-            dev = cupy.cuda.Device().id
-            props = cupy.cuda.runtime.getDeviceProperties(dev)
-            name = props["name"]
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            return f"{name} (CUDA device {dev}, {props['totalGlobalMem'] / 2**30:.0f} GiB)"
-        except Exception as exc:  # a broken device is reported, not raised, here
-            return f"CUDA device (properties unavailable: {exc.__class__.__name__}: {exc})"
-    cpu = platform.processor() or platform.machine()
     try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"CPU {cpu} ({os.cpu_count()} cores)"
+        return get_backend(backend).describe_device()
+    except Exception as exc:  # a broken device is reported, not raised, here
+        return f"backend {backend!r} (unavailable: {exc.__class__.__name__}: {exc})"
 
 
 def _case(size):

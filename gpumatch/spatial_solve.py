@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import to_numpy
+from .backends import backend_for_namespace
+from .backends.base import SPATIAL_SOLVES, check_spatial_solve
 from .errors import SolutionError
 from .linalg import solve_symmetric_many
 
@@ -16,16 +17,6 @@ log = logging.getLogger("gpumatch")
 __all__ = ["assemble_spatial_system", "solve_spatial_system", "solve_spatial_systems",
            "SpatialSolution", "SPATIAL_SOLVES", "check_spatial_solve", "in_model_unknowns"]
 
-#: Where the GPU backend may solve the spatial system.
-SPATIAL_SOLVES = ("host", "device")
-
-
-def check_spatial_solve(where):
-    """``where`` if it names a place to solve the spatial system, else ValueError."""
-    if where not in SPATIAL_SOLVES:
-        raise ValueError(f"spatial_solve={where!r} is not one of {SPATIAL_SOLVES}: 'host' solves "
-                         "the spatial system with LAPACK, 'device' with cuSOLVER on the GPU")
-    return where
 
 
 def assemble_spatial_system(M, b, P, xp=np):
@@ -188,7 +179,7 @@ def solve_spatial_systems(As, rhss, nb, nkt, kernel_sums, condition_type="EIGENV
     """
     if not len(As):
         return []
-    put = to_numpy if xp is np else xp.asarray
+    put = backend_for_namespace(xp).asarray
     A = xp.stack([put(a) for a in As])
     rhs = xp.stack([put(r) for r in rhss])
     to_models = [None] * len(As) if to_models is None else list(to_models)

@@ -460,8 +460,8 @@ import collections, functools, json
 import fake_cupy
 import cupy
 import gpumatch as gm
-import gpumatch.cuda.stages as cs
-import gpumatch.task as T
+import gpumatch.backends.cupy_backend as cs
+import gpumatch.stages as T
 from workloads import production_config, production_exposure, production_reference
 
 by = collections.defaultdict(collections.Counter)
@@ -479,8 +479,9 @@ def tag(name, fn):
 T.build_cell_set = tag("cellSet", T.build_cell_set)
 T.assemble_spatial_system = tag("spatialSystem", T.assemble_spatial_system)
 T.candidate_residuals = tag("quality", T.candidate_residuals)
-for m in ("normal_equations", "solve_candidates", "solve_spatial", "start_apply"):
-    setattr(cs.CupyStages, m, tag(m, getattr(cs.CupyStages, m)))
+for m, name in (("normal_equations",) * 2, ("solve_candidates",) * 2,
+                ("solve_spatial_many", "solve_spatial"), ("start_apply",) * 2):
+    setattr(cs.CupyBackend, m, tag(name, getattr(cs.CupyBackend, m)))
 host = production_exposure(512)
 exp = gm.Exposure(*(cupy.asarray(a) for a in (host.image, host.variance, host.mask)), psf=host.psf)
 task = gm.ModelPsfMatchTask(production_config(), backend="cupy")

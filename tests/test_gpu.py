@@ -113,7 +113,7 @@ def _assert_planes(got, want, h, strict=False):
 def test_backend_auto_picks_cupy():
     assert gm.ModelPsfMatchTask(backend="auto").backend == "cupy"
     task = gm.ModelPsfMatchTask(backend="cupy")
-    assert task._stages.name == "cupy" and task._stages.xp is cp
+    assert task.array_backend.name == "cupy" and task.array_backend.xp is cp
 
 
 def test_stamps_rendered_on_device_match():
@@ -193,7 +193,7 @@ def test_candidate_solutions_and_spatial_system_match():
     M, b = candidate_normal_equations(cs.templates, cs.targets, basis, 2.0)
     sol_ref = solve_candidates(M, b)
     task = gm.ModelPsfMatchTask(cfg, backend="cupy")
-    sol = task._stages.solve_candidates(cp.asarray(M), cp.asarray(b)).get()
+    sol = task.array_backend.solve_candidates(cp.asarray(M), cp.asarray(b)).get()
     # Single-candidate systems are ill-conditioned (1e5..1e13): compare how well
     # each solution satisfies its normal equations, not the solutions.
     res = np.linalg.norm(np.einsum("nij,nj->ni", M, sol) - b, axis=1)
@@ -234,7 +234,7 @@ def test_solve_symmetric_many_on_device_matches_host(kind, m):
 
 
 def test_spatial_solve_setting():
-    from gpumatch.cuda.stages import CupyStages
+    from gpumatch.backends.cupy_backend import CupyBackend as CupyStages
 
     stages = CupyStages(spatial_solve="device")
     assert stages.spatial_solve == "device"
@@ -247,9 +247,9 @@ def test_spatial_solve_setting():
         CupyStages(spatial_solve="cpu")
     assert stages.spatial_solve == "device"
     task = gm.ModelPsfMatchTask(_config(), backend="cupy", spatial_solve="device")
-    assert task.spatial_solve == task._stages.spatial_solve == "device"
+    assert task.spatial_solve == task.array_backend.spatial_solve == "device"
     task.spatial_solve = "host"
-    assert task._stages.spatial_solve == "host"
+    assert task.array_backend.spatial_solve == "host"
     assert gm.ModelPsfMatchTask(_config(), backend="cupy").spatial_solve == CupyStages._spatial_solve
 
 
@@ -795,7 +795,8 @@ def test_match_many_batch_size_from_free_device_memory():
     cfg, ref = _config(), _reference()
     task = gm.ModelPsfMatchTask(cfg, backend="cupy")
     matcher = many._ManyMatcher(task, ref, 1.0, None, None)
-    job = many._Job(None, exposure=_exposure())
+    job = many._job(None)
+    job.exposure = _exposure()
     limit = matcher._batch_limit(job)
     free, _ = cp.cuda.runtime.memGetInfo()
     free += cp.get_default_memory_pool().free_bytes()
@@ -823,9 +824,12 @@ def test_match_many_device_out_of_memory_halves_the_batch(monkeypatch):
             raise cp.cuda.memory.OutOfMemoryError(1 << 40, 1 << 34, 0)
         return original(self, jobs)
 
-    real_free = many._free_device_memory
+    from gpumatch.backends.cupy_backend import CupyBackend
+
+    real_free = CupyBackend.release_cached_memory
     monkeypatch.setattr(many._ManyMatcher, "_solve", limited)
-    monkeypatch.setattr(many, "_free_device_memory", lambda: (frees.append(1), real_free()))
+    monkeypatch.setattr(CupyBackend, "release_cached_memory",
+                        lambda self: (frees.append(1), real_free(self)))
     got = list(gm.match_many(exps, ref, cfg, backend="cupy", batch_size=4))
     assert sizes[0] == 4 and max(sizes[1:]) <= 2 and frees
     assert n_cand > 0

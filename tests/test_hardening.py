@@ -398,7 +398,7 @@ def test_estimate_bounds_the_measured_peak_of_a_small_run(shape):
 
 def test_run_larger_than_memory_stops_before_allocating(tmp_path, capsys, monkeypatch):
     import gpumatch.limits as limits
-    import gpumatch.task as task_module
+    import gpumatch.stages as task_module
 
     monkeypatch.setattr(limits, "available_memory", lambda: 4 * 2 ** 20)  # 4 MiB "free"
 
@@ -431,7 +431,8 @@ def test_gpu_runs_are_checked_against_free_device_memory(monkeypatch):
     need = limits.estimate_run_bytes(config, (256, 256), 21)
     monkeypatch.setattr(limits, "available_memory", lambda: 100 * need)
     fake = types.SimpleNamespace(__name__="cupy", cuda=types.SimpleNamespace(
-        runtime=types.SimpleNamespace(memGetInfo=lambda: (need // 2, 80 << 30))))
+        runtime=types.SimpleNamespace(memGetInfo=lambda: (need // 2, 80 << 30))),
+        get_default_memory_pool=lambda: types.SimpleNamespace(free_bytes=lambda: 0))
     with pytest.raises(limits.ResourceLimitError, match="of GPU memory but"):
         limits.check_run_memory(config, (256, 256), 21, xp=fake)
     assert limits.check_run_memory(config, (256, 256), 21, xp=np) == need
@@ -771,9 +772,9 @@ def test_bare_psf_paths_are_read_by_extension(tmp_path, capsys):
 
 
 def test_backend_cupy_without_cupy_is_one_line(tmp_path, capsys, monkeypatch, no_compute):
-    import gpumatch.backend as backend
+    import gpumatch.backends as backends
 
-    monkeypatch.setattr(backend, "_cupy_status", lambda: (None, "cupy does not import"))
+    monkeypatch.setattr(backends, "cupy_status", lambda: (False, "cupy does not import"))
     inp = write_input(tmp_path, "a.fits")
     code, _, err = run(capsys, "match", inp, "--psf", PSF_SPEC, "--reference", REF_SPEC,
                        "-o", tmp_path / "o.fits", backend="cupy")

@@ -252,7 +252,7 @@ def test_out_of_memory_halves_the_batch_and_retries(monkeypatch):
     task = gm.ModelPsfMatchTask(cfg, backend="numpy")
     matcher = many._ManyMatcher(task, REFERENCE, 1.0, None, None)
     matcher.oom = (FakeOutOfMemory,)
-    real = task._stages.normal_equations
+    real = task.array_backend.normal_equations
     sizes = []
 
     def limited(templates, targets, basis, variance):
@@ -261,8 +261,7 @@ def test_out_of_memory_halves_the_batch_and_retries(monkeypatch):
             raise FakeOutOfMemory()
         return real(templates, targets, basis, variance)
 
-    monkeypatch.setattr(task._stages, "normal_equations", limited)
-    monkeypatch.setattr(many, "_free_device_memory", lambda: None)
+    monkeypatch.setattr(task.array_backend, "normal_equations", limited)
     monkeypatch.setattr(matcher, "_batch_limit", lambda first: matcher._device_limit or 5)
     got = list(matcher.run(exposures, "raise"))
     # 5 fail; halves of 2 (fit) and 3 (fail, then 1 and 2 fit); later batches stay small.
@@ -282,7 +281,7 @@ def test_a_failing_batch_call_retries_each_exposure_alone(monkeypatch):
     exposures = [small_exposure(seed=s) for s in range(4)]
     want = serial(exposures, cfg)
     task = gm.ModelPsfMatchTask(cfg, backend="numpy")
-    real = task._stages.solve_candidates
+    real = task.array_backend.solve_candidates
     sizes = []
 
     class SolverError(RuntimeError):      # as CuPy's CUSOLVERError
@@ -295,7 +294,7 @@ def test_a_failing_batch_call_retries_each_exposure_alone(monkeypatch):
         return real(M, b)
 
     bad_M = [None]
-    monkeypatch.setattr(task._stages, "solve_candidates", failing)
+    monkeypatch.setattr(task.array_backend, "solve_candidates", failing)
     monkeypatch.setattr(many, "ModelPsfMatchTask", lambda *a, **k: task)
     got = list(gm.match_many(exposures, REFERENCE, cfg, backend="numpy", batch_size=4))
     assert sizes == [4 * 42, 42, 42, 42, 42]
@@ -312,7 +311,6 @@ def test_a_failing_batch_call_retries_each_exposure_alone(monkeypatch):
 
 def test_device_batch_size_from_free_memory(monkeypatch):
     """The device batch-size arithmetic, with a stand-in for CuPy's memory queries."""
-    import sys
     import types
 
     import gpumatch.many as many
@@ -323,12 +321,20 @@ def test_device_batch_size_from_free_memory(monkeypatch):
             runtime=types.SimpleNamespace(memGetInfo=lambda: (free["bytes"], 80 << 30)),
             memory=types.SimpleNamespace(OutOfMemoryError=MemoryError)),
         get_default_memory_pool=lambda: types.SimpleNamespace(free_bytes=lambda: 0))
-    monkeypatch.setitem(sys.modules, "cupy", fake)
+    from gpumatch.backends.cupy_backend import CupyBackend
+
     task = gm.ModelPsfMatchTask(many.ModelPsfMatchTask.ConfigClass(sizeCellX=128, sizeCellY=128),
                                 backend="numpy")
-    task.backend = "cupy"  # only _batch_limit looks at it here
+    task.array_backend = CupyBackend(xp=fake)  # only _batch_limit asks it here
+    monkeypatch.setattr(task.array_backend, "transfers", lambda: None)  # no streams here
     matcher = many._ManyMatcher(task, REFERENCE, 1.0, None, None)
-    job = many._Job("visit", exposure=gm.Exposure(np.zeros((4000, 4096), np.float32)))
+
+    def job_of(source, exposure):
+        job = many._job(source)
+        job.exposure = exposure
+        return job
+
+    job = job_of("visit", gm.Exposure(np.zeros((4000, 4096), np.float32)))
     per = matcher._phase1_bytes(job.exposure)
     assert 20e6 < per < 200e6  # ~34 x 33 candidates of 31 x 31 stamps and 27 x 27 systems
     free["bytes"] = 40 << 30
@@ -346,9 +352,9 @@ def test_device_batch_size_from_free_memory(monkeypatch):
     assert matcher._batch_limit(job) == int(0.25 * (8 << 30) // planes) == 10
     # CuPy's pinned pool rounds blocks up to a power of two: planes just over 64 MiB
     # take 128 MiB each.
-    big = many._Job("visit", exposure=gm.Exposure(np.zeros((4100, 4096), np.float32)))
+    big = job_of("visit", gm.Exposure(np.zeros((4100, 4096), np.float32)))
     assert matcher._batch_limit(big) == int(0.25 * (8 << 30) // (3 << 27)) == 5
-    in_memory = many._Job(job.exposure, exposure=job.exposure)
+    in_memory = job_of(job.exposure, job.exposure)
     assert matcher._batch_limit(in_memory) == min(expected, many.MAX_DEVICE_BATCH) > 10
     matcher._device_limit = 3  # after an out-of-memory error
     assert matcher._batch_limit(job) == 3
@@ -665,27 +671,27 @@ def test_parallel_reads_leave_the_warning_filters_alone(tmp_path):
 
 def _record_finishing(monkeypatch):
     """Record the order in which match_many queues and completes applications."""
+    from gpumatch import stages
     from gpumatch.apply import PendingExposure
-    from gpumatch.task import ModelPsfMatchTask
 
     events = []
-    start, complete = ModelPsfMatchTask._start_finish, ModelPsfMatchTask._complete
+    start, complete = stages.start_apply, stages.complete
     wait = PendingExposure.wait
 
-    def started(self, exposure, *args, **kwargs):
-        events.append(("start", exposure.meta["SEED"]))
-        return start(self, exposure, *args, **kwargs)
+    def started(task, state, *args, **kwargs):
+        events.append(("start", state.exposure.meta["SEED"]))
+        return start(task, state, *args, **kwargs)
 
-    def completed(self, state):
+    def completed(task, state):
         events.append(("complete", state.exposure.meta["SEED"]))
-        return complete(self, state)
+        return complete(task, state)
 
     def waited(self):
         events.append(("wait", self._exposure.meta["SEED"]))
         return wait(self)
 
-    monkeypatch.setattr(ModelPsfMatchTask, "_start_finish", started)
-    monkeypatch.setattr(ModelPsfMatchTask, "_complete", completed)
+    monkeypatch.setattr(stages, "start_apply", started)
+    monkeypatch.setattr(stages, "complete", completed)
     monkeypatch.setattr(PendingExposure, "wait", waited)
     return events
 

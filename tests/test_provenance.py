@@ -315,16 +315,16 @@ def test_summary_carries_the_verdict_when_the_result_has_one(tmp_path, capsys, m
     """matchQuality and noiseVarianceGain, when the task reports them, reach the summary
     of the run that matched the file and, through the output's header, of a run that
     skipped it."""
-    from gpumatch.task import ModelPsfMatchTask
+    from gpumatch import stages
 
-    real = ModelPsfMatchTask._log_solution
+    real = stages._log_solution
 
-    def with_verdict(self, md, n_terms):
+    def with_verdict(cfg, md, n_terms):
         md.update(matchQuality="good", matchQualityReason="within 1%",
                   noiseVarianceGain={"centre": 0.031, "min": 0.03, "max": 0.032})
-        return real(self, md, n_terms)
+        return real(cfg, md, n_terms)
 
-    monkeypatch.setattr(ModelPsfMatchTask, "_log_solution", with_verdict)
+    monkeypatch.setattr(stages, "_log_solution", with_verdict)
     os.makedirs(tmp_path / "in")
     a = write_input(tmp_path / "in" / "a.fits", seed=1)
     out = tmp_path / "out"

@@ -419,7 +419,10 @@ def test_host_and_batched_spatial_solves_agree_on_an_ill_conditioned_system():
 
     basis = alard_lupton_basis(21, (1.0, 2.0, 4.5), (4, 2, 2))
     M, b = candidate_normal_equations(cs.templates, cs.targets, basis)
-    sf, A, rhs = task._spatial_system(cs, M, b, None)
+    from gpumatch import stages
+
+    state = stages.spatial_system(task, stages.MatchState(cell_set=cs), M, b, None)
+    sf, A, rhs = state.sf, state.A, state.rhs
     with single_threaded_blas():
         host, = solve_symmetric_many(A[None], rhs[None])
         batched, = solve_symmetric_many(A[None], rhs[None], batched=True)

@@ -1,11 +1,13 @@
 """The CUDA backend: CuPy arrays and the CUDA C++ kernels of ``kernels/``.
 
 Importing this package needs nothing beyond NumPy; CuPy is imported by the
-modules that launch kernels (:mod:`.stages`, :mod:`.apply`,
+modules that launch kernels (:mod:`.apply`, :mod:`.moments`,
 :mod:`.normal_equations`) when they are used.
 
-* :class:`gpumatch.cuda.stages.CupyStages`: the stage object behind
-  ``ModelPsfMatchTask(backend="cupy")``.
+The backend object behind ``ModelPsfMatchTask(backend="cupy")`` is
+:class:`gpumatch.backends.cupy_backend.CupyBackend`; this package is its CUDA
+host code.
+
 * :func:`gpumatch.cuda.apply.convolve_planes_cupy`: the fused application
   kernel on image, variance and mask planes.
 * :func:`gpumatch.cuda.apply.pinned_empty`: host arrays in pinned memory,
@@ -15,15 +17,11 @@ modules that launch kernels (:mod:`.stages`, :mod:`.apply`,
 * :mod:`gpumatch.cuda.module`: source lookup, NVRTC compilation and caching.
 """
 
-__all__ = ["CupyStages", "convolve_planes_cupy", "candidate_normal_equations_cupy",
+__all__ = ["convolve_planes_cupy", "candidate_normal_equations_cupy",
            "pinned_empty"]
 
 
 def __getattr__(name):  # lazy, so that importing the package does not import cupy
-    if name == "CupyStages":
-        from .stages import CupyStages
-
-        return CupyStages
     if name in ("convolve_planes_cupy", "pinned_empty"):
         from . import apply
 

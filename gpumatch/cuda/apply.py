@@ -35,6 +35,7 @@ import threading
 import numpy as np
 
 from ..apply import edge_planes
+from ..backends import backend_for_arrays
 from ..basis import polynomial_exponents
 
 log = logging.getLogger("gpumatch")
@@ -167,7 +168,8 @@ def pack_terms(kernel, box):
 
 
 def _is_cupy(a):
-    return type(a).__module__.startswith("cupy")
+    """True for a device array (its owner, asked of the registry, is on a device)."""
+    return type(a) is not np.ndarray and backend_for_arrays(a).on_device
 
 
 def _device_float(dtype):

@@ -79,7 +79,7 @@ class GaussianPsf(Psf):
 
     #: Renders stamps with any array module (``xp``), so a CuPy backend realises all
     #: candidates on the device in one batch (see :func:`gpumatch.cellset.realize_stamps`).
-    supports_device = True
+    renders_on_device = True
 
     def __init__(self, width, height, sigma):
         self.width, self.height = _check_size(width, height)
@@ -124,7 +124,7 @@ class DoubleGaussianPsf(Psf):
 
     #: Renders stamps with any array module (``xp``), so a CuPy backend realises all
     #: candidates on the device in one batch (see :func:`gpumatch.cellset.realize_stamps`).
-    supports_device = True
+    renders_on_device = True
 
     def __init__(self, width, height, sigma1, sigma2=0.0, b=0.0):
         self.width, self.height = _check_size(width, height)
@@ -183,7 +183,7 @@ class MoffatPsf(Psf):
         Power-law index (> 1 so the flux is finite).
     """
 
-    supports_device = True
+    renders_on_device = True
 
     def __init__(self, width, height, fwhm, beta=3.0):
         self.width, self.height = _check_size(width, height)
@@ -242,7 +242,7 @@ class VaryingGaussianPsf(Psf):
 
     #: Renders stamps with any array module (``xp``), so a CuPy backend realises all
     #: candidates on the device in one batch (see :func:`gpumatch.cellset.realize_stamps`).
-    supports_device = True
+    renders_on_device = True
 
     def __init__(self, width, height, bbox, sigma, g1=(0.0,), g2=(0.0,)):
         self.width, self.height = _check_size(width, height)

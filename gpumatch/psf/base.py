@@ -53,6 +53,10 @@ class Psf:
     #: Where the model is "typical" (parent pixels), or None for the centre of
     #: the exposure it belongs to.
     average_position = None
+    #: True when ``compute_kernel_images(xs, ys, xp=...)`` renders the stamps in
+    #: ``xp``'s arrays (on a device) itself; False: the stamps are made on the
+    #: host and copied.
+    renders_on_device = False
 
     def compute_kernel_image(self, x, y):
         """The PSF at parent position ``(x, y)``, centred in an odd square stamp.

@@ -76,7 +76,7 @@ print(out)
 
 @pytest.fixture(scope="module")
 def outcomes():
-    return ast.literal_eval(run_installed(_SCRIPT, kernels="transcribed").strip().splitlines()[-1])
+    return ast.literal_eval(run_installed(_SCRIPT).strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("case, expected", [

@@ -9,17 +9,10 @@ import numpy as np
 from ..backend import to_numpy
 from ..basis import polynomial_exponents
 from ..exposure import Box
-from .base import Psf
+from .base import FixedSizePsf, odd_stamp_size
 
 __all__ = ["GaussianPsf", "DoubleGaussianPsf", "MoffatPsf", "VaryingGaussianPsf",
            "render_gaussians"]
-
-
-def _check_size(width, height):
-    width, height = int(width), int(height)
-    if width < 1 or height < 1 or width % 2 == 0 or height % 2 == 0:
-        raise ValueError(f"PSF stamp size must be odd and positive, got {width}x{height}")
-    return width, height
 
 
 @functools.lru_cache(maxsize=32)
@@ -66,7 +59,7 @@ def _same_stamps(stamp, n, xp):
     return xp.ascontiguousarray(xp.broadcast_to(stamp, (n,) + stamp.shape))
 
 
-class GaussianPsf(Psf):
+class GaussianPsf(FixedSizePsf):
     """A circular Gaussian PSF.
 
     Parameters
@@ -77,12 +70,8 @@ class GaussianPsf(Psf):
         Gaussian width in pixels.
     """
 
-    #: Renders stamps with any array module (``xp``), so a CuPy backend realises all
-    #: candidates on the device in one batch (see :func:`gpumatch.cellset.realize_stamps`).
-    supports_device = True
-
     def __init__(self, width, height, sigma):
-        self.width, self.height = _check_size(width, height)
+        self.width, self.height = odd_stamp_size(width, height)
         if not sigma > 0:
             raise ValueError(f"sigma must be positive, got {sigma}")
         self.sigma = float(sigma)
@@ -92,24 +81,15 @@ class GaussianPsf(Psf):
         stamp = render_gaussians(self.width, self.height, s2, s2, np.zeros(1))[0]
         return _same_stamps(stamp, int(np.size(to_numpy(xs))), xp)
 
-    def compute_kernel_image(self, x, y):
-        return self.compute_kernel_images([x], [y])[0]
-
     def compute_shape(self, x=None, y=None):
         s2 = self.sigma ** 2
         return s2, s2, 0.0
 
-    def dimensions(self, x=None, y=None):
-        return self.width, self.height
-
-    def resized(self, width, height):
-        return GaussianPsf(width, height, self.sigma)
-
-    def __repr__(self):
-        return f"GaussianPsf({self.width}, {self.height}, sigma={self.sigma})"
+    def _parameters(self):
+        return {"sigma": self.sigma}
 
 
-class DoubleGaussianPsf(Psf):
+class DoubleGaussianPsf(FixedSizePsf):
     """``exp(-r^2 / 2 sigma1^2) + b exp(-r^2 / 2 sigma2^2)``, normalised to sum 1.
 
     Parameters
@@ -122,12 +102,8 @@ class DoubleGaussianPsf(Psf):
         Peak amplitude of the wing relative to the core.
     """
 
-    #: Renders stamps with any array module (``xp``), so a CuPy backend realises all
-    #: candidates on the device in one batch (see :func:`gpumatch.cellset.realize_stamps`).
-    supports_device = True
-
     def __init__(self, width, height, sigma1, sigma2=0.0, b=0.0):
-        self.width, self.height = _check_size(width, height)
+        self.width, self.height = odd_stamp_size(width, height)
         if not sigma1 > 0:
             raise ValueError(f"sigma1 must be positive, got {sigma1}")
         if b < 0:
@@ -146,27 +122,17 @@ class DoubleGaussianPsf(Psf):
             stamp = stamp + self.b * render_gaussians(self.width, self.height, s2, s2, zero)[0]
         return _same_stamps(stamp, int(np.size(to_numpy(xs))), xp)
 
-    def compute_kernel_image(self, x, y):
-        return self.compute_kernel_images([x], [y])[0]
-
     def compute_shape(self, x=None, y=None):
         if self.b == 0:
             s2 = self.sigma1 ** 2
             return s2, s2, 0.0
         return super().compute_shape(x, y)
 
-    def dimensions(self, x=None, y=None):
-        return self.width, self.height
-
-    def resized(self, width, height):
-        return DoubleGaussianPsf(width, height, self.sigma1, self.sigma2, self.b)
-
-    def __repr__(self):
-        return (f"DoubleGaussianPsf({self.width}, {self.height}, sigma1={self.sigma1}, "
-                f"sigma2={self.sigma2}, b={self.b})")
+    def _parameters(self):
+        return {"sigma1": self.sigma1, "sigma2": self.sigma2, "b": self.b}
 
 
-class MoffatPsf(Psf):
+class MoffatPsf(FixedSizePsf):
     """A circular Moffat PSF, ``(1 + r^2 / alpha^2)^(-beta)``, normalised to sum 1.
 
     Heavier wings than a Gaussian of the same FWHM (seeing-limited stars are
@@ -183,10 +149,8 @@ class MoffatPsf(Psf):
         Power-law index (> 1 so the flux is finite).
     """
 
-    supports_device = True
-
     def __init__(self, width, height, fwhm, beta=3.0):
-        self.width, self.height = _check_size(width, height)
+        self.width, self.height = odd_stamp_size(width, height)
         if not fwhm > 0:
             raise ValueError(f"fwhm must be positive, got {fwhm}")
         if not beta > 1:
@@ -200,18 +164,8 @@ class MoffatPsf(Psf):
         stamp = ((1.0 + r2 / self.alpha ** 2) ** -self.beta).reshape(self.height, self.width)
         return _same_stamps(stamp, int(np.size(to_numpy(xs))), xp)
 
-    def compute_kernel_image(self, x, y):
-        return self.compute_kernel_images([x], [y])[0]
-
-    def dimensions(self, x=None, y=None):
-        return self.width, self.height
-
-    def resized(self, width, height):
-        return MoffatPsf(width, height, self.fwhm_pixels, self.beta)
-
-    def __repr__(self):
-        return (f"MoffatPsf({self.width}, {self.height}, fwhm={self.fwhm_pixels}, "
-                f"beta={self.beta})")
+    def _parameters(self):
+        return {"fwhm": self.fwhm_pixels, "beta": self.beta}
 
 
 def _poly_terms(u, v, n_coeffs):
@@ -222,7 +176,7 @@ def _poly_terms(u, v, n_coeffs):
     return [u ** a * v ** c for a, c in polynomial_exponents(order)[:n_coeffs]]
 
 
-class VaryingGaussianPsf(Psf):
+class VaryingGaussianPsf(FixedSizePsf):
     """An elliptical Gaussian whose size and shape vary across the detector.
 
     Size (determinant radius, pixels) and reduced shear ``g1, g2`` are
@@ -240,12 +194,8 @@ class VaryingGaussianPsf(Psf):
         Polynomial coefficients.
     """
 
-    #: Renders stamps with any array module (``xp``), so a CuPy backend realises all
-    #: candidates on the device in one batch (see :func:`gpumatch.cellset.realize_stamps`).
-    supports_device = True
-
     def __init__(self, width, height, bbox, sigma, g1=(0.0,), g2=(0.0,)):
-        self.width, self.height = _check_size(width, height)
+        self.width, self.height = odd_stamp_size(width, height)
         if isinstance(bbox, Box):
             bbox = (bbox.x0, bbox.y0, bbox.x1, bbox.y1)
         self.bbox = tuple(float(v) for v in bbox)
@@ -292,21 +242,11 @@ class VaryingGaussianPsf(Psf):
         img = render_gaussians(self.width, self.height, ixx, iyy, ixy, xp=xp)
         return img / img.sum(axis=(1, 2), keepdims=True)
 
-    def compute_kernel_image(self, x, y):
-        return self.compute_kernel_images([x], [y])[0]
-
     def compute_shape(self, x=None, y=None):
         x, y = self._position(x, y)
         ixx, iyy, ixy = self.moments([x], [y])
         return float(ixx[0]), float(iyy[0]), float(ixy[0])
 
-    def dimensions(self, x=None, y=None):
-        return self.width, self.height
-
-    def resized(self, width, height):
-        return VaryingGaussianPsf(width, height, self.bbox, self.sigmacoeffs,
-                                  self.g1_coeffs, self.g2_coeffs)
-
-    def __repr__(self):
-        return (f"VaryingGaussianPsf({self.width}, {self.height}, bbox={self.bbox}, "
-                f"sigma={self.sigmacoeffs}, g1={self.g1_coeffs}, g2={self.g2_coeffs})")
+    def _parameters(self):
+        return {"bbox": self.bbox, "sigma": self.sigmacoeffs, "g1": self.g1_coeffs,
+                "g2": self.g2_coeffs}

@@ -11,7 +11,7 @@ from ..moments import SIGMA_TO_FWHM, adaptive_moments, determinant_radius
 
 log = logging.getLogger("gpumatch")
 
-__all__ = ["Psf", "pad_or_crop", "centred_on"]
+__all__ = ["Psf", "FixedSizePsf", "ResizedPsf", "pad_or_crop", "centred_on", "odd_stamp_size"]
 
 
 def pad_or_crop(stamp, width, height):
@@ -32,6 +32,20 @@ def pad_or_crop(stamp, width, height):
     return out
 
 
+def odd_stamp_size(width, height):
+    """``(width, height)`` as ints, checked to be odd and positive (pixels).
+
+    Raises
+    ------
+    ValueError
+        If either is even or below 1.
+    """
+    width, height = int(width), int(height)
+    if width < 1 or height < 1 or width % 2 == 0 or height % 2 == 0:
+        raise ValueError(f"PSF stamp size must be odd and positive, got {width}x{height}")
+    return width, height
+
+
 def centred_on(stamp, cx, cy):
     """``stamp`` zero-padded to the smallest odd square whose middle pixel is
     ``stamp[cy, cx]`` (for models whose centre pixel is not the middle one)."""
@@ -48,11 +62,34 @@ class Psf:
 
     A subclass needs only :meth:`compute_kernel_image`; everything else has a
     default built on it. Positions are parent pixel coordinates.
+
+    Notes
+    -----
+    The device-rendering contract: a model whose :attr:`renders_on_device` is True implements
+    ``compute_kernel_images(xs, ys, xp=np)``: ``xs, ys`` are host arrays of
+    parent positions (pixels) and the stamps, normalised to sum 1, are made
+    with the array module ``xp`` (NumPy, or CuPy on the device), so that a
+    device backend realises all candidates in one batch (see
+    :func:`gpumatch.cellset.realize_stamps`). Other models are called without
+    ``xp`` and their host stamps are copied to the device.
     """
 
     #: Where the model is "typical" (parent pixels), or None for the centre of
     #: the exposure it belongs to.
     average_position = None
+
+    #: True when :meth:`compute_kernel_images` takes ``xp=`` and renders with it
+    #: (the device-rendering contract above).
+    renders_on_device = False
+
+    @property
+    def supports_device(self):
+        """The former name of :attr:`renders_on_device` (same value)."""
+        return self.renders_on_device
+
+    @supports_device.setter
+    def supports_device(self, value):
+        self.renders_on_device = bool(value)
 
     def compute_kernel_image(self, x, y):
         """The PSF at parent position ``(x, y)``, centred in an odd square stamp.
@@ -112,6 +149,51 @@ class Psf:
             pos = self.average_position
             return (0.0, 0.0) if pos is None else (float(pos[0]), float(pos[1]))
         return float(x), float(y)
+
+
+class FixedSizePsf(Psf):
+    """Base of models with one stamp size everywhere that render on any device.
+
+    A subclass sets ``self.width, self.height = odd_stamp_size(width, height)``
+    in its constructor, whose first two parameters are ``width, height``
+    (pixels) and whose others are the names :meth:`_parameters` returns, in
+    order, and implements ``compute_kernel_images(xs, ys, xp=np)``. This class
+    gives :meth:`compute_kernel_image`, :meth:`dimensions`, :meth:`resized`
+    (re-rendered, not padded) and ``repr``.
+    """
+
+    renders_on_device = True
+
+    def _parameters(self):
+        """The constructor's arguments after ``width, height``: ``{name: value}``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _parameters()")
+
+    def compute_kernel_image(self, x, y):
+        """The PSF at parent position ``(x, y)`` (pixels): one stamp of :meth:`compute_kernel_images`.
+
+        Parameters
+        ----------
+        x, y : float
+            Parent position in pixels.
+
+        Returns
+        -------
+        ndarray (height, width)
+            Sums to 1, centred on the middle pixel.
+        """
+        return self.compute_kernel_images([x], [y])[0]
+
+    def dimensions(self, x=None, y=None):
+        """``(width, height)`` of every stamp, pixels (the same at all positions)."""
+        return self.width, self.height
+
+    def resized(self, width, height):
+        """The same model rendered into ``width x height`` stamps (odd, pixels)."""
+        return type(self)(width, height, *self._parameters().values())
+
+    def __repr__(self):
+        params = ", ".join(f"{k}={v}" for k, v in self._parameters().items())
+        return f"{type(self).__name__}({self.width}, {self.height}, {params})"
 
 
 class ResizedPsf(Psf):

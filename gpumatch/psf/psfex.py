@@ -129,7 +129,7 @@ class PsfexPsf(Psf):
         The ``PSF_DATA`` header cards.
     """
 
-    supports_device = True
+    renders_on_device = True
 
     def __init__(self, components, sampling, degree=0, polzero=(0.0, 0.0),
                  polscal=(1.0, 1.0), offset=(1.0, 1.0), size=None, path=None, header=None):

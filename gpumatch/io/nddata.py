@@ -18,7 +18,7 @@ import logging
 
 import numpy as np
 
-from ..errors import GpumatchError
+from ..errors import GpumatchError, InputWarning, warn
 
 log = logging.getLogger("gpumatch")
 
@@ -131,8 +131,8 @@ def exposure_from_nddata(obj, psf=None, *, xy0=None, mask_planes=None, bool_mask
     if obj.uncertainty is None:
         variance = np.ones(image.shape, dtype=image.dtype if image.dtype.kind == "f"
                            else np.float64)
-        log.warning("NDData without uncertainty: using variance = 1 (give a "
-                    "VarianceUncertainty, StdDevUncertainty or InverseVariance to set it)")
+        warn("NDData without uncertainty: using variance = 1 (give a "
+             "VarianceUncertainty, StdDevUncertainty or InverseVariance to set it)", InputWarning)
     else:
         variance = _variance_from(obj.uncertainty, unit, image.shape)
         if image.dtype == np.float32:
@@ -189,8 +189,8 @@ def exposure_from_nddata(obj, psf=None, *, xy0=None, mask_planes=None, bool_mask
             if arr.ndim == 2 and arr.shape[0] == arr.shape[1] and arr.shape[0] % 2 == 1:
                 psf = ImagePsf(arr)
             else:
-                log.warning("NDData psf of shape %s is not an odd square image; not used",
-                            arr.shape)
+                warn(f"NDData psf of shape {arr.shape} is not an odd square image; not used",
+                     InputWarning)
     return Exposure(image, variance, mask, xy0=xy0, psf=psf, wcs=getattr(obj, "wcs", None),
                     meta=meta, mask_planes=planes)
 
@@ -245,6 +245,6 @@ def exposure_to_ccddata(exposure, unit=None):
     except (TypeError, ValueError) as exc:
         if wcs is None:
             raise
-        log.warning("exposure.wcs cannot be attached to CCDData (%s); left out", exc)
+        warn(f"exposure.wcs cannot be attached to CCDData ({exc}); left out", InputWarning)
         return CCDData(image, unit=unit, uncertainty=VarianceUncertainty(variance), mask=mask,
                        flags=flags, meta=meta)

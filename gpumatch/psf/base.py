@@ -7,6 +7,7 @@ import logging
 import numpy as np
 
 from ..backend import array_namespace
+from ..errors import InputWarning, warn
 from ..moments import SIGMA_TO_FWHM, adaptive_moments, determinant_radius
 
 log = logging.getLogger("gpumatch")
@@ -206,10 +207,8 @@ class ResizedPsf(Psf):
         self.width = int(width)
         self.height = int(height)
         self.average_position = psf.average_position
-        log.warning(
-            "resizing %s stamps to %dx%d by zero-padding/cropping (no re-rendering)",
-            type(psf).__name__, width, height,
-        )
+        warn(f"resizing {type(psf).__name__} stamps to {width}x{height} by zero-padding/cropping "
+             "(no re-rendering)", InputWarning)
 
     def compute_kernel_image(self, x, y):
         stamp = pad_or_crop(self.psf.compute_kernel_image(x, y), self.width, self.height)

@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 
+from ..errors import InputWarning, warn
 from .base import Psf, pad_or_crop
 
 log = logging.getLogger("gpumatch")
@@ -44,8 +45,8 @@ class ImagePsf(Psf):
 
     def resized(self, width, height):
         if (width, height) != self.array.shape[::-1]:
-            log.warning("ImagePsf resized from %dx%d to %dx%d by zero-padding/cropping",
-                        self.array.shape[1], self.array.shape[0], width, height)
+            warn(f"ImagePsf resized from {self.array.shape[1]}x{self.array.shape[0]} to "
+                 f"{width}x{height} by zero-padding/cropping", InputWarning)
         return ImagePsf(pad_or_crop(self.array, width, height))
 
     def __repr__(self):

@@ -167,7 +167,7 @@ def test_band_plan_covers_rows(ny, tile_h, h, n):
     assert all(r0 % tile_h == 0 and r1 > r0 for r0, r1 in bands)
     assert uploads[0][0] == 0 and uploads[-1][1] == ny
     assert all(u0[1] == u1[0] for u0, u1 in zip(uploads, uploads[1:]))
-    for (r0, r1), (_, hi) in zip(bands, uploads):
+    for (_, r1), (_, hi) in zip(bands, uploads):
         assert hi >= min(ny, r1 + h)
 
 

@@ -463,9 +463,9 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
         else:
             msk = _as_mask(msk, p, "the MASK extension")
     if defaulted:
-        warn("%s: plain image without %s planes; using %s (pass variance=/mask= to give them)"
-             % (p, " and ".join(d.split(" ")[0] for d in defaulted), ", ".join(defaulted)),
-             InputWarning)
+        planes = " and ".join(d.split(" ")[0] for d in defaulted)
+        warn(f"{p}: plain image without {planes} planes; using {', '.join(defaulted)} "
+             "(pass variance=/mask= to give them)", InputWarning)
 
     if mask_planes is None:
         planes = _mask_planes(mask_header) if mask_header is not None else {}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 

@@ -126,6 +126,8 @@ class PiffPsf(Psf):
     offset : (float, float)
         Added to parent coordinates to get the coordinates the model was fitted
         in (1, 1 for catalogue positions in FITS/GalSim convention).
+    path : str, optional
+        The file the model was read from (for provenance).
     """
 
     def __init__(self, model, size=25, chipnum=None, offset=(1.0, 1.0), path=None):
@@ -139,7 +141,20 @@ class PiffPsf(Psf):
 
     @classmethod
     def read(cls, path, **kwargs):
-        """Read a Piff model file (imports piff)."""
+        """Read a Piff model file (imports piff).
+
+        Parameters
+        ----------
+        path : str or path-like
+            The Piff file.
+        **kwargs
+            ``size``, ``chipnum``, ``offset``: as for :class:`PiffPsf`.
+
+        Returns
+        -------
+        PiffPsf
+            The model, with ``path`` set.
+        """
         p = os.fspath(path)
         if not os.path.exists(p):
             raise FileNotFoundError(f"Piff model {p}: no such file; check the path")

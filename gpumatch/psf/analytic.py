@@ -214,10 +214,20 @@ class VaryingGaussianPsf(FixedSizePsf):
         return (2 * xs - (x0 + x1)) / (x1 - x0), (2 * ys - (y0 + y1)) / (y1 - y0)
 
     def moments(self, xs, ys):
-        """Covariance ``(ixx, iyy, ixy)`` host arrays at parent positions (pixels^2).
+        """Covariance of the Gaussian at parent positions.
 
         A few numbers per position: worked out on the host even when the stamps
         are made on a device (see :func:`render_gaussians`).
+
+        Parameters
+        ----------
+        xs, ys : array_like (n,)
+            Parent positions in pixels.
+
+        Returns
+        -------
+        tuple of ndarray (n,)
+            ``(ixx, iyy, ixy)`` host arrays in pixels^2.
         """
         u, v = self._uv(xs, ys)
 

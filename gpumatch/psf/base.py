@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from ..backend import array_namespace
 from ..errors import InputWarning, warn
@@ -33,8 +36,18 @@ def pad_or_crop(stamp, width, height):
     return out
 
 
-def odd_stamp_size(width, height):
-    """``(width, height)`` as ints, checked to be odd and positive (pixels).
+def odd_stamp_size(width: int, height: int) -> tuple[int, int]:
+    """Check a stamp size: odd and positive.
+
+    Parameters
+    ----------
+    width, height : int
+        Stamp size in pixels.
+
+    Returns
+    -------
+    tuple of int
+        ``(width, height)`` as ints.
 
     Raises
     ------
@@ -83,6 +96,18 @@ class Psf:
     #: (the device-rendering contract above).
     renders_on_device = False
 
+    def __init_subclass__(cls, **kwargs):
+        # Overrides without a docstring inherit the one they override, so the
+        # documented contract (parameters, units, returns) shows on every model.
+        super().__init_subclass__(**kwargs)
+        for name, value in list(vars(cls).items()):
+            if name.startswith("_") or getattr(value, "__doc__", "") is not None:
+                continue
+            doc = next((getattr(base, name).__doc__ for base in cls.__mro__[1:]
+                        if getattr(getattr(base, name, None), "__doc__", None)), None)
+            if doc is not None and callable(value):
+                value.__doc__ = doc
+
     @property
     def supports_device(self):
         """The former name of :attr:`renders_on_device` (same value)."""
@@ -92,8 +117,13 @@ class Psf:
     def supports_device(self, value):
         self.renders_on_device = bool(value)
 
-    def compute_kernel_image(self, x, y):
+    def compute_kernel_image(self, x: float, y: float) -> NDArray[np.float64]:
         """The PSF at parent position ``(x, y)``, centred in an odd square stamp.
+
+        Parameters
+        ----------
+        x, y : float
+            Parent position in pixels.
 
         Returns
         -------
@@ -104,11 +134,21 @@ class Psf:
             f"{type(self).__name__} must implement compute_kernel_image(x, y)"
         )
 
-    def compute_kernel_images(self, xs, ys):
-        """Stamps at many positions: an array ``(n, h, w)`` or a list of stamps.
+    def compute_kernel_images(self, xs: ArrayLike, ys: ArrayLike) -> Any:
+        """Evaluate the PSF at many parent positions.
 
         The default calls :meth:`compute_kernel_image` per position; models
         override it to evaluate in one batch.
+
+        Parameters
+        ----------
+        xs, ys : array_like (n,)
+            Parent positions in pixels.
+
+        Returns
+        -------
+        ndarray (n, h, w) or list of ndarray
+            One stamp per position, each summing to 1 (a list when the sizes differ).
         """
         stamps = [np.asarray(self.compute_kernel_image(float(x), float(y)))
                   for x, y in zip(np.ravel(xs), np.ravel(ys))]
@@ -117,31 +157,86 @@ class Psf:
             return np.stack(stamps)
         return stamps
 
-    def dimensions(self, x=None, y=None):
-        """``(width, height)`` of the stamp at ``(x, y)`` (default: average position)."""
+    def dimensions(self, x: float | None = None, y: float | None = None) -> tuple[int, int]:
+        """Size of the stamp at parent position ``(x, y)``.
+
+        Parameters
+        ----------
+        x, y : float, optional
+            Parent position in pixels (default: :attr:`average_position`).
+
+        Returns
+        -------
+        tuple of int
+            ``(width, height)`` in pixels.
+        """
         x, y = self._position(x, y)
         h, w = np.shape(self.compute_kernel_image(x, y))
         return w, h
 
-    def compute_shape(self, x=None, y=None):
-        """Adaptive second moments ``(ixx, iyy, ixy)`` at ``(x, y)``, pixels^2."""
+    def compute_shape(self, x: float | None = None,
+                      y: float | None = None) -> tuple[float, float, float]:
+        """Adaptive second moments of the PSF at parent position ``(x, y)``.
+
+        Parameters
+        ----------
+        x, y : float, optional
+            Parent position in pixels (default: :attr:`average_position`).
+
+        Returns
+        -------
+        tuple of float
+            ``(ixx, iyy, ixy)`` in pixels^2.
+        """
         x, y = self._position(x, y)
         _, _, ixx, iyy, ixy = adaptive_moments(self.compute_kernel_image(x, y))
         return ixx, iyy, ixy
 
-    def determinant_radius(self, x=None, y=None):
-        """Determinant radius of :meth:`compute_shape`, pixels."""
+    def determinant_radius(self, x: float | None = None, y: float | None = None) -> float:
+        """Determinant radius ``(ixx iyy - ixy^2)^(1/4)`` of :meth:`compute_shape`.
+
+        Parameters
+        ----------
+        x, y : float, optional
+            Parent position in pixels (default: :attr:`average_position`).
+
+        Returns
+        -------
+        float
+            Radius in pixels.
+        """
         return determinant_radius(*self.compute_shape(x, y))
 
-    def fwhm(self, x=None, y=None):
-        """FWHM in pixels: determinant radius times ``2 sqrt(2 ln 2)``."""
+    def fwhm(self, x: float | None = None, y: float | None = None) -> float:
+        """Full width at half maximum: determinant radius times ``2 sqrt(2 ln 2)``.
+
+        Parameters
+        ----------
+        x, y : float, optional
+            Parent position in pixels (default: :attr:`average_position`).
+
+        Returns
+        -------
+        float
+            FWHM in pixels.
+        """
         return self.determinant_radius(x, y) * SIGMA_TO_FWHM
 
-    def resized(self, width, height):
-        """This model with stamps of ``width x height`` pixels.
+    def resized(self, width: int, height: int) -> Psf:
+        """Give this model with stamps of ``width x height`` pixels.
 
-        The default zero-pads or centre-crops every stamp and logs a warning;
-        analytic models re-render instead.
+        The default zero-pads or centre-crops every stamp and warns
+        (:class:`~gpumatch.InputWarning`); analytic models re-render instead.
+
+        Parameters
+        ----------
+        width, height : int
+            Odd stamp size in pixels.
+
+        Returns
+        -------
+        Psf
+            The resized model.
         """
         return ResizedPsf(self, width, height)
 
@@ -169,8 +264,25 @@ class FixedSizePsf(Psf):
         """The constructor's arguments after ``width, height``: ``{name: value}``."""
         raise NotImplementedError(f"{type(self).__name__} must implement _parameters()")
 
-    def compute_kernel_image(self, x, y):
-        """The PSF at parent position ``(x, y)`` (pixels): one stamp of :meth:`compute_kernel_images`.
+    def compute_kernel_images(self, xs: ArrayLike, ys: ArrayLike, xp: Any = np) -> Any:
+        """Evaluate the PSF at many parent positions, on ``xp``'s device.
+
+        Parameters
+        ----------
+        xs, ys : array_like (n,)
+            Parent positions in pixels (host arrays).
+        xp : module
+            The array module the stamps are made with (NumPy, or CuPy for the device).
+
+        Returns
+        -------
+        array (n, height, width)
+            One stamp per position, each summing to 1 and centred on its middle pixel.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_kernel_images")
+
+    def compute_kernel_image(self, x: float, y: float) -> NDArray[np.float64]:
+        """The PSF at parent position ``(x, y)``: one stamp of :meth:`compute_kernel_images`.
 
         Parameters
         ----------
@@ -184,12 +296,34 @@ class FixedSizePsf(Psf):
         """
         return self.compute_kernel_images([x], [y])[0]
 
-    def dimensions(self, x=None, y=None):
-        """``(width, height)`` of every stamp, pixels (the same at all positions)."""
+    def dimensions(self, x: float | None = None, y: float | None = None) -> tuple[int, int]:
+        """Size of every stamp (the same at all positions).
+
+        Parameters
+        ----------
+        x, y : float, optional
+            Parent position in pixels (unused).
+
+        Returns
+        -------
+        tuple of int
+            ``(width, height)`` in pixels.
+        """
         return self.width, self.height
 
-    def resized(self, width, height):
-        """The same model rendered into ``width x height`` stamps (odd, pixels)."""
+    def resized(self, width: int, height: int) -> FixedSizePsf:
+        """Render the same model into ``width x height`` stamps.
+
+        Parameters
+        ----------
+        width, height : int
+            Odd stamp size in pixels.
+
+        Returns
+        -------
+        FixedSizePsf
+            A model of the same class and parameters.
+        """
         return type(self)(width, height, *self._parameters().values())
 
     def __repr__(self):

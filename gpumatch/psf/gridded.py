@@ -90,10 +90,22 @@ class GriddedPsf(Psf):
     def from_photutils(cls, model, xy0=(0, 0)):
         """Convert a photutils ``GriddedPSFModel``.
 
-        Its ``grid_xypos`` are pixel coordinates of the image the grid was made
-        for; ``xy0`` is that image's parent origin. An oversampled model
-        (``oversampling`` > 1, an effective PSF) is sampled at whole-pixel offsets
-        from its centre, which needs the centre on a sample (odd array sizes).
+        An oversampled model (``oversampling`` > 1, an effective PSF) is sampled
+        at whole-pixel offsets from its centre, which needs the centre on a
+        sample (odd array sizes).
+
+        Parameters
+        ----------
+        model : photutils.psf.GriddedPSFModel
+            Its ``grid_xypos`` are pixel coordinates of the image the grid was
+            made for.
+        xy0 : (int, int)
+            That image's parent origin (pixels).
+
+        Returns
+        -------
+        GriddedPsf
+            Stamps at parent positions ``grid_xypos + xy0``.
         """
         data = np.asarray(model.data, dtype=np.float64)
         pos = np.asarray(model.grid_xypos, dtype=np.float64).reshape(-1, 2)
@@ -126,7 +138,18 @@ class GriddedPsf(Psf):
         return i0, i0 + 1, w
 
     def compute_kernel_images(self, xs, ys):
-        """Interpolated stamps ``(n, h, w)``, each summing to 1."""
+        """Interpolate stamps bilinearly between the grid's, each summing to 1.
+
+        Parameters
+        ----------
+        xs, ys : array_like (n,)
+            Parent positions in pixels (clamped to the grid).
+
+        Returns
+        -------
+        ndarray (n, h, w)
+            One stamp per position.
+        """
         xs = np.asarray(xs, dtype=np.float64).ravel()
         ys = np.asarray(ys, dtype=np.float64).ravel()
         if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys))):

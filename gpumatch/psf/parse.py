@@ -248,7 +248,7 @@ def _from_object(obj):
                     f"({_forms_syntax()})")
 
 
-def parse_psf(spec):
+def parse_psf(spec: Any) -> Any:
     """A PSF model from a string, or an object from another package.
 
     Strings (names are case-insensitive; sizes default to the odd number
@@ -266,6 +266,16 @@ def parse_psf(spec):
     Objects: a gpumatch :class:`Psf` is returned as is; a photutils
     ``GriddedPSFModel`` becomes a :class:`GriddedPsf`, a GalSim profile a
     :class:`GalSimPsf`, a Piff PSF a :class:`PiffPsf`.
+
+    Parameters
+    ----------
+    spec : str or object
+        A string form (the table :data:`FORMS`) or a PSF object.
+
+    Returns
+    -------
+    Psf
+        The model.
 
     Raises
     ------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,8 @@ class GalSimPsf(Psf):
         coordinates start at 1).
     """
 
-    def __init__(self, model, size=25, scale=1.0, method="auto", offset=(1.0, 1.0)):
+    def __init__(self, model: Any, size: int = 25, scale: float = 1.0, method: str = "auto",
+                 offset: tuple[float, float] = (1.0, 1.0)) -> None:
         self.model = model
         self.size = _check_size(size)
         self.scale = float(scale)
@@ -130,7 +132,8 @@ class PiffPsf(Psf):
         The file the model was read from (for provenance).
     """
 
-    def __init__(self, model, size=25, chipnum=None, offset=(1.0, 1.0), path=None):
+    def __init__(self, model: Any, size: int = 25, chipnum: int | None = None,
+                 offset: tuple[float, float] = (1.0, 1.0), path: str | None = None) -> None:
         if not hasattr(model, "draw"):
             raise TypeError(f"PiffPsf needs a piff.PSF (with draw()), got {type(model).__name__}")
         self.model = model
@@ -140,7 +143,7 @@ class PiffPsf(Psf):
         self.path = path
 
     @classmethod
-    def read(cls, path, **kwargs):
+    def read(cls, path: str | os.PathLike, **kwargs: Any) -> PiffPsf:
         """Read a Piff model file (imports piff).
 
         Parameters

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from ..backend import to_numpy
 from ..basis import polynomial_exponents
@@ -70,13 +72,13 @@ class GaussianPsf(FixedSizePsf):
         Gaussian width in pixels.
     """
 
-    def __init__(self, width, height, sigma):
+    def __init__(self, width: int, height: int, sigma: float) -> None:
         self.width, self.height = odd_stamp_size(width, height)
         if not sigma > 0:
             raise ValueError(f"sigma must be positive, got {sigma}")
         self.sigma = float(sigma)
 
-    def compute_kernel_images(self, xs, ys, xp=np):
+    def compute_kernel_images(self, xs: ArrayLike, ys: ArrayLike, xp: Any = np) -> Any:
         s2 = np.array([self.sigma ** 2])
         stamp = render_gaussians(self.width, self.height, s2, s2, np.zeros(1))[0]
         return _same_stamps(stamp, int(np.size(to_numpy(xs))), xp)
@@ -102,7 +104,8 @@ class DoubleGaussianPsf(FixedSizePsf):
         Peak amplitude of the wing relative to the core.
     """
 
-    def __init__(self, width, height, sigma1, sigma2=0.0, b=0.0):
+    def __init__(self, width: int, height: int, sigma1: float, sigma2: float = 0.0,
+                 b: float = 0.0) -> None:
         self.width, self.height = odd_stamp_size(width, height)
         if not sigma1 > 0:
             raise ValueError(f"sigma1 must be positive, got {sigma1}")
@@ -114,7 +117,7 @@ class DoubleGaussianPsf(FixedSizePsf):
         self.sigma2 = float(sigma2)
         self.b = float(b)
 
-    def compute_kernel_images(self, xs, ys, xp=np):
+    def compute_kernel_images(self, xs: ArrayLike, ys: ArrayLike, xp: Any = np) -> Any:
         s1, zero = np.array([self.sigma1 ** 2]), np.zeros(1)
         stamp = render_gaussians(self.width, self.height, s1, s1, zero)[0]
         if self.b != 0:
@@ -149,7 +152,7 @@ class MoffatPsf(FixedSizePsf):
         Power-law index (> 1 so the flux is finite).
     """
 
-    def __init__(self, width, height, fwhm, beta=3.0):
+    def __init__(self, width: int, height: int, fwhm: float, beta: float = 3.0) -> None:
         self.width, self.height = odd_stamp_size(width, height)
         if not fwhm > 0:
             raise ValueError(f"fwhm must be positive, got {fwhm}")
@@ -159,7 +162,7 @@ class MoffatPsf(FixedSizePsf):
         self.beta = float(beta)
         self.alpha = self.fwhm_pixels / (2.0 * np.sqrt(2.0 ** (1.0 / self.beta) - 1.0))
 
-    def compute_kernel_images(self, xs, ys, xp=np):
+    def compute_kernel_images(self, xs: ArrayLike, ys: ArrayLike, xp: Any = np) -> Any:
         r2 = _quadratic_terms(self.width, self.height)[[0, 2]].sum(axis=0)
         stamp = ((1.0 + r2 / self.alpha ** 2) ** -self.beta).reshape(self.height, self.width)
         return _same_stamps(stamp, int(np.size(to_numpy(xs))), xp)
@@ -194,7 +197,8 @@ class VaryingGaussianPsf(FixedSizePsf):
         Polynomial coefficients.
     """
 
-    def __init__(self, width, height, bbox, sigma, g1=(0.0,), g2=(0.0,)):
+    def __init__(self, width: int, height: int, bbox: Any, sigma: ArrayLike,
+                 g1: ArrayLike = (0.0,), g2: ArrayLike = (0.0,)) -> None:
         self.width, self.height = odd_stamp_size(width, height)
         if isinstance(bbox, Box):
             bbox = (bbox.x0, bbox.y0, bbox.x1, bbox.y1)
@@ -213,7 +217,7 @@ class VaryingGaussianPsf(FixedSizePsf):
         ys = np.asarray(to_numpy(ys), dtype=np.float64).ravel()
         return (2 * xs - (x0 + x1)) / (x1 - x0), (2 * ys - (y0 + y1)) / (y1 - y0)
 
-    def moments(self, xs, ys):
+    def moments(self, xs: ArrayLike, ys: ArrayLike) -> tuple[NDArray[np.float64], ...]:
         """Covariance of the Gaussian at parent positions.
 
         A few numbers per position: worked out on the host even when the stamps
@@ -247,7 +251,7 @@ class VaryingGaussianPsf(FixedSizePsf):
         ixy = f * 2 * g2
         return ixx, iyy, ixy
 
-    def compute_kernel_images(self, xs, ys, xp=np):
+    def compute_kernel_images(self, xs: ArrayLike, ys: ArrayLike, xp: Any = np) -> Any:
         ixx, iyy, ixy = self.moments(xs, ys)
         img = render_gaussians(self.width, self.height, ixx, iyy, ixy, xp=xp)
         return img / img.sum(axis=(1, 2), keepdims=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from typing import Any
 
 import numpy as np
@@ -12,8 +10,6 @@ from numpy.typing import ArrayLike, NDArray
 from ..backend import array_namespace
 from ..errors import InputWarning, warn
 from ..moments import SIGMA_TO_FWHM, adaptive_moments, determinant_radius
-
-log = logging.getLogger("gpumatch")
 
 __all__ = ["Psf", "FixedSizePsf", "ResizedPsf", "pad_or_crop", "centred_on", "odd_stamp_size"]
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from ..errors import PsfEvaluationError
 from .base import Psf
@@ -37,7 +39,8 @@ class GriddedPsf(Psf):
         in any order.
     """
 
-    def __init__(self, stamps, xs=None, ys=None):
+    def __init__(self, stamps: ArrayLike, xs: ArrayLike | None = None,
+                 ys: ArrayLike | None = None) -> None:
         if xs is None and ys is None and _is_photutils_model(stamps):
             other = GriddedPsf.from_photutils(stamps)
             self.__dict__.update(other.__dict__)
@@ -87,7 +90,7 @@ class GriddedPsf(Psf):
         self.average_position = (0.5 * (gx[0] + gx[-1]), 0.5 * (gy[0] + gy[-1]))
 
     @classmethod
-    def from_photutils(cls, model, xy0=(0, 0)):
+    def from_photutils(cls, model: Any, xy0: tuple[int, int] = (0, 0)) -> GriddedPsf:
         """Convert a photutils ``GriddedPSFModel``.
 
         An oversampled model (``oversampling`` > 1, an effective PSF) is sampled
@@ -137,7 +140,7 @@ class GriddedPsf(Psf):
         w = (tc - grid[i0]) / (grid[i0 + 1] - grid[i0])
         return i0, i0 + 1, w
 
-    def compute_kernel_images(self, xs, ys):
+    def compute_kernel_images(self, xs: ArrayLike, ys: ArrayLike) -> NDArray[np.float64]:
         """Interpolate stamps bilinearly between the grid's, each summing to 1.
 
         Parameters
@@ -164,10 +167,10 @@ class GriddedPsf(Psf):
         out += (wy * wx)[:, None, None] * s[y1, x1]
         return out
 
-    def compute_kernel_image(self, x, y):
+    def compute_kernel_image(self, x: float, y: float) -> NDArray[np.float64]:
         return self.compute_kernel_images([x], [y])[0]
 
-    def dimensions(self, x=None, y=None):
+    def dimensions(self, x: float | None = None, y: float | None = None) -> tuple[int, int]:
         return self.stamps.shape[3], self.stamps.shape[2]
 
     def __repr__(self):

@@ -50,6 +50,7 @@ import math
 import numbers
 import os
 import re
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -57,6 +58,9 @@ from .._warnings import quiet, recorded
 from ..errors import GpumatchError, InputWarning, warn
 from ..provenance import CARDS, NOISE_CARDS
 from ._atomic import atomic_write
+
+if TYPE_CHECKING:
+    from ..exposure import Exposure
 
 log = logging.getLogger("gpumatch")
 
@@ -326,8 +330,9 @@ def _as_mask(arr, path, source):
         f"{path}: {source} has {arr.dtype} data; a mask must hold integer bit planes")
 
 
-def read_exposure(path, *, psf=None, variance=None, mask=None, mask_planes=None, hdu=None,
-                  empty=None):
+def read_exposure(path: str | os.PathLike, *, psf: Any = None, variance: Any = None,
+                  mask: Any = None, mask_planes: dict | None = None, hdu: int | str | None = None,
+                  empty: Any = None) -> Exposure:
     """Read an :class:`~gpumatch.Exposure` from a FITS file.
 
     Parameters
@@ -693,7 +698,8 @@ def _compressed(hdul):
     return fits.HDUList(out)
 
 
-def write_exposure(exposure, path, overwrite=False, compress=None):
+def write_exposure(exposure: Exposure, path: str | os.PathLike, overwrite: bool = False,
+                   compress: bool | None = None) -> str:
     """Write ``exposure`` to ``path`` atomically (see the module docstring).
 
     The file is complete when it appears: it is written to a temporary file in

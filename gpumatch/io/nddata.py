@@ -15,10 +15,14 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import GpumatchError, InputWarning, warn
+
+if TYPE_CHECKING:
+    from ..exposure import Exposure
 
 log = logging.getLogger("gpumatch")
 
@@ -75,7 +79,8 @@ def _variance_from(uncertainty, data_unit, shape):
     return var
 
 
-def exposure_from_nddata(obj, psf=None, *, xy0=None, mask_planes=None, bool_mask_plane="BAD"):
+def exposure_from_nddata(obj: Any, psf: Any = None, *, xy0: tuple[int, int] | None = None,
+                         mask_planes: dict | None = None, bool_mask_plane: str = "BAD") -> Exposure:
     """An :class:`~gpumatch.Exposure` from an astropy ``NDData``/``CCDData``.
 
     Parameters
@@ -195,7 +200,7 @@ def exposure_from_nddata(obj, psf=None, *, xy0=None, mask_planes=None, bool_mask
                     meta=meta, mask_planes=planes)
 
 
-def exposure_to_ccddata(exposure, unit=None):
+def exposure_to_ccddata(exposure: Exposure, unit: Any = None) -> Any:
     """An astropy :class:`~astropy.nddata.CCDData` of ``exposure`` (NumPy arrays).
 
     Parameters

@@ -11,6 +11,7 @@ import difflib
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConfigError
 
@@ -33,6 +34,56 @@ class ModelPsfMatchConfig:
     Values are checked on construction and again by :meth:`validate`, which the
     task calls before every run; a bad value raises :class:`ConfigError` naming
     the field.
+
+    Parameters
+    ----------
+    kernelBasisSet : str
+        Kernel basis: Alard-Lupton (default "alard-lupton").
+    kernelSize : int
+        Kernel size in pixels (odd, >= 3) (default 21).
+    scaleByFwhm : bool
+        Choose basis widths and kernel size from the PSF FWHMs (default False).
+    kernelSizeFwhmScaling : float
+        Kernel size = this x the widest basis sigma, with ``scaleByFwhm`` (default 6.0).
+    kernelSizeMin, kernelSizeMax : int
+        Bounds of the scaled kernel size (default 21 / 35).
+    alardNGauss : int
+        Number of Gaussians (default 3).
+    alardSigGauss : tuple
+        Gaussian widths in pixels (default (0.7, 1.5, 3.0)).
+    alardDegGauss : tuple
+        Polynomial degree per Gaussian (default (4, 2, 2)).
+    alardGaussBeta : float
+        Width ratio of successive Gaussians, with ``scaleByFwhm`` (default 2.0).
+    alardMinSig, alardMinSigDeconv : float
+        Smallest width when convolving / deconvolving (default 0.7 / 0.4).
+    spatialModelType : str
+        ``"chebyshev1"`` or ``"polynomial"`` (default "chebyshev1").
+    spatialKernelOrder : int
+        Order of the spatial variation (default 2).
+    fitForBackground : bool
+        Fit a background too; model matching has none (default False).
+    spatialBgOrder : int
+        Order of that background (default 1; unused).
+    sizeCellX, sizeCellY : int
+        Cell size in pixels; one candidate per cell (default 128 / 128).
+    constantVarianceWeighting : bool
+        Constant weights in the fit (default True).
+    conditionNumberType : str
+        ``"EIGENVALUE"`` or ``"SVD"`` (default "EIGENVALUE").
+    maxSpatialConditionNumber : float
+        Log (INFO) above this raw condition number; the warning is on the
+        equilibrated system (default 1e10).
+    maxMatchedPsfResidual : float
+        Worst matched-PSF relative L2 residual of a good match (default 0.01).
+    maxFwhmError : float
+        Worst relative FWHM error of the matched PSF in a good match (default 0.01).
+    doAutoPadPsf : bool
+        Pad PSF stamps to ``autoPadPsfTo`` x kernelSize (default True).
+    autoPadPsfTo : float
+        PSF stamp size over kernel size, in [1.0, 2.0] (default 1.4).
+    padPsfBy : int
+        Fixed (even) padding when ``doAutoPadPsf`` is False (default 0).
     """
 
     kernelBasisSet: str = "alard-lupton"
@@ -66,13 +117,24 @@ class ModelPsfMatchConfig:
         self.validate()
 
     @classmethod
-    def field_names(cls):
+    def field_names(cls) -> list[str]:
         """Names of all configuration fields, in declaration order."""
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, values):
-        """Build a config from a mapping, rejecting unknown names helpfully."""
+    def from_dict(cls, values: dict) -> ModelPsfMatchConfig:
+        """Build a config from a mapping, rejecting unknown names helpfully.
+
+        Parameters
+        ----------
+        values : mapping
+            Field name to value (lists for tuple fields are accepted).
+
+        Returns
+        -------
+        ModelPsfMatchConfig
+            The validated configuration.
+        """
         names = cls.field_names()
         for key in values:
             if key not in names:
@@ -85,7 +147,8 @@ class ModelPsfMatchConfig:
         return cls(**values)
 
     @classmethod
-    def for_psfs(cls, exposure_psf, reference, *, bbox=None, **overrides):
+    def for_psfs(cls, exposure_psf: Any, reference: Any, *, bbox: Any = None,
+                 **overrides: Any) -> ModelPsfMatchConfig:
         """Recommended settings for matching ``exposure_psf`` to ``reference``.
 
         Kernel size, stamp padding, basis widths and degrees are chosen from
@@ -98,6 +161,7 @@ class ModelPsfMatchConfig:
         Parameters
         ----------
         exposure_psf, reference : Psf
+            The exposure's PSF and the PSF to match it to.
         bbox : Box, optional
             The detector area (parent pixels); default: the PSF model's own
             domain where it has one.
@@ -115,20 +179,43 @@ class ModelPsfMatchConfig:
 
         return recommend_config(cls, exposure_psf, reference, bbox, overrides)
 
-    def to_dict(self):
-        """Plain dict of the field values (tuples as lists)."""
+    def to_dict(self) -> dict:
+        """Plain dict of the field values (tuples as lists).
+
+        Returns
+        -------
+        dict
+            Field name to value, in declaration order.
+        """
         out = {}
         for name in self.field_names():
             v = getattr(self, name)
             out[name] = list(v) if isinstance(v, tuple) else v
         return out
 
-    def copy(self, **changes):
-        """A validated copy with some fields changed."""
+    def copy(self, **changes: Any) -> ModelPsfMatchConfig:
+        """A validated copy with some fields changed.
+
+        Parameters
+        ----------
+        **changes
+            Field names and their new values.
+
+        Returns
+        -------
+        ModelPsfMatchConfig
+            The copy; this configuration is unchanged.
+        """
         return dataclasses.replace(self, **changes)
 
-    def validate(self):
-        """Check every field; raise :class:`ConfigError` naming the first bad one."""
+    def validate(self) -> ModelPsfMatchConfig:
+        """Check every field; raise :class:`ConfigError` naming the first bad one.
+
+        Returns
+        -------
+        ModelPsfMatchConfig
+            This configuration, normalised (tuples, ints, floats).
+        """
 
         def need(cond, name, what):
             if not cond:

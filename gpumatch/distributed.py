@@ -350,7 +350,7 @@ def format_summary(rows, fwhm_ratio=False):
         + (("FWHM ratio",) if fwhm_ratio else ()) + ("s",) + (("PSF",) if psf_col else ())
     data = []
     for r in rows:
-        def num(key, fmt):
+        def num(key, fmt, r=r):
             v = r.get(key)
             return format(v, fmt) if isinstance(v, numbers.Real) and not isinstance(v, bool) \
                 else ""
@@ -361,7 +361,7 @@ def format_summary(rows, fwhm_ratio=False):
                     + (num("seconds", ".2f"),)
                     + ((str(r.get("psf_source") or ""),) if psf_col else ()))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *data)]
-    fmt = "  ".join("{:<%d}" % w for w in widths)
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*head), "  ".join("-" * w for w in widths)]
     lines.extend(fmt.format(*d) for d in data)
     lines.extend(f"{r['status'].upper()} {r['input']}: {r['error']}" for r in rows

@@ -5,6 +5,11 @@ any output is produced, except :class:`PoorMatchError`, which carries the
 finished result.
 """
 
+from __future__ import annotations
+
+import logging
+from typing import Any
+
 __all__ = [
     "GpumatchError",
     "ConfigError",
@@ -58,13 +63,20 @@ class PoorMatchError(GpumatchError, RuntimeError):
     The match was computed; the verdict (``metadata["matchQuality"]``, see
     :mod:`gpumatch.verdict`) says it does not reach the reference.
 
+    Parameters
+    ----------
+    message : str
+        The verdict's reason and what to do.
+    result : ModelPsfMatchResult, optional
+        Kept as :attr:`result`.
+
     Attributes
     ----------
     result : ModelPsfMatchResult
         The whole result, so that the caller can still inspect or use it.
     """
 
-    def __init__(self, message, result=None):
+    def __init__(self, message: str, result: Any = None) -> None:
         super().__init__(message)
         self.result = result
 
@@ -72,10 +84,15 @@ class PoorMatchError(GpumatchError, RuntimeError):
 class SelfCheckError(GpumatchError, RuntimeError):
     """A GPU backend disagrees with NumPy or with a known answer (gpumatch/selftest.py).
 
-    Its ``report`` attribute is the :class:`~gpumatch.selftest.SelfCheckReport`.
+    Parameters
+    ----------
+    message : str
+        What disagreed, and what to do.
+    report : gpumatch.selftest.SelfCheckReport, optional
+        Kept as the ``report`` attribute.
     """
 
-    def __init__(self, message, report=None):
+    def __init__(self, message: str, report: Any = None) -> None:
         super().__init__(message)
         self.report = report
 
@@ -106,12 +123,14 @@ class BackendWarning(GpumatchWarning):
     """A backend did not behave as expected and another one was used."""
 
 
-def warn(message, category=GpumatchWarning, logger=None, stacklevel=2):
+def warn(message: str, category: type[Warning] = GpumatchWarning,
+         logger: logging.Logger | None = None, stacklevel: int = 2) -> None:
     """Log ``message`` as a warning and emit it with :func:`warnings.warn`.
 
     Parameters
     ----------
     message : str
+        One line: what changed and what to do about it.
     category : type
         A :class:`GpumatchWarning` subclass.
     logger : logging.Logger, optional
@@ -119,7 +138,6 @@ def warn(message, category=GpumatchWarning, logger=None, stacklevel=2):
     stacklevel : int
         As for :func:`warnings.warn`, counted from the caller of this function.
     """
-    import logging
     import warnings
 
     (logger or logging.getLogger("gpumatch")).warning("%s", message)

@@ -18,8 +18,9 @@ from .psf import DoubleGaussianPsf
 __all__ = ["make_fake_exposure", "run_example", "star_quality"]
 
 
-def make_fake_exposure(n_grid=3, cell=128, sigma=2.0, psf_size=21, flux=1.0e5, sky_sigma=1.0,
-                       seed=1):
+def make_fake_exposure(n_grid: int = 3, cell: int = 128, sigma: float = 2.0, psf_size: int = 21,
+                       flux: float = 1.0e5, sky_sigma: float = 1.0,
+                       seed: int = 1) -> tuple[Exposure, np.ndarray]:
     """A fake exposure with an ``n_grid x n_grid`` grid of point sources.
 
     Stars sit at the centres of ``cell``-pixel cells, rendered with the

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -43,25 +45,48 @@ class Box:
     height: int
 
     @property
-    def x1(self):
+    def x1(self) -> int:
         """Last column (inclusive)."""
         return self.x0 + self.width - 1
 
     @property
-    def y1(self):
+    def y1(self) -> int:
         """Last row (inclusive)."""
         return self.y0 + self.height - 1
 
     @property
-    def center(self):
+    def center(self) -> tuple[float, float]:
         """Centre of the box as a real box, ``((x0 + x1) / 2, (y0 + y1) / 2)``."""
         return (0.5 * (self.x0 + self.x1), 0.5 * (self.y0 + self.y1))
 
-    def grown(self, dx, dy):
-        """The box grown by ``dx`` on left and right and ``dy`` on bottom and top."""
+    def grown(self, dx: int, dy: int) -> Box:
+        """The box grown by ``dx`` on left and right and ``dy`` on bottom and top.
+
+        Parameters
+        ----------
+        dx, dy : int
+            Margins in pixels (negative shrinks).
+
+        Returns
+        -------
+        Box
+            The grown box.
+        """
         return Box(self.x0 - dx, self.y0 - dy, self.width + 2 * dx, self.height + 2 * dy)
 
-    def contains(self, x, y):
+    def contains(self, x: float, y: float) -> bool:
+        """Whether parent position ``(x, y)`` (pixels) lies in the box, ends included.
+
+        Parameters
+        ----------
+        x, y : float
+            Parent position in pixels.
+
+        Returns
+        -------
+        bool
+            True inside or on the edge pixels.
+        """
         return self.x0 <= x <= self.x1 and self.y0 <= y <= self.y1
 
 
@@ -77,13 +102,13 @@ class Exposure:
         Pixel values (NumPy or CuPy array).
     variance : array (ny, nx), optional
         Per-pixel variance; ones when omitted.
-    mask : integer array (ny, nx), optional
+    mask : int array (ny, nx), optional
         Bit mask; zeros when omitted.
     xy0 : (int, int)
         Parent coordinates of pixel ``[0, 0]``.
     psf : Psf, optional
         The exposure's PSF model (parent coordinates).
-    wcs, photo_calib, filter, visit_info, id, meta :
+    wcs, photo_calib, filter, visit_info, id, meta : object, optional
         Carried through unchanged.
     mask_planes : dict, optional
         Plane name to bit index; :data:`DEFAULT_MASK_PLANES` when omitted.
@@ -111,9 +136,11 @@ class Exposure:
     #: The reference PSF as given to the match (``psf`` may be a resized copy).
     psf_reference = None
 
-    def __init__(self, image, variance=None, mask=None, *, xy0=(0, 0), psf=None, wcs=None,
-                 photo_calib=None, filter=None, visit_info=None, id=None, meta=None,
-                 mask_planes=None, archive=None):
+    def __init__(self, image: Any, variance: Any = None, mask: Any = None, *,
+                 xy0: tuple[int, int] = (0, 0), psf: Any = None, wcs: Any = None,
+                 photo_calib: Any = None, filter: Any = None, visit_info: Any = None,
+                 id: Any = None, meta: dict | None = None, mask_planes: dict | None = None,
+                 archive: Any = None) -> None:
         xp = array_namespace(image)
         if not hasattr(image, "ndim"):
             image = np.asarray(image)
@@ -165,17 +192,34 @@ class Exposure:
         self.psf_source = None
 
     @property
-    def bbox(self):
+    def bbox(self) -> Box:
         """The exposure's :class:`Box` in parent coordinates."""
         ny, nx = self.image.shape
         return Box(self.xy0[0], self.xy0[1], nx, ny)
 
     @property
-    def shape(self):
+    def shape(self) -> tuple[int, int]:
+        """``(ny, nx)`` of the planes, pixels."""
         return tuple(self.image.shape)
 
-    def get_plane_bitmask(self, name):
-        """Integer bitmask of a named mask plane."""
+    def get_plane_bitmask(self, name: str) -> int:
+        """Integer bitmask of a named mask plane.
+
+        Parameters
+        ----------
+        name : str
+            A key of :attr:`mask_planes` (``"BAD"``, ``"SAT"``, ...).
+
+        Returns
+        -------
+        int
+            ``1 << bit``.
+
+        Raises
+        ------
+        KeyError
+            The plane is not defined; the message lists those that are.
+        """
         try:
             return 1 << self.mask_planes[name]
         except KeyError:
@@ -183,8 +227,22 @@ class Exposure:
                 f"mask plane {name!r} is not defined; defined planes: {sorted(self.mask_planes)}"
             ) from None
 
-    def copy_metadata_to(self, image, variance, mask, psf):
-        """A new exposure with these planes and PSF and this one's metadata."""
+    def copy_metadata_to(self, image: Any, variance: Any, mask: Any, psf: Any) -> Exposure:
+        """A new exposure with these planes and PSF and this one's metadata.
+
+        Parameters
+        ----------
+        image, variance, mask : array (ny, nx)
+            The new planes, on the same pixels (same ``xy0``).
+        psf : Psf or None
+            The new exposure's PSF.
+
+        Returns
+        -------
+        Exposure
+            With this one's ``xy0``, WCS, calibration, filter, visit, id, mask
+            planes, archive and a deep copy of ``meta``.
+        """
         return Exposure(
             image, variance, mask, xy0=self.xy0, psf=psf, wcs=self.wcs,
             photo_calib=self.photo_calib, filter=self.filter, visit_info=self.visit_info,
@@ -195,42 +253,85 @@ class Exposure:
     # -- files and astropy (gpumatch.io) ----------------------------------------
 
     @classmethod
-    def read_fits(cls, path, **kwargs):
+    def read_fits(cls, path: str | os.PathLike, **kwargs: Any) -> Exposure:
         """Read an exposure from a FITS file (LSST layout or a plain image).
 
-        See :func:`gpumatch.io.fits.read_exposure` for the layout and the
-        keyword arguments (``psf``, ``variance``, ``mask``, ``mask_planes``, ``hdu``,
-        ``empty``).
+        Parameters
+        ----------
+        path : str or path-like
+            The FITS file.
+        **kwargs
+            ``psf``, ``variance``, ``mask``, ``mask_planes``, ``hdu``, ``empty``:
+            see :func:`gpumatch.io.fits.read_exposure`, which also describes the layout.
+
+        Returns
+        -------
+        Exposure
+            The exposure, with :attr:`source` set.
         """
         from .io.fits import read_exposure
 
         return read_exposure(path, **kwargs)
 
-    def write_fits(self, path, overwrite=False, compress=None):
+    def write_fits(self, path: str | os.PathLike, overwrite: bool = False,
+                   compress: bool | None = None) -> str:
         """Write this exposure to ``path`` in the LSST multi-extension layout.
 
-        The write is atomic; an existing file raises :class:`FileExistsError`
-        unless ``overwrite`` is True. ``compress`` (default: ``path`` ends in
-        ``.fz``) writes the planes tile-compressed, losslessly. Returns the path.
+        Parameters
+        ----------
+        path : str or path-like
+            Output file, written atomically.
+        overwrite : bool
+            Replace an existing file; otherwise it raises :class:`FileExistsError`.
+        compress : bool, optional
+            Tile-compress the planes, losslessly (default: ``path`` ends in ``.fz``).
+
+        Returns
+        -------
+        str
+            The path written.
         """
         from .io.fits import write_exposure
 
         return write_exposure(self, path, overwrite=overwrite, compress=compress)
 
     @classmethod
-    def from_nddata(cls, obj, psf=None, **kwargs):
+    def from_nddata(cls, obj: Any, psf: Any = None, **kwargs: Any) -> Exposure:
         """An exposure from an astropy ``NDData``/``CCDData``.
 
-        See :func:`gpumatch.io.nddata.exposure_from_nddata`.
+        Parameters
+        ----------
+        obj : astropy.nddata.NDData
+            Data, uncertainty (as variance), mask, WCS and meta are used.
+        psf : Psf or str, optional
+            Overrides ``obj.psf``.
+        **kwargs
+            ``xy0``, ``mask_planes``, ``bool_mask_plane``: see
+            :func:`gpumatch.io.nddata.exposure_from_nddata`.
+
+        Returns
+        -------
+        Exposure
+            A new exposure; ``obj`` is not modified.
         """
         from .io.nddata import exposure_from_nddata
 
         return exposure_from_nddata(obj, psf=psf, **kwargs)
 
-    def to_ccddata(self, unit=None, **kwargs):
-        """This exposure as an astropy ``CCDData`` (variance as ``VarianceUncertainty``).
+    def to_ccddata(self, unit: Any = None, **kwargs: Any) -> Any:
+        """Convert to an astropy ``CCDData`` (variance as ``VarianceUncertainty``).
 
-        See :func:`gpumatch.io.nddata.exposure_to_ccddata`.
+        Parameters
+        ----------
+        unit : astropy.units.Unit or str, optional
+            The data's unit (default: ``meta["BUNIT"]``, else ``"adu"``).
+        **kwargs
+            Passed to :func:`gpumatch.io.nddata.exposure_to_ccddata`.
+
+        Returns
+        -------
+        astropy.nddata.CCDData
+            A copy of the planes and metadata.
         """
         from .io.nddata import exposure_to_ccddata
 

@@ -14,8 +14,8 @@ import os
 
 from .errors import GpumatchError
 
-__all__ = ["LIMITS", "MAX_PSF_STAMP", "MAX_PSFEX_DEGREE", "ResourceLimitError", "estimate_run_bytes", "available_memory",
-           "check_run_memory", "check_stamp_size", "format_bytes", "device_free_memory"]
+__all__ = ["LIMITS", "MAX_PSF_STAMP", "MAX_PSFEX_DEGREE", "ResourceLimitError", "estimate_run_bytes",
+           "available_memory", "check_run_memory", "check_stamp_size", "format_bytes", "device_free_memory"]
 
 #: Largest accepted value of each size-driving input (pixels, or a polynomial
 #: degree/order, or a count). Each is far above what a matching run uses

@@ -47,7 +47,7 @@ class SpatialFunctions:
         vals = [xp.ones_like(t)]
         if self.order >= 1:
             vals.append(t)
-        for n in range(2, self.order + 1):
+        for _ in range(2, self.order + 1):
             if self.model_type == "chebyshev1":
                 vals.append(2 * t * vals[-1] - vals[-2])
             else:
@@ -101,8 +101,8 @@ class SpatialFunctions:
         T = np.zeros((self.n_terms, self.n_terms))
         for j, (a, c) in enumerate(self.exponents):
             for i in range(a + 1):
-                for l in range(c + 1):
-                    T[j, index[(i, l)]] += Fx[a, i] * Fy[c, l]
+                for m in range(c + 1):
+                    T[j, index[(i, m)]] += Fx[a, i] * Fy[c, m]
         return T, (cx, cy, hx, hy)
 
     def solve_functions(self):

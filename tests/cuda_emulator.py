@@ -314,7 +314,7 @@ class EmulatedKernel:
                 keep.append(v)
                 argv[i] = v.ctypes.data
         spans = sorted((g.start, g.start + g.nbytes, i) for i, g in guarded if g.nbytes)
-        for (s0, e0, i0), (s1, e1, i1) in zip(spans, spans[1:]):
+        for (_s0, e0, i0), (s1, _e1, i1) in zip(spans, spans[1:]):
             if s1 < e0:
                 raise EmulatorError(f"arguments {i0} and {i1} overlap in memory; the kernels "
                                     "declare their pointers __restrict__")

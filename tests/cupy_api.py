@@ -105,7 +105,7 @@ def record():
     return {"cupy": cupy.__version__, "api": api}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load():
     """``(version, {qualified name: parameters or None})`` from the record."""
     data = json.loads(RECORD.read_text())

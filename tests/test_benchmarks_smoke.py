@@ -2,7 +2,7 @@
 
 GPU time is scarce: a benchmark that crashes on its first use wastes a
 session's device call. These tests run ``benchmarks/bench_gpu.py`` and
-``benchmarks/bench_visit.py`` at tiny sizes against ``tests/fake_cupy.py``
+``benchmarks/bench_visit.py`` at tiny sizes against ``tests/fake_cupy/``
 (the CUDA sources compiled for the CPU, lazy streams) and check that every
 table is written and that the GPU path agreed with the NumPy backend. The
 timings they print mean nothing.

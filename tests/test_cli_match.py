@@ -274,8 +274,8 @@ def test_config_file_and_set_overrides_take_effect(tmp_path, capsys, table):
         spatialModelType="polynomial"))
     assert expected.metadata["ALKernelSize"] == 17
     assert_same_pixels(out2, expected)
-    # docs/algorithm.md sections 3-4: stamps padded to nextOdd(17 * 1.4) = 25; 15 + 6 + 6 bases; (256 + 256) / 128
-    # squared = 16 candidates.
+    # docs/algorithm.md sections 3-4: stamps padded to nextOdd(17 * 1.4) = 25;
+    # 15 + 6 + 6 bases; (256 + 256) / 128 squared = 16 candidates.
     assert expected.metadata["psfSize"] == 25
     assert k2.n_basis == 27 and expected.metadata["numKernelCandidates"] == 16
 

@@ -6,7 +6,7 @@
   compile test uses, against the NumPy backend, with the same bits for every
   thread order (no races on shared memory).
 * The apply kernel, through gpumatch's own launcher and a fake CuPy
-  (``tests/fake_cupy.py``), at every tile height the launcher may choose, for
+  (``tests/fake_cupy/``), at every tile height the launcher may choose, for
   forward and shuffled thread orders. The whole of ``tests/test_gpu.py`` also
   runs that way (``test_cuda_compile.py::test_gpu_suite_plumbing_with_fake_cupy``).
 * The adaptive-moments kernel against its NumPy twin.
@@ -286,10 +286,12 @@ def test_apply_kernel_every_tile_height_matches_numpy(order):
     assert json.loads(stdout.strip().splitlines()[-1]) == []
 
 
-def run_apply_source(image, variance, mask, kernel, box, no_data, rows=2, directory=None, order=0):
+def run_apply_source(image, variance, mask, kernel, box, no_data, rows=2, directory=None, order=0,
+                     band=None, outs=None):
     """The apply kernel (``kernels/apply_spatial.cu``, or ``directory``'s copy) on
-    whole planes, launched with the arguments of gpumatch's launcher; returns
-    float64 image and variance and the mask."""
+    whole planes (or the output rows ``band = (r0, r1)`` into ``outs``), launched
+    with the arguments of gpumatch's launcher; returns float64 image and variance
+    and the mask."""
     from gpumatch.cuda.apply import APPLY_BLOCK, TILE_W, apply_shared_bytes, pack_terms
     from gpumatch.cuda.module import ctype_name
 
@@ -301,15 +303,46 @@ def run_apply_source(image, variance, mask, kernel, box, no_data, rows=2, direct
     fn = compile_kernel("apply_spatial.cu", "gm_apply_spatial_kernel", defines, directory=directory)
     smem = apply_shared_bytes(p.kernel_size, p.order, mask.dtype.itemsize, rows)
     fn.max_dynamic_shared_size_bytes = max(fn.max_dynamic_shared_size_bytes, smem)
-    outs = (np.empty(image.shape, image.dtype), np.empty(image.shape, variance.dtype),
-            np.empty(image.shape, mask.dtype))
-    grid = (-(-nx // TILE_W), -(-ny // (APPLY_BLOCK[1] * rows)), 1)
+    if outs is None:
+        outs = (np.empty(image.shape, image.dtype), np.empty(image.shape, variance.dtype),
+                np.empty(image.shape, mask.dtype))
+    r0, r1 = (0, ny) if band is None else band
+    grid = (-(-nx // TILE_W), -(-(r1 - r0) // (APPLY_BLOCK[1] * rows)), 1)
     fn(grid, (APPLY_BLOCK[0], APPLY_BLOCK[1], 1),
        (image, variance, mask, np.int64(nx), np.int64(nx), np.int64(nx), *outs, np.int32(ny),
-        np.int32(nx), np.int32(0), np.int32(ny), p.qpack, p.qsum, p.support,
+        np.int32(nx), np.int32(r0), np.int32(r1), p.qpack, p.qsum, p.support,
         np.int32(p.full_support), np.float64(p.x_shift), np.float64(p.y_shift), np.float64(p.hx),
         np.float64(p.hy), np.array(no_data).astype(mask.dtype)[()]), shared_mem=smem, order=order)
     return outs[0].astype(np.float64), outs[1].astype(np.float64), outs[2]
+
+
+@pytest.mark.parametrize("n_bands", [2, 3, 5])
+def test_apply_kernel_bands_read_only_their_rows(n_bands):
+    """Each band reads input rows [r0 - h, r1 + h) only: rows not yet uploaded
+    (poisoned here) never reach the outputs it writes."""
+    from gpumatch.apply import convolve_planes
+    from gpumatch.cuda.apply import APPLY_BLOCK, band_plan
+    from test_cuda_compile import NO_DATA, _assert_matches_numpy
+
+    rng = np.random.default_rng(n_bands)
+    k, rows = 9, 1
+    shape = (75, 130)
+    box = gm.Box(0, 0, shape[1], shape[0])
+    kernel = random_kernel(rng, k, "chebyshev1", 2, box.grown(10, 10))
+    image, variance, mask = random_planes(rng, shape)
+    want = convolve_planes(image, variance, mask, kernel, box, NO_DATA)
+    got = (np.full(shape, -12345.0, image.dtype), np.full(shape, -12345.0, variance.dtype),
+           np.full(shape, 0x5A5A, mask.dtype))
+    bands, uploads = band_plan(shape[0], APPLY_BLOCK[1] * rows, k // 2, n_bands)
+    assert len(bands) > 1
+    for (r0, r1), (_, hi) in zip(bands, uploads):
+        seen_i, seen_v, seen_m = image.copy(), variance.copy(), mask.copy()
+        seen_i[hi:] = np.nan
+        seen_v[hi:] = np.nan
+        seen_m[hi:] = -1
+        run_apply_source(seen_i, seen_v, seen_m, kernel, box, NO_DATA, rows=rows, band=(r0, r1),
+                         outs=got)
+    _assert_matches_numpy(got, want, k // 2)
 
 
 def bright_pixel_planes(k=9, rows=2, seed=31):

@@ -245,3 +245,36 @@ def test_spatial_solve_option(sec10):
     with pytest.raises(ValueError, match="spatial_solve='cuda'"):
         gm.match_many([sec10.exposure], sec10.reference, sec10.config(), backend="numpy",
                       spatial_solve="cuda")
+
+
+def test_data_changing_notices_are_warnings(tmp_path, caplog):
+    """What changes a user's data or result reaches warnings.warn as an InputWarning
+    (so notebooks see it and filters can escalate it) and the gpumatch log."""
+    import logging
+    import warnings
+
+    from astropy.io import fits
+    from astropy.nddata import NDData
+
+    from gpumatch.io.fits import read_exposure
+    from gpumatch.io.nddata import exposure_from_nddata
+
+    image = np.arange(25.0).reshape(5, 5)
+    fits.writeto(tmp_path / "plain.fits", image)
+    cases = [
+        (lambda: exposure_from_nddata(NDData(image)), "using variance = 1"),
+        (lambda: read_exposure(tmp_path / "plain.fits"), "plain image without"),
+        (lambda: gm.Psf.resized(gm.GaussianPsf(5, 5, 1.0), 7, 7), "zero-padding/cropping"),
+        (lambda: gm.ImagePsf(gm.GaussianPsf(5, 5, 1.0).compute_kernel_image(0, 0)).resized(3, 3),
+         "ImagePsf resized from 5x5 to 3x3"),
+    ]
+    for call, text in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="gpumatch"):
+            with pytest.warns(gm.InputWarning, match=re.escape(text)):
+                call()
+        assert any(text in r.getMessage() for r in caplog.records)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", gm.InputWarning)
+            with pytest.raises(gm.InputWarning):
+                call()

@@ -76,7 +76,7 @@ print(out)
 
 @pytest.fixture(scope="module")
 def outcomes():
-    return ast.literal_eval(run_installed(_SCRIPT, kernels="transcribed").strip().splitlines()[-1])
+    return ast.literal_eval(run_installed(_SCRIPT).strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("case, expected", [
@@ -133,3 +133,19 @@ def test_record_is_cupy_14_2():
         check_call("cupy.cuda.runtime.memcpyAsync", (0, 0, 0, 1, 0, 0), {})
     with pytest.raises(AttributeError, match="CuPy 14.2.0 has no cupy.insert"):
         check_call("cupy.insert", (), {})
+
+
+def test_fake_is_split_by_concern():
+    """tests/fake_cupy/ is a package whose parts each install one concern;
+    ``install``, ``run_installed`` and ``COUNTS`` are where they were, and the
+    kernels are the compiled CUDA sources only (no NumPy transcriptions)."""
+    import importlib
+
+    import fake_cupy
+
+    assert set(fake_cupy.__all__) == {"install", "run_installed", "COUNTS"}
+    for part in ("arrays", "memory", "streams", "device", "kernels", "api_check"):
+        assert callable(getattr(importlib.import_module(f"fake_cupy.{part}"),
+                                "check_against_cupy" if part == "api_check" else "install"))
+    with pytest.raises(ValueError, match="compiled CUDA sources only"):
+        fake_cupy.install("transcribed")

@@ -32,7 +32,7 @@ def test_grid_points_and_bilinear_interpolation():
     psf = GriddedPsf(stamps, xs, ys)
     assert psf.dimensions() == (15, 15)
     assert psf.average_position == (150.0, 150.0)
-    for s, x, y, sg in zip(stamps, xs, ys, sig):
+    for s, x, y, _sg in zip(stamps, xs, ys, sig):
         np.testing.assert_allclose(psf.compute_kernel_image(x, y), s / s.sum(), atol=1e-15)
     g = {(x, y): s / s.sum() for s, x, y in zip(stamps, xs, ys)}
     # Inside the cell [100, 300] x [50, 250] at fractions (0.25, 0.6).

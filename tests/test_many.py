@@ -524,8 +524,8 @@ def test_exposures_given_as_objects_are_not_pulled_ahead():
             yield e
 
     seen = []
-    for result in gm.match_many(generate(), REFERENCE, cfg, backend="numpy", batch_size=2,
-                                read_workers=2):
+    for _ in gm.match_many(generate(), REFERENCE, cfg, backend="numpy", batch_size=2,
+                           read_workers=2):
         seen.append(len(pulled))
     # Items pulled when each result is yielded: its own batch, nothing of the next.
     assert seen == [2, 2, 4, 4, 5]

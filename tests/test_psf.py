@@ -262,3 +262,33 @@ def test_user_psf_runs_through_task(sec10, ref):
     assert stamp.shape == (13, 13)
     np.testing.assert_allclose(stamp, ref.center_in(ref.gaussian_stamp(11, 11, 3.7), 13),
                                rtol=1e-13, atol=0)
+
+
+def test_fixed_size_models_share_the_boilerplate():
+    """The analytic models get size checks, repr, resizing and the single-stamp
+    call from FixedSizePsf, with the reprs and stamps they had before."""
+    from gpumatch.psf.base import FixedSizePsf
+
+    g = gm.GaussianPsf(7, 9, 1.5)
+    assert repr(g) == "GaussianPsf(7, 9, sigma=1.5)"
+    assert repr(gm.DoubleGaussianPsf(5, 5, 1.0, 2.0, 0.1)) == \
+        "DoubleGaussianPsf(5, 5, sigma1=1.0, sigma2=2.0, b=0.1)"
+    assert repr(gm.MoffatPsf(11, 11, 3.0)) == "MoffatPsf(11, 11, fwhm=3.0, beta=3.0)"
+    v = gm.VaryingGaussianPsf(9, 9, (0, 0, 99, 99), (2.0, 0.1))
+    assert repr(v) == ("VaryingGaussianPsf(9, 9, bbox=(0.0, 0.0, 99.0, 99.0), sigma=(2.0, 0.1), "
+                       "g1=(0.0,), g2=(0.0,))")
+    for psf in (g, v, gm.MoffatPsf(11, 11, 3.0, 2.5)):
+        assert isinstance(psf, FixedSizePsf) and psf.renders_on_device
+        big = psf.resized(15, 13)
+        assert type(big) is type(psf) and big.dimensions() == (15, 13)
+        assert big._parameters() == psf._parameters()
+        np.testing.assert_array_equal(psf.compute_kernel_image(3.0, 4.0),
+                                      psf.compute_kernel_images([3.0], [4.0])[0])
+    # An exact analytic stamp: the Gaussian's pixel values before normalisation.
+    yy, xx = np.mgrid[-4:5, -3:4]
+    want = np.exp(-(xx ** 2 + yy ** 2) / (2 * 1.5 ** 2))
+    np.testing.assert_allclose(g.compute_kernel_image(0, 0), want / want.sum(), rtol=1e-14)
+    with pytest.raises(ValueError, match="odd and positive, got 8x9"):
+        gm.GaussianPsf(8, 9, 1.0)
+    assert not gm.ImagePsf(gm.GaussianPsf(7, 7, 1.0).compute_kernel_image(0, 0)).renders_on_device
+    assert gm.Psf.renders_on_device is False

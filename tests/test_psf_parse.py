@@ -172,7 +172,7 @@ def test_galsim_adapter():
 
 def test_galsim_des_psfex_matches_psfex_reader():
     galsim = pytest.importorskip("galsim")
-    import galsim.des
+    pytest.importorskip("galsim.des")
 
     if not os.path.exists(DES_PSF):
         pytest.skip(f"DES test data not found at {DES_PSF}")
@@ -207,3 +207,34 @@ def test_real_piff_model(tmp_path):
     bad.write_text("nonsense")
     with pytest.raises(ValueError, match="bad.piff"):
         PiffPsf.read(bad)
+
+
+def test_forms_table_drives_parsing_errors_and_help():
+    """One table (FORMS) holds every string form: parse_psf dispatches on it, its
+    errors list its syntaxes, and psf_forms_help() prints one line per syntax."""
+    from gpumatch.psf import parse as P
+
+    assert list(P.FORMS) == ["gaussian", "doublegaussian", "moffat", "psfex", "image", "piff",
+                             "lsstimages"]
+    text = P.psf_forms_help()
+    lines = text.splitlines()
+    assert len(lines) == 8 and lines[0].startswith("  gaussian:fwhm=F[,size=N]  ")
+    for form in P.FORMS.values():
+        for syntax in form.syntax.split(" | "):
+            assert f"  {syntax} " in text or text.count(f"  {syntax}\n") == 1
+    with pytest.raises(ValueError) as err:
+        parse_psf("nosuchmodel:x=1")
+    assert "unknown model 'nosuchmodel'" in str(err.value)
+    assert "moffat:fwhm=F[,beta=B][,size=N] | psfex:PATH.psf" in str(err.value)
+    # A new form is one registration: parsed, listed in errors and in the help.
+    P.register_form("fixed", P.PsfForm("fixed:sigma=S", "a test form",
+                                       lambda spec, body: GaussianPsf(5, 5, float(body[6:]))))
+    try:
+        psf = parse_psf("Fixed:sigma=1.5")
+        assert isinstance(psf, GaussianPsf) and psf.sigma == 1.5 and psf.width == 5
+        assert "fixed:sigma=S" in P.psf_forms_help()
+        with pytest.raises(ValueError, match=r"\| fixed:sigma=S"):
+            parse_psf("gaussian:")
+    finally:
+        del P.FORMS["fixed"], P._ALIASES["fixed"]
+    assert parse_psf("dgauss:sigma1=2").sigma1 == 2.0

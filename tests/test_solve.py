@@ -422,7 +422,7 @@ def test_host_and_batched_spatial_solves_agree_on_an_ill_conditioned_system():
     from gpumatch import stages
 
     state = stages.spatial_system(task, stages.MatchState(cell_set=cs), M, b, None)
-    sf, A, rhs = state.sf, state.A, state.rhs
+    A, rhs = state.A, state.rhs
     with single_threaded_blas():
         host, = solve_symmetric_many(A[None], rhs[None])
         batched, = solve_symmetric_many(A[None], rhs[None], batched=True)

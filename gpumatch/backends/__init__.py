@@ -19,7 +19,7 @@ import functools
 import importlib
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from .base import Backend
 
@@ -123,7 +123,7 @@ def backend_status(name):
     return entry.status()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cupy_status():
     """``(usable, why)`` for CuPy: it imports and a CUDA device answers."""
     try:

@@ -131,31 +131,6 @@ class PackedTerms:
         self.hx = float(hx)
         self.hy = float(hy)
 
-    def kernel_at(self, x_index, y_index, dtype=np.float64):
-        """``K`` and ``sum(K)`` at array pixel ``(x_index, y_index)`` from the packed
-        arrays, with the kernel's Horner order (a NumPy check of the packing)."""
-        o = self.order
-        X = (x_index + self.x_shift) / self.hx
-        Y = (y_index + self.y_shift) / self.hy
-        q = self.qpack.astype(dtype)
-        A = []
-        Ad = []
-        for a in range(o + 1):
-            s = q[:, term_slot(a, o - a, o)]
-            sd = self.qsum[term_slot(a, o - a, o)]
-            for c in range(o - a - 1, -1, -1):
-                s = s * dtype(Y) + q[:, term_slot(a, c, o)]
-                sd = sd * Y + self.qsum[term_slot(a, c, o)]
-            A.append(s)
-            Ad.append(sd)
-        K = A[o]
-        norm = Ad[o]
-        for a in range(o - 1, -1, -1):
-            K = K * dtype(X) + A[a]
-            norm = norm * X + Ad[a]
-        k = self.kernel_size
-        return K.reshape(k, k), norm
-
 
 def pack_terms(kernel, box):
     """:class:`PackedTerms` of ``kernel`` for planes with parent bbox ``box``."""

@@ -71,7 +71,7 @@ def kernel_files():
     return sorted(p.name for p in kernel_dir().iterdir() if p.name.endswith(".cu"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel_source(filename):
     """Text of one kernel source file."""
     return kernel_dir().joinpath(filename).read_text(encoding="utf-8")
@@ -123,7 +123,7 @@ def get_kernel(filename, name, defines, shared_bytes=0):
     return fn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_limits(device_id):
     import cupy
 

@@ -50,13 +50,17 @@ import math
 import numbers
 import os
 import re
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._warnings import quiet, recorded
-from ..errors import GpumatchError
+from ..errors import GpumatchError, InputWarning, warn
 from ..provenance import CARDS, NOISE_CARDS
 from ._atomic import atomic_write
+
+if TYPE_CHECKING:
+    from ..exposure import Exposure
 
 log = logging.getLogger("gpumatch")
 
@@ -132,7 +136,7 @@ def meta_to_header(meta, header, skip=()):
             log.debug("meta[%r] is a FITS layout or WCS keyword; not written as metadata", key)
             continue
         if not k.isascii() or not k.replace(" ", "").replace("-", "").replace("_", "").isalnum():
-            log.warning("meta key %r is not a valid FITS keyword; not written", key)
+            warn(f"meta key {key!r} is not a valid FITS keyword; not written", InputWarning)
             continue
         try:
             card_value, comment = _plain_value(value), None
@@ -140,8 +144,8 @@ def meta_to_header(meta, header, skip=()):
             try:
                 card_value, comment = json.dumps(_jsonable(value), allow_nan=True), JSON_COMMENT
             except (TypeError, ValueError):
-                log.warning("meta[%r] (%s) cannot be stored in a FITS header; not written",
-                            key, type(value).__name__)
+                warn(f"meta[{key!r}] ({type(value).__name__}) cannot be stored in a FITS "
+                     "header; not written", InputWarning)
                 continue
         with quiet():  # HIERARCH notices for long keys
             header[k] = (card_value, comment) if comment else card_value
@@ -194,8 +198,8 @@ def _wcs_from_header(header, path):
         with quiet():
             return WCS(header)
     except Exception as exc:
-        log.warning("%s: the WCS in the header could not be read (%s); exposure.wcs = None",
-                    path, exc)
+        warn(f"{path}: the WCS in the header could not be read ({exc}); exposure.wcs = None",
+             InputWarning)
         return None
 
 
@@ -204,8 +208,8 @@ def _wcs_cards(wcs):
         return None
     to_header = getattr(wcs, "to_header", None)
     if to_header is None:
-        log.warning("exposure.wcs (%s) is not an astropy WCS; it is not written to FITS",
-                    type(wcs).__name__)
+        warn(f"exposure.wcs ({type(wcs).__name__}) is not an astropy WCS; it is not written "
+             "to FITS", InputWarning)
         return None
     with quiet():
         try:
@@ -326,8 +330,9 @@ def _as_mask(arr, path, source):
         f"{path}: {source} has {arr.dtype} data; a mask must hold integer bit planes")
 
 
-def read_exposure(path, *, psf=None, variance=None, mask=None, mask_planes=None, hdu=None,
-                  empty=None):
+def read_exposure(path: str | os.PathLike, *, psf: Any = None, variance: Any = None,
+                  mask: Any = None, mask_planes: dict | None = None, hdu: int | str | None = None,
+                  empty: Any = None) -> Exposure:
     """Read an :class:`~gpumatch.Exposure` from a FITS file.
 
     Parameters
@@ -338,8 +343,8 @@ def read_exposure(path, *, psf=None, variance=None, mask=None, mask_planes=None,
         goes through :func:`gpumatch.psf.parse_psf` (``"psfex:PATH"``, ...).
     variance : array or float, optional
         Variance plane (or constant) to use instead of the file's; required
-        for a plain image unless unit variance is acceptable (then a log line
-        says it was defaulted).
+        for a plain image unless unit variance is acceptable (then an
+        :class:`~gpumatch.InputWarning` says it was defaulted).
     mask : integer array, optional
         Mask plane to use instead of the file's (plain image: zeros otherwise).
     mask_planes : dict, optional
@@ -370,7 +375,7 @@ def read_exposure(path, *, psf=None, variance=None, mask=None, mask_planes=None,
     hdul = _open(p)
     try:
         return _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty)
-    except (FitsFormatError, OSError):
+    except (FitsFormatError, OSError, Warning):  # Warning: one the caller escalated to an error
         raise
     except MemoryError:
         from ..limits import ResourceLimitError, format_bytes
@@ -463,9 +468,9 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
         else:
             msk = _as_mask(msk, p, "the MASK extension")
     if defaulted:
-        log.warning("%s: plain image without %s planes; using %s (pass variance=/mask= "
-                    "to give them)", p, " and ".join(d.split(" ")[0] for d in defaulted),
-                    ", ".join(defaulted))
+        planes = " and ".join(d.split(" ")[0] for d in defaulted)
+        warn(f"{p}: plain image without {planes} planes; using {', '.join(defaulted)} "
+             "(pass variance=/mask= to give them)", InputWarning)
 
     if mask_planes is None:
         planes = _mask_planes(mask_header) if mask_header is not None else {}
@@ -621,20 +626,20 @@ def _exposure_hdul(exposure):
         if isinstance(exposure.filter, str):
             primary.header["FILTER"] = exposure.filter
         else:
-            log.warning("exposure.filter (%s) is not a string; not written",
-                        type(exposure.filter).__name__)
+            warn(f"exposure.filter ({type(exposure.filter).__name__}) is not a string; not "
+                 "written", InputWarning)
     for key, value, what in (("GM_ID", exposure.id, "id"),
                              ("GM_PHCAL", exposure.photo_calib, "photo_calib"),
                              ("GM_VISIT", exposure.visit_info, "visit_info")):
         if value is None:
             continue
         if key == "GM_PHCAL" and not isinstance(value, numbers.Real):
-            log.warning("exposure.photo_calib (%s) is not a number; not written",
-                        type(value).__name__)
+            warn(f"exposure.photo_calib ({type(value).__name__}) is not a number; not written",
+                 InputWarning)
             continue
         meta_to_header({key: value}, primary.header)
         if key not in primary.header:
-            log.warning("exposure.%s cannot be stored in FITS; not written", what)
+            warn(f"exposure.{what} cannot be stored in FITS; not written", InputWarning)
 
     x0, y0 = exposure.xy0
     wcs_header = _wcs_cards(exposure.wcs)
@@ -693,7 +698,8 @@ def _compressed(hdul):
     return fits.HDUList(out)
 
 
-def write_exposure(exposure, path, overwrite=False, compress=None):
+def write_exposure(exposure: Exposure, path: str | os.PathLike, overwrite: bool = False,
+                   compress: bool | None = None) -> str:
     """Write ``exposure`` to ``path`` atomically (see the module docstring).
 
     The file is complete when it appears: it is written to a temporary file in

@@ -20,12 +20,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._warnings import quiet
 from ._atomic import atomic_write, check_output_path
 from .fits import FitsFormatError, _open
+
+if TYPE_CHECKING:
+    from ..kernel import SpatialKernel
 
 log = logging.getLogger("gpumatch")
 
@@ -93,7 +97,8 @@ def _kernel_hdul(kernel, config):
     return fits.HDUList(hdus)
 
 
-def write_kernel(kernel, path, overwrite=False, config=None):
+def write_kernel(kernel: SpatialKernel, path: str | os.PathLike, overwrite: bool = False,
+                 config: Any = None) -> str:
     """Write a :class:`~gpumatch.SpatialKernel` to ``path`` atomically.
 
     Parameters
@@ -119,7 +124,7 @@ def write_kernel(kernel, path, overwrite=False, config=None):
     return p
 
 
-def read_kernel(path):
+def read_kernel(path: str | os.PathLike) -> SpatialKernel:
     """Read a kernel written by :func:`write_kernel`.
 
     Returns

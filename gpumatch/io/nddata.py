@@ -15,10 +15,14 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import GpumatchError
+from ..errors import GpumatchError, InputWarning, warn
+
+if TYPE_CHECKING:
+    from ..exposure import Exposure
 
 log = logging.getLogger("gpumatch")
 
@@ -75,7 +79,8 @@ def _variance_from(uncertainty, data_unit, shape):
     return var
 
 
-def exposure_from_nddata(obj, psf=None, *, xy0=None, mask_planes=None, bool_mask_plane="BAD"):
+def exposure_from_nddata(obj: Any, psf: Any = None, *, xy0: tuple[int, int] | None = None,
+                         mask_planes: dict | None = None, bool_mask_plane: str = "BAD") -> Exposure:
     """An :class:`~gpumatch.Exposure` from an astropy ``NDData``/``CCDData``.
 
     Parameters
@@ -131,8 +136,8 @@ def exposure_from_nddata(obj, psf=None, *, xy0=None, mask_planes=None, bool_mask
     if obj.uncertainty is None:
         variance = np.ones(image.shape, dtype=image.dtype if image.dtype.kind == "f"
                            else np.float64)
-        log.warning("NDData without uncertainty: using variance = 1 (give a "
-                    "VarianceUncertainty, StdDevUncertainty or InverseVariance to set it)")
+        warn("NDData without uncertainty: using variance = 1 (give a "
+             "VarianceUncertainty, StdDevUncertainty or InverseVariance to set it)", InputWarning)
     else:
         variance = _variance_from(obj.uncertainty, unit, image.shape)
         if image.dtype == np.float32:
@@ -189,13 +194,13 @@ def exposure_from_nddata(obj, psf=None, *, xy0=None, mask_planes=None, bool_mask
             if arr.ndim == 2 and arr.shape[0] == arr.shape[1] and arr.shape[0] % 2 == 1:
                 psf = ImagePsf(arr)
             else:
-                log.warning("NDData psf of shape %s is not an odd square image; not used",
-                            arr.shape)
+                warn(f"NDData psf of shape {arr.shape} is not an odd square image; not used",
+                     InputWarning)
     return Exposure(image, variance, mask, xy0=xy0, psf=psf, wcs=getattr(obj, "wcs", None),
                     meta=meta, mask_planes=planes)
 
 
-def exposure_to_ccddata(exposure, unit=None):
+def exposure_to_ccddata(exposure: Exposure, unit: Any = None) -> Any:
     """An astropy :class:`~astropy.nddata.CCDData` of ``exposure`` (NumPy arrays).
 
     Parameters
@@ -245,6 +250,6 @@ def exposure_to_ccddata(exposure, unit=None):
     except (TypeError, ValueError) as exc:
         if wcs is None:
             raise
-        log.warning("exposure.wcs cannot be attached to CCDData (%s); left out", exc)
+        warn(f"exposure.wcs cannot be attached to CCDData ({exc}); left out", InputWarning)
         return CCDData(image, unit=unit, uncertainty=VarianceUncertainty(variance), mask=mask,
                        flags=flags, meta=meta)

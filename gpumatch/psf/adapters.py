@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,8 @@ class GalSimPsf(Psf):
         coordinates start at 1).
     """
 
-    def __init__(self, model, size=25, scale=1.0, method="auto", offset=(1.0, 1.0)):
+    def __init__(self, model: Any, size: int = 25, scale: float = 1.0, method: str = "auto",
+                 offset: tuple[float, float] = (1.0, 1.0)) -> None:
         self.model = model
         self.size = _check_size(size)
         self.scale = float(scale)
@@ -126,9 +128,12 @@ class PiffPsf(Psf):
     offset : (float, float)
         Added to parent coordinates to get the coordinates the model was fitted
         in (1, 1 for catalogue positions in FITS/GalSim convention).
+    path : str, optional
+        The file the model was read from (for provenance).
     """
 
-    def __init__(self, model, size=25, chipnum=None, offset=(1.0, 1.0), path=None):
+    def __init__(self, model: Any, size: int = 25, chipnum: int | None = None,
+                 offset: tuple[float, float] = (1.0, 1.0), path: str | None = None) -> None:
         if not hasattr(model, "draw"):
             raise TypeError(f"PiffPsf needs a piff.PSF (with draw()), got {type(model).__name__}")
         self.model = model
@@ -138,8 +143,21 @@ class PiffPsf(Psf):
         self.path = path
 
     @classmethod
-    def read(cls, path, **kwargs):
-        """Read a Piff model file (imports piff)."""
+    def read(cls, path: str | os.PathLike, **kwargs: Any) -> PiffPsf:
+        """Read a Piff model file (imports piff).
+
+        Parameters
+        ----------
+        path : str or path-like
+            The Piff file.
+        **kwargs
+            ``size``, ``chipnum``, ``offset``: as for :class:`PiffPsf`.
+
+        Returns
+        -------
+        PiffPsf
+            The model, with ``path`` set.
+        """
         p = os.fspath(path)
         if not os.path.exists(p):
             raise FileNotFoundError(f"Piff model {p}: no such file; check the path")

@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from ..backend import to_numpy
 from ..basis import polynomial_exponents
 from ..exposure import Box
-from .base import Psf
+from .base import FixedSizePsf, odd_stamp_size
 
 __all__ = ["GaussianPsf", "DoubleGaussianPsf", "MoffatPsf", "VaryingGaussianPsf",
            "render_gaussians"]
-
-
-def _check_size(width, height):
-    width, height = int(width), int(height)
-    if width < 1 or height < 1 or width % 2 == 0 or height % 2 == 0:
-        raise ValueError(f"PSF stamp size must be odd and positive, got {width}x{height}")
-    return width, height
 
 
 @functools.lru_cache(maxsize=32)
@@ -66,7 +61,7 @@ def _same_stamps(stamp, n, xp):
     return xp.ascontiguousarray(xp.broadcast_to(stamp, (n,) + stamp.shape))
 
 
-class GaussianPsf(Psf):
+class GaussianPsf(FixedSizePsf):
     """A circular Gaussian PSF.
 
     Parameters
@@ -77,39 +72,26 @@ class GaussianPsf(Psf):
         Gaussian width in pixels.
     """
 
-    #: Renders stamps with any array module (``xp``), so a CuPy backend realises all
-    #: candidates on the device in one batch (see :func:`gpumatch.cellset.realize_stamps`).
-    renders_on_device = True
-
-    def __init__(self, width, height, sigma):
-        self.width, self.height = _check_size(width, height)
+    def __init__(self, width: int, height: int, sigma: float) -> None:
+        self.width, self.height = odd_stamp_size(width, height)
         if not sigma > 0:
             raise ValueError(f"sigma must be positive, got {sigma}")
         self.sigma = float(sigma)
 
-    def compute_kernel_images(self, xs, ys, xp=np):
+    def compute_kernel_images(self, xs: ArrayLike, ys: ArrayLike, xp: Any = np) -> Any:
         s2 = np.array([self.sigma ** 2])
         stamp = render_gaussians(self.width, self.height, s2, s2, np.zeros(1))[0]
         return _same_stamps(stamp, int(np.size(to_numpy(xs))), xp)
-
-    def compute_kernel_image(self, x, y):
-        return self.compute_kernel_images([x], [y])[0]
 
     def compute_shape(self, x=None, y=None):
         s2 = self.sigma ** 2
         return s2, s2, 0.0
 
-    def dimensions(self, x=None, y=None):
-        return self.width, self.height
-
-    def resized(self, width, height):
-        return GaussianPsf(width, height, self.sigma)
-
-    def __repr__(self):
-        return f"GaussianPsf({self.width}, {self.height}, sigma={self.sigma})"
+    def _parameters(self):
+        return {"sigma": self.sigma}
 
 
-class DoubleGaussianPsf(Psf):
+class DoubleGaussianPsf(FixedSizePsf):
     """``exp(-r^2 / 2 sigma1^2) + b exp(-r^2 / 2 sigma2^2)``, normalised to sum 1.
 
     Parameters
@@ -122,12 +104,9 @@ class DoubleGaussianPsf(Psf):
         Peak amplitude of the wing relative to the core.
     """
 
-    #: Renders stamps with any array module (``xp``), so a CuPy backend realises all
-    #: candidates on the device in one batch (see :func:`gpumatch.cellset.realize_stamps`).
-    renders_on_device = True
-
-    def __init__(self, width, height, sigma1, sigma2=0.0, b=0.0):
-        self.width, self.height = _check_size(width, height)
+    def __init__(self, width: int, height: int, sigma1: float, sigma2: float = 0.0,
+                 b: float = 0.0) -> None:
+        self.width, self.height = odd_stamp_size(width, height)
         if not sigma1 > 0:
             raise ValueError(f"sigma1 must be positive, got {sigma1}")
         if b < 0:
@@ -138,7 +117,7 @@ class DoubleGaussianPsf(Psf):
         self.sigma2 = float(sigma2)
         self.b = float(b)
 
-    def compute_kernel_images(self, xs, ys, xp=np):
+    def compute_kernel_images(self, xs: ArrayLike, ys: ArrayLike, xp: Any = np) -> Any:
         s1, zero = np.array([self.sigma1 ** 2]), np.zeros(1)
         stamp = render_gaussians(self.width, self.height, s1, s1, zero)[0]
         if self.b != 0:
@@ -146,27 +125,17 @@ class DoubleGaussianPsf(Psf):
             stamp = stamp + self.b * render_gaussians(self.width, self.height, s2, s2, zero)[0]
         return _same_stamps(stamp, int(np.size(to_numpy(xs))), xp)
 
-    def compute_kernel_image(self, x, y):
-        return self.compute_kernel_images([x], [y])[0]
-
     def compute_shape(self, x=None, y=None):
         if self.b == 0:
             s2 = self.sigma1 ** 2
             return s2, s2, 0.0
         return super().compute_shape(x, y)
 
-    def dimensions(self, x=None, y=None):
-        return self.width, self.height
-
-    def resized(self, width, height):
-        return DoubleGaussianPsf(width, height, self.sigma1, self.sigma2, self.b)
-
-    def __repr__(self):
-        return (f"DoubleGaussianPsf({self.width}, {self.height}, sigma1={self.sigma1}, "
-                f"sigma2={self.sigma2}, b={self.b})")
+    def _parameters(self):
+        return {"sigma1": self.sigma1, "sigma2": self.sigma2, "b": self.b}
 
 
-class MoffatPsf(Psf):
+class MoffatPsf(FixedSizePsf):
     """A circular Moffat PSF, ``(1 + r^2 / alpha^2)^(-beta)``, normalised to sum 1.
 
     Heavier wings than a Gaussian of the same FWHM (seeing-limited stars are
@@ -183,10 +152,8 @@ class MoffatPsf(Psf):
         Power-law index (> 1 so the flux is finite).
     """
 
-    renders_on_device = True
-
-    def __init__(self, width, height, fwhm, beta=3.0):
-        self.width, self.height = _check_size(width, height)
+    def __init__(self, width: int, height: int, fwhm: float, beta: float = 3.0) -> None:
+        self.width, self.height = odd_stamp_size(width, height)
         if not fwhm > 0:
             raise ValueError(f"fwhm must be positive, got {fwhm}")
         if not beta > 1:
@@ -195,23 +162,13 @@ class MoffatPsf(Psf):
         self.beta = float(beta)
         self.alpha = self.fwhm_pixels / (2.0 * np.sqrt(2.0 ** (1.0 / self.beta) - 1.0))
 
-    def compute_kernel_images(self, xs, ys, xp=np):
+    def compute_kernel_images(self, xs: ArrayLike, ys: ArrayLike, xp: Any = np) -> Any:
         r2 = _quadratic_terms(self.width, self.height)[[0, 2]].sum(axis=0)
         stamp = ((1.0 + r2 / self.alpha ** 2) ** -self.beta).reshape(self.height, self.width)
         return _same_stamps(stamp, int(np.size(to_numpy(xs))), xp)
 
-    def compute_kernel_image(self, x, y):
-        return self.compute_kernel_images([x], [y])[0]
-
-    def dimensions(self, x=None, y=None):
-        return self.width, self.height
-
-    def resized(self, width, height):
-        return MoffatPsf(width, height, self.fwhm_pixels, self.beta)
-
-    def __repr__(self):
-        return (f"MoffatPsf({self.width}, {self.height}, fwhm={self.fwhm_pixels}, "
-                f"beta={self.beta})")
+    def _parameters(self):
+        return {"fwhm": self.fwhm_pixels, "beta": self.beta}
 
 
 def _poly_terms(u, v, n_coeffs):
@@ -222,7 +179,7 @@ def _poly_terms(u, v, n_coeffs):
     return [u ** a * v ** c for a, c in polynomial_exponents(order)[:n_coeffs]]
 
 
-class VaryingGaussianPsf(Psf):
+class VaryingGaussianPsf(FixedSizePsf):
     """An elliptical Gaussian whose size and shape vary across the detector.
 
     Size (determinant radius, pixels) and reduced shear ``g1, g2`` are
@@ -240,12 +197,9 @@ class VaryingGaussianPsf(Psf):
         Polynomial coefficients.
     """
 
-    #: Renders stamps with any array module (``xp``), so a CuPy backend realises all
-    #: candidates on the device in one batch (see :func:`gpumatch.cellset.realize_stamps`).
-    renders_on_device = True
-
-    def __init__(self, width, height, bbox, sigma, g1=(0.0,), g2=(0.0,)):
-        self.width, self.height = _check_size(width, height)
+    def __init__(self, width: int, height: int, bbox: Any, sigma: ArrayLike,
+                 g1: ArrayLike = (0.0,), g2: ArrayLike = (0.0,)) -> None:
+        self.width, self.height = odd_stamp_size(width, height)
         if isinstance(bbox, Box):
             bbox = (bbox.x0, bbox.y0, bbox.x1, bbox.y1)
         self.bbox = tuple(float(v) for v in bbox)
@@ -263,11 +217,21 @@ class VaryingGaussianPsf(Psf):
         ys = np.asarray(to_numpy(ys), dtype=np.float64).ravel()
         return (2 * xs - (x0 + x1)) / (x1 - x0), (2 * ys - (y0 + y1)) / (y1 - y0)
 
-    def moments(self, xs, ys):
-        """Covariance ``(ixx, iyy, ixy)`` host arrays at parent positions (pixels^2).
+    def moments(self, xs: ArrayLike, ys: ArrayLike) -> tuple[NDArray[np.float64], ...]:
+        """Covariance of the Gaussian at parent positions.
 
         A few numbers per position: worked out on the host even when the stamps
         are made on a device (see :func:`render_gaussians`).
+
+        Parameters
+        ----------
+        xs, ys : array_like (n,)
+            Parent positions in pixels.
+
+        Returns
+        -------
+        tuple of ndarray (n,)
+            ``(ixx, iyy, ixy)`` host arrays in pixels^2.
         """
         u, v = self._uv(xs, ys)
 
@@ -287,26 +251,16 @@ class VaryingGaussianPsf(Psf):
         ixy = f * 2 * g2
         return ixx, iyy, ixy
 
-    def compute_kernel_images(self, xs, ys, xp=np):
+    def compute_kernel_images(self, xs: ArrayLike, ys: ArrayLike, xp: Any = np) -> Any:
         ixx, iyy, ixy = self.moments(xs, ys)
         img = render_gaussians(self.width, self.height, ixx, iyy, ixy, xp=xp)
         return img / img.sum(axis=(1, 2), keepdims=True)
-
-    def compute_kernel_image(self, x, y):
-        return self.compute_kernel_images([x], [y])[0]
 
     def compute_shape(self, x=None, y=None):
         x, y = self._position(x, y)
         ixx, iyy, ixy = self.moments([x], [y])
         return float(ixx[0]), float(iyy[0]), float(ixy[0])
 
-    def dimensions(self, x=None, y=None):
-        return self.width, self.height
-
-    def resized(self, width, height):
-        return VaryingGaussianPsf(width, height, self.bbox, self.sigmacoeffs,
-                                  self.g1_coeffs, self.g2_coeffs)
-
-    def __repr__(self):
-        return (f"VaryingGaussianPsf({self.width}, {self.height}, bbox={self.bbox}, "
-                f"sigma={self.sigmacoeffs}, g1={self.g1_coeffs}, g2={self.g2_coeffs})")
+    def _parameters(self):
+        return {"bbox": self.bbox, "sigma": self.sigmacoeffs, "g1": self.g1_coeffs,
+                "g2": self.g2_coeffs}

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import logging
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from ..backend import array_namespace
+from ..errors import InputWarning, warn
 from ..moments import SIGMA_TO_FWHM, adaptive_moments, determinant_radius
 
-log = logging.getLogger("gpumatch")
-
-__all__ = ["Psf", "pad_or_crop", "centred_on"]
+__all__ = ["Psf", "FixedSizePsf", "ResizedPsf", "pad_or_crop", "centred_on", "odd_stamp_size"]
 
 
 def pad_or_crop(stamp, width, height):
@@ -32,6 +32,30 @@ def pad_or_crop(stamp, width, height):
     return out
 
 
+def odd_stamp_size(width: int, height: int) -> tuple[int, int]:
+    """Check a stamp size: odd and positive.
+
+    Parameters
+    ----------
+    width, height : int
+        Stamp size in pixels.
+
+    Returns
+    -------
+    tuple of int
+        ``(width, height)`` as ints.
+
+    Raises
+    ------
+    ValueError
+        If either is even or below 1.
+    """
+    width, height = int(width), int(height)
+    if width < 1 or height < 1 or width % 2 == 0 or height % 2 == 0:
+        raise ValueError(f"PSF stamp size must be odd and positive, got {width}x{height}")
+    return width, height
+
+
 def centred_on(stamp, cx, cy):
     """``stamp`` zero-padded to the smallest odd square whose middle pixel is
     ``stamp[cy, cx]`` (for models whose centre pixel is not the middle one)."""
@@ -48,18 +72,45 @@ class Psf:
 
     A subclass needs only :meth:`compute_kernel_image`; everything else has a
     default built on it. Positions are parent pixel coordinates.
+
+    Notes
+    -----
+    The device-rendering contract: a model whose :attr:`renders_on_device` is True implements
+    ``compute_kernel_images(xs, ys, xp=np)``: ``xs, ys`` are host arrays of
+    parent positions (pixels) and the stamps, normalised to sum 1, are made
+    with the array module ``xp`` (NumPy, or CuPy on the device), so that a
+    device backend realises all candidates in one batch (see
+    :func:`gpumatch.cellset.realize_stamps`). Other models are called without
+    ``xp`` and their host stamps are copied to the device.
     """
 
     #: Where the model is "typical" (parent pixels), or None for the centre of
     #: the exposure it belongs to.
     average_position = None
-    #: True when ``compute_kernel_images(xs, ys, xp=...)`` renders the stamps in
-    #: ``xp``'s arrays (on a device) itself; False: the stamps are made on the
-    #: host and copied.
+    #: True when :meth:`compute_kernel_images` takes ``xp=`` and renders the
+    #: stamps in ``xp``'s arrays (on a device) itself (the device-rendering
+    #: contract above); False: the stamps are made on the host and copied.
     renders_on_device = False
 
-    def compute_kernel_image(self, x, y):
+    def __init_subclass__(cls, **kwargs):
+        # Overrides without a docstring inherit the one they override, so the
+        # documented contract (parameters, units, returns) shows on every model.
+        super().__init_subclass__(**kwargs)
+        for name, value in list(vars(cls).items()):
+            if name.startswith("_") or getattr(value, "__doc__", "") is not None:
+                continue
+            doc = next((getattr(base, name).__doc__ for base in cls.__mro__[1:]
+                        if getattr(getattr(base, name, None), "__doc__", None)), None)
+            if doc is not None and callable(value):
+                value.__doc__ = doc
+
+    def compute_kernel_image(self, x: float, y: float) -> NDArray[np.float64]:
         """The PSF at parent position ``(x, y)``, centred in an odd square stamp.
+
+        Parameters
+        ----------
+        x, y : float
+            Parent position in pixels.
 
         Returns
         -------
@@ -70,11 +121,21 @@ class Psf:
             f"{type(self).__name__} must implement compute_kernel_image(x, y)"
         )
 
-    def compute_kernel_images(self, xs, ys):
-        """Stamps at many positions: an array ``(n, h, w)`` or a list of stamps.
+    def compute_kernel_images(self, xs: ArrayLike, ys: ArrayLike) -> Any:
+        """Evaluate the PSF at many parent positions.
 
         The default calls :meth:`compute_kernel_image` per position; models
         override it to evaluate in one batch.
+
+        Parameters
+        ----------
+        xs, ys : array_like (n,)
+            Parent positions in pixels.
+
+        Returns
+        -------
+        ndarray (n, h, w) or list of ndarray
+            One stamp per position, each summing to 1 (a list when the sizes differ).
         """
         stamps = [np.asarray(self.compute_kernel_image(float(x), float(y)))
                   for x, y in zip(np.ravel(xs), np.ravel(ys))]
@@ -83,31 +144,86 @@ class Psf:
             return np.stack(stamps)
         return stamps
 
-    def dimensions(self, x=None, y=None):
-        """``(width, height)`` of the stamp at ``(x, y)`` (default: average position)."""
+    def dimensions(self, x: float | None = None, y: float | None = None) -> tuple[int, int]:
+        """Size of the stamp at parent position ``(x, y)``.
+
+        Parameters
+        ----------
+        x, y : float, optional
+            Parent position in pixels (default: :attr:`average_position`).
+
+        Returns
+        -------
+        tuple of int
+            ``(width, height)`` in pixels.
+        """
         x, y = self._position(x, y)
         h, w = np.shape(self.compute_kernel_image(x, y))
         return w, h
 
-    def compute_shape(self, x=None, y=None):
-        """Adaptive second moments ``(ixx, iyy, ixy)`` at ``(x, y)``, pixels^2."""
+    def compute_shape(self, x: float | None = None,
+                      y: float | None = None) -> tuple[float, float, float]:
+        """Adaptive second moments of the PSF at parent position ``(x, y)``.
+
+        Parameters
+        ----------
+        x, y : float, optional
+            Parent position in pixels (default: :attr:`average_position`).
+
+        Returns
+        -------
+        tuple of float
+            ``(ixx, iyy, ixy)`` in pixels^2.
+        """
         x, y = self._position(x, y)
         _, _, ixx, iyy, ixy = adaptive_moments(self.compute_kernel_image(x, y))
         return ixx, iyy, ixy
 
-    def determinant_radius(self, x=None, y=None):
-        """Determinant radius of :meth:`compute_shape`, pixels."""
+    def determinant_radius(self, x: float | None = None, y: float | None = None) -> float:
+        """Determinant radius ``(ixx iyy - ixy^2)^(1/4)`` of :meth:`compute_shape`.
+
+        Parameters
+        ----------
+        x, y : float, optional
+            Parent position in pixels (default: :attr:`average_position`).
+
+        Returns
+        -------
+        float
+            Radius in pixels.
+        """
         return determinant_radius(*self.compute_shape(x, y))
 
-    def fwhm(self, x=None, y=None):
-        """FWHM in pixels: determinant radius times ``2 sqrt(2 ln 2)``."""
+    def fwhm(self, x: float | None = None, y: float | None = None) -> float:
+        """Full width at half maximum: determinant radius times ``2 sqrt(2 ln 2)``.
+
+        Parameters
+        ----------
+        x, y : float, optional
+            Parent position in pixels (default: :attr:`average_position`).
+
+        Returns
+        -------
+        float
+            FWHM in pixels.
+        """
         return self.determinant_radius(x, y) * SIGMA_TO_FWHM
 
-    def resized(self, width, height):
-        """This model with stamps of ``width x height`` pixels.
+    def resized(self, width: int, height: int) -> Psf:
+        """Give this model with stamps of ``width x height`` pixels.
 
-        The default zero-pads or centre-crops every stamp and logs a warning;
-        analytic models re-render instead.
+        The default zero-pads or centre-crops every stamp and warns
+        (:class:`~gpumatch.InputWarning`); analytic models re-render instead.
+
+        Parameters
+        ----------
+        width, height : int
+            Odd stamp size in pixels.
+
+        Returns
+        -------
+        Psf
+            The resized model.
         """
         return ResizedPsf(self, width, height)
 
@@ -116,6 +232,90 @@ class Psf:
             pos = self.average_position
             return (0.0, 0.0) if pos is None else (float(pos[0]), float(pos[1]))
         return float(x), float(y)
+
+
+class FixedSizePsf(Psf):
+    """Base of models with one stamp size everywhere that render on any device.
+
+    A subclass sets ``self.width, self.height = odd_stamp_size(width, height)``
+    in its constructor, whose first two parameters are ``width, height``
+    (pixels) and whose others are the names :meth:`_parameters` returns, in
+    order, and implements ``compute_kernel_images(xs, ys, xp=np)``. This class
+    gives :meth:`compute_kernel_image`, :meth:`dimensions`, :meth:`resized`
+    (re-rendered, not padded) and ``repr``.
+    """
+
+    renders_on_device = True
+
+    def _parameters(self):
+        """The constructor's arguments after ``width, height``: ``{name: value}``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _parameters()")
+
+    def compute_kernel_images(self, xs: ArrayLike, ys: ArrayLike, xp: Any = np) -> Any:
+        """Evaluate the PSF at many parent positions, on ``xp``'s device.
+
+        Parameters
+        ----------
+        xs, ys : array_like (n,)
+            Parent positions in pixels (host arrays).
+        xp : module
+            The array module the stamps are made with (NumPy, or CuPy for the device).
+
+        Returns
+        -------
+        array (n, height, width)
+            One stamp per position, each summing to 1 and centred on its middle pixel.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_kernel_images")
+
+    def compute_kernel_image(self, x: float, y: float) -> NDArray[np.float64]:
+        """The PSF at parent position ``(x, y)``: one stamp of :meth:`compute_kernel_images`.
+
+        Parameters
+        ----------
+        x, y : float
+            Parent position in pixels.
+
+        Returns
+        -------
+        ndarray (height, width)
+            Sums to 1, centred on the middle pixel.
+        """
+        return self.compute_kernel_images([x], [y])[0]
+
+    def dimensions(self, x: float | None = None, y: float | None = None) -> tuple[int, int]:
+        """Size of every stamp (the same at all positions).
+
+        Parameters
+        ----------
+        x, y : float, optional
+            Parent position in pixels (unused).
+
+        Returns
+        -------
+        tuple of int
+            ``(width, height)`` in pixels.
+        """
+        return self.width, self.height
+
+    def resized(self, width: int, height: int) -> FixedSizePsf:
+        """Render the same model into ``width x height`` stamps.
+
+        Parameters
+        ----------
+        width, height : int
+            Odd stamp size in pixels.
+
+        Returns
+        -------
+        FixedSizePsf
+            A model of the same class and parameters.
+        """
+        return type(self)(width, height, *self._parameters().values())
+
+    def __repr__(self):
+        params = ", ".join(f"{k}={v}" for k, v in self._parameters().items())
+        return f"{type(self).__name__}({self.width}, {self.height}, {params})"
 
 
 class ResizedPsf(Psf):
@@ -128,10 +328,8 @@ class ResizedPsf(Psf):
         self.width = int(width)
         self.height = int(height)
         self.average_position = psf.average_position
-        log.warning(
-            "resizing %s stamps to %dx%d by zero-padding/cropping (no re-rendering)",
-            type(psf).__name__, width, height,
-        )
+        warn(f"resizing {type(psf).__name__} stamps to {width}x{height} by zero-padding/cropping "
+             "(no re-rendering)", InputWarning)
 
     def compute_kernel_image(self, x, y):
         stamp = pad_or_crop(self.psf.compute_kernel_image(x, y), self.width, self.height)

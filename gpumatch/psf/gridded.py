@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from ..errors import PsfEvaluationError
 from .base import Psf
@@ -37,7 +39,8 @@ class GriddedPsf(Psf):
         in any order.
     """
 
-    def __init__(self, stamps, xs=None, ys=None):
+    def __init__(self, stamps: ArrayLike, xs: ArrayLike | None = None,
+                 ys: ArrayLike | None = None) -> None:
         if xs is None and ys is None and _is_photutils_model(stamps):
             other = GriddedPsf.from_photutils(stamps)
             self.__dict__.update(other.__dict__)
@@ -87,13 +90,25 @@ class GriddedPsf(Psf):
         self.average_position = (0.5 * (gx[0] + gx[-1]), 0.5 * (gy[0] + gy[-1]))
 
     @classmethod
-    def from_photutils(cls, model, xy0=(0, 0)):
+    def from_photutils(cls, model: Any, xy0: tuple[int, int] = (0, 0)) -> GriddedPsf:
         """Convert a photutils ``GriddedPSFModel``.
 
-        Its ``grid_xypos`` are pixel coordinates of the image the grid was made
-        for; ``xy0`` is that image's parent origin. An oversampled model
-        (``oversampling`` > 1, an effective PSF) is sampled at whole-pixel offsets
-        from its centre, which needs the centre on a sample (odd array sizes).
+        An oversampled model (``oversampling`` > 1, an effective PSF) is sampled
+        at whole-pixel offsets from its centre, which needs the centre on a
+        sample (odd array sizes).
+
+        Parameters
+        ----------
+        model : photutils.psf.GriddedPSFModel
+            Its ``grid_xypos`` are pixel coordinates of the image the grid was
+            made for.
+        xy0 : (int, int)
+            That image's parent origin (pixels).
+
+        Returns
+        -------
+        GriddedPsf
+            Stamps at parent positions ``grid_xypos + xy0``.
         """
         data = np.asarray(model.data, dtype=np.float64)
         pos = np.asarray(model.grid_xypos, dtype=np.float64).reshape(-1, 2)
@@ -125,8 +140,19 @@ class GriddedPsf(Psf):
         w = (tc - grid[i0]) / (grid[i0 + 1] - grid[i0])
         return i0, i0 + 1, w
 
-    def compute_kernel_images(self, xs, ys):
-        """Interpolated stamps ``(n, h, w)``, each summing to 1."""
+    def compute_kernel_images(self, xs: ArrayLike, ys: ArrayLike) -> NDArray[np.float64]:
+        """Interpolate stamps bilinearly between the grid's, each summing to 1.
+
+        Parameters
+        ----------
+        xs, ys : array_like (n,)
+            Parent positions in pixels (clamped to the grid).
+
+        Returns
+        -------
+        ndarray (n, h, w)
+            One stamp per position.
+        """
         xs = np.asarray(xs, dtype=np.float64).ravel()
         ys = np.asarray(ys, dtype=np.float64).ravel()
         if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys))):
@@ -141,10 +167,10 @@ class GriddedPsf(Psf):
         out += (wy * wx)[:, None, None] * s[y1, x1]
         return out
 
-    def compute_kernel_image(self, x, y):
+    def compute_kernel_image(self, x: float, y: float) -> NDArray[np.float64]:
         return self.compute_kernel_images([x], [y])[0]
 
-    def dimensions(self, x=None, y=None):
+    def dimensions(self, x: float | None = None, y: float | None = None) -> tuple[int, int]:
         return self.stamps.shape[3], self.stamps.shape[2]
 
     def __repr__(self):

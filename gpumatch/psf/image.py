@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
+from ..errors import InputWarning, warn
 from .base import Psf, pad_or_crop
-
-log = logging.getLogger("gpumatch")
 
 __all__ = ["ImagePsf"]
 
@@ -23,7 +21,7 @@ class ImagePsf(Psf):
         sum 1.
     """
 
-    def __init__(self, array):
+    def __init__(self, array: ArrayLike) -> None:
         arr = np.array(array, dtype=np.float64, copy=True)
         if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] % 2 == 0:
             raise ValueError(f"ImagePsf needs an odd square 2-d array, got shape {arr.shape}")
@@ -35,17 +33,17 @@ class ImagePsf(Psf):
         self.array = arr / s
         self.array.setflags(write=False)
 
-    def compute_kernel_image(self, x, y):
+    def compute_kernel_image(self, x: float, y: float) -> NDArray[np.float64]:
         return self.array.copy()
 
-    def compute_kernel_images(self, xs, ys):
+    def compute_kernel_images(self, xs: ArrayLike, ys: ArrayLike) -> NDArray[np.float64]:
         n = np.size(xs)
         return np.broadcast_to(self.array, (n,) + self.array.shape).copy()
 
-    def resized(self, width, height):
+    def resized(self, width: int, height: int) -> ImagePsf:
         if (width, height) != self.array.shape[::-1]:
-            log.warning("ImagePsf resized from %dx%d to %dx%d by zero-padding/cropping",
-                        self.array.shape[1], self.array.shape[0], width, height)
+            warn(f"ImagePsf resized from {self.array.shape[1]}x{self.array.shape[0]} to "
+                 f"{width}x{height} by zero-padding/cropping", InputWarning)
         return ImagePsf(pad_or_crop(self.array, width, height))
 
     def __repr__(self):

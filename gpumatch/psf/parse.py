@@ -5,24 +5,90 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .._warnings import quiet
 
-__all__ = ["parse_psf", "psf_description", "FORMS"]
+__all__ = ["parse_psf", "psf_description", "psf_forms_help", "register_form", "FORMS", "PsfForm"]
 
-#: The accepted string forms, as shown in error messages.
-FORMS = ("gaussian:fwhm=F[,size=N] | gaussian:sigma=S[,size=N] | "
-         "doublegaussian:sigma1=S1[,sigma2=S2,b=B][,size=N] | moffat:fwhm=F[,beta=B][,size=N] | "
-         "psfex:PATH.psf | image:PATH.fits | piff:PATH | lsstimages:PATH.fits")
+
+class PsfForm(NamedTuple):
+    """One string form of :func:`parse_psf`.
+
+    Attributes
+    ----------
+    syntax : str
+        How it is written, e.g. ``moffat:fwhm=F[,beta=B][,size=N]``.
+    help : str
+        What it makes, one line (for ``--help``).
+    parse : callable
+        ``parse(spec, body) -> Psf``: ``spec`` is the whole string (for
+        messages), ``body`` what follows ``NAME:``.
+    aliases : tuple of str
+        Other accepted names.
+    """
+
+    syntax: str
+    help: str
+    parse: Callable[[str, str], Any]
+    aliases: tuple[str, ...] = ()
+
+
+#: The string forms :func:`parse_psf` accepts, by name (lower case, without
+#: ``-`` or ``_``), in the order help and error messages list them; add one with
+#: :func:`register_form`.
+FORMS: dict[str, PsfForm] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_form(name, form):
+    """Make ``name:...`` (and ``form.aliases``) a string form of :func:`parse_psf`.
+
+    Parameters
+    ----------
+    name : str
+        The form's name, lower case.
+    form : PsfForm
+        Its syntax, help line and parser.
+    """
+    FORMS[name] = form
+    for alias in (name,) + tuple(form.aliases):
+        _ALIASES[alias] = name
+
+
+def _forms_syntax():
+    """The accepted forms on one line, for error messages."""
+    return " | ".join(f.syntax for f in FORMS.values())
+
+
+def psf_forms_help(indent=2):
+    """The accepted PSF model strings, one per line with what each makes (for ``--help``).
+
+    Parameters
+    ----------
+    indent : int
+        Spaces before each line.
+
+    Returns
+    -------
+    str
+        Lines ``syntax  help``, syntaxes aligned, ending with a newline.
+    """
+    rows = [(syntax, form.help if i == 0 else "") for form in FORMS.values()
+            for i, syntax in enumerate(form.syntax.split(" | "))]
+    width = max(len(s) for s, _ in rows)
+    return "".join(f"{' ' * indent}{s.ljust(width)}  {h}".rstrip() + "\n" for s, h in rows)
+
 
 _NAME = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_\-]*)\s*:(.*)$", re.S)
 _SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 
 def _fail(spec, why):
-    return ValueError(f"cannot parse PSF model {spec!r}: {why}. Accepted forms: {FORMS}")
+    return ValueError(f"cannot parse PSF model {spec!r}: {why}. Accepted forms: {_forms_syntax()}")
 
 
 def _params(spec, body, allowed):
@@ -179,10 +245,10 @@ def _from_object(obj):
         return obj
     raise TypeError(f"cannot use a {type(obj).__name__} as a PSF model; give a gpumatch Psf, "
                     f"a photutils GriddedPSFModel, a GalSim GSObject, a Piff PSF or a string "
-                    f"({FORMS})")
+                    f"({_forms_syntax()})")
 
 
-def parse_psf(spec):
+def parse_psf(spec: Any) -> Any:
     """A PSF model from a string, or an object from another package.
 
     Strings (names are case-insensitive; sizes default to the odd number
@@ -201,6 +267,16 @@ def parse_psf(spec):
     ``GriddedPSFModel`` becomes a :class:`GriddedPsf`, a GalSim profile a
     :class:`GalSimPsf`, a Piff PSF a :class:`PiffPsf`.
 
+    Parameters
+    ----------
+    spec : str or object
+        A string form (the table :data:`FORMS`) or a PSF object.
+
+    Returns
+    -------
+    Psf
+        The model.
+
     Raises
     ------
     ValueError
@@ -215,28 +291,49 @@ def parse_psf(spec):
     if m is None:
         raise _fail(spec, "expected NAME:PARAMETERS")
     name = m.group(1).lower().replace("-", "").replace("_", "")
-    body = m.group(2)
-    if name in ("gaussian", "gauss"):
-        return _gaussian(spec, body)
-    if name in ("doublegaussian", "dgauss", "doublegauss"):
-        return _double_gaussian(spec, body)
-    if name == "moffat":
-        return _moffat(spec, body)
-    if name == "psfex":
-        from .psfex import PsfexPsf
+    if name not in _ALIASES:
+        raise _fail(spec, f"unknown model {m.group(1)!r}")
+    return FORMS[_ALIASES[name]].parse(spec, m.group(2))
 
-        return PsfexPsf.read(_path(spec, body))
-    if name == "image":
-        return read_image_psf(_path(spec, body))
-    if name in ("lsstimages", "lsst"):
-        from ..io.lsst_images import read_psf
 
-        return read_psf(_path(spec, body))
-    if name == "piff":
-        from .adapters import PiffPsf
+def _psfex(spec, body):
+    from .psfex import PsfexPsf
 
-        return PiffPsf.read(_path(spec, body))
-    raise _fail(spec, f"unknown model {m.group(1)!r}")
+    return PsfexPsf.read(_path(spec, body))
+
+
+def _image(spec, body):
+    return read_image_psf(_path(spec, body))
+
+
+def _piff(spec, body):
+    from .adapters import PiffPsf
+
+    return PiffPsf.read(_path(spec, body))
+
+
+def _lsst_images(spec, body):
+    from ..io.lsst_images import read_psf
+
+    return read_psf(_path(spec, body))
+
+
+for _name, _form in (
+    ("gaussian", PsfForm("gaussian:fwhm=F[,size=N] | gaussian:sigma=S[,size=N]",
+                         "circular Gaussian; FWHM or sigma in pixels", _gaussian, ("gauss",))),
+    ("doublegaussian", PsfForm("doublegaussian:sigma1=S1[,sigma2=S2,b=B][,size=N]",
+                               "core + wing of relative peak B; sigmas in pixels",
+                               _double_gaussian, ("dgauss", "doublegauss"))),
+    ("moffat", PsfForm("moffat:fwhm=F[,beta=B][,size=N]",
+                       "circular Moffat; FWHM in pixels, beta > 1 (default 3)", _moffat)),
+    ("psfex", PsfForm("psfex:PATH.psf", "PSFEx model file", _psfex)),
+    ("image", PsfForm("image:PATH.fits", "PSF image: the first 2-d image of a FITS file",
+                      _image)),
+    ("piff", PsfForm("piff:PATH", "Piff PSF file (needs piff)", _piff)),
+    ("lsstimages", PsfForm("lsstimages:PATH.fits", "PSF file written by lsst.images",
+                           _lsst_images, ("lsst",))),
+):
+    register_form(_name, _form)
 
 
 def psf_description(psf):

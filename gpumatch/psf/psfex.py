@@ -40,9 +40,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from .._warnings import quiet
 from ..backend import to_numpy
@@ -181,6 +182,7 @@ class PsfexPsf(Psf):
         Parameters
         ----------
         path : str or path-like
+            The ``.psf`` file.
         offset : (float, float), optional
             SExtractor minus parent coordinates; default ``(1, 1)``.
         image_xy0 : (int, int), optional
@@ -188,6 +190,11 @@ class PsfexPsf(Psf):
             ``offset = (1 - x0, 1 - y0)``. Give this or ``offset``, not both.
         size : int, optional
             Stamp size in image pixels (odd).
+
+        Returns
+        -------
+        PsfexPsf
+            The model, with ``path`` and the ``PSF_DATA`` header kept.
 
         Raises
         ------
@@ -305,8 +312,19 @@ class PsfexPsf(Psf):
 
     # -- evaluation --------------------------------------------------------------
 
-    def coefficients(self, xs, ys):
-        """Polynomial terms at parent positions: array ``(n, n_terms)``."""
+    def coefficients(self, xs: ArrayLike, ys: ArrayLike) -> NDArray[np.float64]:
+        """Polynomial terms of the model at parent positions.
+
+        Parameters
+        ----------
+        xs, ys : array_like (n,)
+            Parent positions in pixels.
+
+        Returns
+        -------
+        ndarray (n, n_terms)
+            The terms ``X^a Y^c`` in the file's scaled coordinates.
+        """
         xs = np.asarray(xs, dtype=np.float64).ravel()
         ys = np.asarray(ys, dtype=np.float64).ravel()
         if xs.shape != ys.shape:
@@ -319,8 +337,19 @@ class PsfexPsf(Psf):
         Y = (ys + self.offset[1] - self.polzero[1]) / self.polscal[1]
         return np.stack([X ** a * Y ** c for a, c in self.exponents], axis=-1)
 
-    def sampled_images(self, xs, ys):
-        """The model on its own sample grid (no resampling): ``(n, ny, nx)``."""
+    def sampled_images(self, xs: ArrayLike, ys: ArrayLike) -> NDArray[np.float64]:
+        """The model on its own sample grid (no resampling).
+
+        Parameters
+        ----------
+        xs, ys : array_like (n,)
+            Parent positions in pixels.
+
+        Returns
+        -------
+        ndarray (n, ny, nx)
+            The component images combined at each position.
+        """
         return np.tensordot(self.coefficients(xs, ys), self.components, axes=(1, 0))
 
     def _weights(self, frac, n_model):
@@ -354,11 +383,20 @@ class PsfexPsf(Psf):
                 f"(x={float(xs[i]):.2f}, y={float(ys[i]):.2f}) (sum {float(sums[i]):.3g}); "
                 "the position is probably far outside the area the model was fitted on")
 
-    def compute_kernel_images(self, xs, ys, xp=np):
-        """Stamps ``(n, size, size)`` centred on the middle pixel, each summing to 1.
+    def compute_kernel_images(self, xs: ArrayLike, ys: ArrayLike, xp: Any = np) -> Any:
+        """Render stamps centred on their middle pixel, each summing to 1.
 
-        ``xp`` (NumPy or CuPy) is where the stamps are made; positions may be
-        on either.
+        Parameters
+        ----------
+        xs, ys : array_like (n,)
+            Parent positions in pixels, on the host or the device.
+        xp : module
+            NumPy or CuPy: where the stamps are made.
+
+        Returns
+        -------
+        array (n, size, size)
+            One stamp per position.
         """
         xs = np.asarray(to_numpy(xs), dtype=np.float64).ravel()
         ys = np.asarray(to_numpy(ys), dtype=np.float64).ravel()
@@ -372,8 +410,13 @@ class PsfexPsf(Psf):
     def compute_kernel_image(self, x, y):
         return self.compute_kernel_images([x], [y])[0]
 
-    def compute_images(self, xs, ys):
-        """Stamps with the PSF centred at the exact (sub-pixel) positions.
+    def compute_images(self, xs: ArrayLike, ys: ArrayLike) -> tuple:
+        """Render stamps with the PSF centred at the exact (sub-pixel) positions.
+
+        Parameters
+        ----------
+        xs, ys : array_like (n,)
+            Parent positions in pixels.
 
         Returns
         -------
@@ -400,8 +443,13 @@ class PsfexPsf(Psf):
         h = self.size // 2
         return stamps, cx.astype(np.int64) - h, cy.astype(np.int64) - h
 
-    def compute_image(self, x, y):
+    def compute_image(self, x: float, y: float) -> PsfStamp:
         """The PSF centred at parent ``(x, y)`` on the exposure's pixel grid.
+
+        Parameters
+        ----------
+        x, y : float
+            Parent position in pixels.
 
         Returns
         -------
@@ -414,8 +462,19 @@ class PsfexPsf(Psf):
     def dimensions(self, x=None, y=None):
         return self.size, self.size
 
-    def resized(self, width, height):
-        """The model re-rendered into ``width x height`` stamps (square only)."""
+    def resized(self, width: int, height: int) -> Psf:
+        """Re-render the model into ``width x height`` stamps (square only).
+
+        Parameters
+        ----------
+        width, height : int
+            Odd stamp size in pixels; a non-square size is padded/cropped instead.
+
+        Returns
+        -------
+        Psf
+            The resized model.
+        """
         if width != height:
             return super().resized(width, height)
         return PsfexPsf(self.components, self.sampling, self.degree, self.polzero,

@@ -381,6 +381,8 @@ def apply_kernel(exposure, kernel, psf=None, backend="numpy"):
     exposure : Exposure
         Not modified.
     kernel : SpatialKernel
+        The kernel, evaluated and normalised at every output pixel (parent
+        coordinates), for example ``result.psfMatchingKernel``.
     psf : Psf, optional
         PSF of the output exposure (the input's when omitted).
     backend : str or Backend

@@ -19,7 +19,13 @@ def _cupy_status():
 
 
 def cupy_usable():
-    """True when CuPy imports and a CUDA device answers."""
+    """Whether CuPy imports and a CUDA device answers.
+
+    Returns
+    -------
+    bool
+        True when the ``"cupy"`` backend can be used in this process.
+    """
     return _backends.cupy_status()[0]
 
 

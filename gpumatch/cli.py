@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from .psf.parse import psf_forms_help
+
 __all__ = ["main"]
 
 log = logging.getLogger("gpumatch")
@@ -411,12 +413,9 @@ examples:
   gpumatch selftest --backend cupy
   gpumatch example --backend numpy
 
-PSF models: gaussian:fwhm=F[,size=N], gaussian:sigma=S[,size=N],
-  doublegaussian:sigma1=S1,sigma2=S2,b=B[,size=N], moffat:fwhm=F[,beta=B][,size=N],
-  or a file: FILE.psf (PSFEx), FILE.fits (PSF image), FILE.piff (Piff), or
-  psfex:/image:/piff:/lsstimages:PATH.
-
-""" + EXIT_CODES_HELP + """
+PSF models (--psf, --reference), or a file named by its extension: FILE.psf
+(PSFEx), FILE.fits (PSF image), FILE.piff (Piff):
+""" + psf_forms_help() + "\n\n" + EXIT_CODES_HELP + """
   130  interrupted (Ctrl-C); finished outputs are complete, rerun to resume
 """
 

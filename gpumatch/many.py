@@ -495,16 +495,13 @@ def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel
     referencePsfModel : Psf
         The PSF to match to; measured and realised once for all exposures.
     config : ModelPsfMatchConfig, optional
+        The configuration (default: LSST's, ``ModelPsfMatchConfig()``).
     backend : str
         ``"auto"`` or a registered backend (:func:`gpumatch.backend.backend_names`).
     kernel_sum : float
         As ``kernelSum`` of :meth:`ModelPsfMatchTask.run`.
     psf : Psf or str, optional
         PSF of the exposures given as paths.
-    psf_from_header : bool
-        For exposures given as paths without ``psf``: read the PSF file their
-        ``PSF_FILE`` header card names (a relative path inside the exposure's
-        directory only; see :func:`gpumatch.pipeline.find_psf`). Off by default.
     batch_size : int, optional
         Exposures per batch. Default: 8 on the CPU; on the GPU as many as fit
         in 60% of the free device memory and, for exposures read from files,
@@ -532,11 +529,15 @@ def match_many(exposures, referencePsfModel, config=None, backend="auto", kernel
         ``"raise"`` a poor or failed verdict is that exposure's error
         (:class:`~gpumatch.errors.PoorMatchError`, its ``result`` the whole
         result), handled as ``on_error`` says.
+    psf_from_header : bool
+        For exposures given as paths without ``psf``: read the PSF file their
+        ``PSF_FILE`` header card names (a relative path inside the exposure's
+        directory only; see :func:`gpumatch.pipeline.find_psf`). Off by default.
 
-    Yields
-    ------
-    ModelPsfMatchResult
-        One per exposure, in input order, equal to what
+    Returns
+    -------
+    generator of ModelPsfMatchResult
+        One result per exposure, in input order, equal to what
         ``ModelPsfMatchTask(config, backend).run(exposure, referencePsfModel,
         kernel_sum)`` returns (``metadata["timings"]`` aside: the batched
         stages' time is shared out evenly within the batch).

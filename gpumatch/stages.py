@@ -46,7 +46,22 @@ __all__ = ["MatchState", "StageContext", "ModelPsfMatchResult", "timed", "captur
 
 @dataclass
 class ModelPsfMatchResult:
-    """What :meth:`ModelPsfMatchTask.run` returns (names as in LSST)."""
+    """What :meth:`ModelPsfMatchTask.run` returns (names as in LSST).
+
+    Parameters
+    ----------
+    psfMatchedExposure : Exposure
+        The matched exposure: same bbox, WCS and metadata as the input; its PSF
+        is the reference.
+    psfMatchingKernel : SpatialKernel
+        The spatial kernel (parent pixel coordinates).
+    kernelCellSet : KernelCellSet
+        Cells, candidates, stamps and per-candidate solutions.
+    referencePsfModel : Psf
+        The reference as used (resized to the stamp size when needed).
+    metadata : dict
+        Diagnostics and the verdict (docs/algorithm.md sections 8 and 12).
+    """
 
     psfMatchedExposure: object
     psfMatchingKernel: SpatialKernel

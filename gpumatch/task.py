@@ -27,7 +27,15 @@ __all__ = ["ModelPsfMatchTask", "ModelPsfMatchResult", "CellSetResult"]
 
 
 class CellSetResult(NamedTuple):
-    """What :meth:`ModelPsfMatchTask.buildCellSet` returns."""
+    """What :meth:`ModelPsfMatchTask.buildCellSet` returns.
+
+    Parameters
+    ----------
+    kernelCellSet : KernelCellSet
+        Cells, candidates and their stamps.
+    referencePsfModel : Psf
+        The reference, resized to the stamp size when needed.
+    """
 
     kernelCellSet: object
     referencePsfModel: object
@@ -39,6 +47,8 @@ class ModelPsfMatchTask:
     Parameters
     ----------
     config : ModelPsfMatchConfig, optional
+        The configuration (default: LSST's, ``ModelPsfMatchConfig()``; see
+        :meth:`ModelPsfMatchConfig.for_psfs` for settings chosen from the PSFs).
     backend : str
         A registered backend (:func:`gpumatch.backend.backend_names`:
         ``"numpy"``, ``"cupy"``...); ``"auto"`` uses the GPU when CuPy and a
@@ -82,6 +92,13 @@ class ModelPsfMatchTask:
     def buildCellSet(self, exposure, referencePsfModel):
         """Cells, candidates and stamps for ``exposure`` (docs/algorithm.md section 3).
 
+        Parameters
+        ----------
+        exposure : Exposure
+            Must carry a PSF; not modified.
+        referencePsfModel : Psf
+            The PSF to match to.
+
         Returns
         -------
         CellSetResult
@@ -113,6 +130,8 @@ class ModelPsfMatchTask:
         Returns
         -------
         ModelPsfMatchResult
+            The matched exposure, the spatial kernel, the cell set, the
+            reference used and the metadata (with the verdict).
         """
         check_on_poor_match(on_poor_match)
         with single_threaded_blas():
@@ -130,6 +149,13 @@ class ModelPsfMatchTask:
         spatial kernel at its position and compared with the target on the good
         region; the FWHM of the matched and reference stamps are measured with
         adaptive moments.
+
+        Parameters
+        ----------
+        kernelCellSet : KernelCellSet
+            The cell set of a run (``result.kernelCellSet``).
+        spatialKernel : SpatialKernel
+            The kernel to check (``result.psfMatchingKernel``).
 
         Returns
         -------

@@ -1,4 +1,4 @@
-"""Exact per-pixel application of a spatial kernel to an exposure (SPEC section 7).
+"""Exact per-pixel application of a spatial kernel to an exposure (docs/algorithm.md section 7).
 
 At output pixel ``(x, y)`` the kernel is ``K = sum_k X^a Y^c Q_k`` (scaled
 monomials, see :meth:`SpatialKernel.scaled_terms`), so
@@ -9,7 +9,12 @@ monomials, see :meth:`SpatialKernel.scaled_terms`), so
 
 Each term is a plain correlation with a fixed kernel, done with overlap-save
 FFTs on tiles, so the result equals evaluating and normalising the kernel at
-every pixel, not an interpolation. Inputs the FFTs cannot carry exactly are
+every pixel, not an interpolation. The ``Y`` part of each monomial is applied
+to the input rows and only the ``X`` part to the outputs (binomial expansion
+in the kernel's row offset), tiles are transformed in float32 where their
+dynamic range keeps the error below 1e-6 of their values and in float64
+elsewhere, and bands of tiles run on several threads with the same result as
+one. Inputs the FFTs cannot carry exactly are
 handled apart: NaN spreads to every output whose footprint covers it; outputs
 that see an infinity, or a finite value far out of the plane's range (a -1e30
 bad-pixel sentinel), are computed by direct sums, so such a value changes no
@@ -40,6 +45,10 @@ _FAST_TILES = (64, 96, 128, 160, 192, 256, 320, 384, 512)
 #: every output of the tile (measured: 1.25e-17 of the outlier on the outputs of
 #: a 21x21 kernel), so this keeps that error below ~1e-7 of typical outputs;
 #: real sources (even saturated stars, ~1e5 times the noise) stay far below.
+#: Float32 tiles need no tighter factor: a tile goes to float32 only when all
+#: its values lie within a factor of about 25 / (kernel amplification) of its
+#: smallest magnitude (:data:`F32_TARGET`), so bright values send their tiles
+#: to float64, where this factor holds.
 RANGE_FACTOR = 1e9
 _SAMPLE = 65536    # pixels sampled for the typical magnitude
 
@@ -103,6 +112,27 @@ def footprint_or(plane, support):
     """
     k = support.shape[0]
     ny, nx = plane.shape
+    out = np.zeros((max(ny - k + 1, 0), max(nx - k + 1, 0)), dtype=plane.dtype)
+    _footprint_or_into(plane, support, out)
+    return out
+
+
+#: Output rows of the mask OR done at a time: the temporaries stay a few
+#: megabytes instead of several full planes.
+_OR_ROWS = 256
+
+
+def _footprint_or_into(plane, support, out):
+    """:func:`footprint_or` written into ``out`` (ny - k + 1, nx - k + 1), band by band."""
+    k = support.shape[0]
+    for r0 in range(0, out.shape[0], _OR_ROWS):
+        r1 = min(out.shape[0], r0 + _OR_ROWS)
+        out[r0:r1] = _footprint_or_band(plane[r0:r1 + k - 1], support)
+
+
+def _footprint_or_band(plane, support):
+    k = support.shape[0]
+    ny, nx = plane.shape
     oy, ox = ny - k + 1, nx - k + 1
     out = np.zeros((max(oy, 0), max(ox, 0)), dtype=plane.dtype)
     if oy <= 0 or ox <= 0 or not support.any():
@@ -133,10 +163,11 @@ def _dilate(bad, k):
                         np.ones((k, k), dtype=bool)).astype(bool)
 
 
-#: Measured error of a float32 overlap-save correlation (256-pixel tiles, 21x21
-#: kernels, noise and single-spike tiles): at most about 3e-8 of ``max |tile|``
-#: per unit of the kernel's L1 norm (docs/algorithm.md section 7.5).
-_F32_ERROR = 3e-8
+#: Bound on the error of a float32 overlap-save correlation, relative to
+#: ``max |tile|`` and per unit of the kernel's L1 norm (measured on 256-pixel
+#: tiles with 21x21 kernels: 3.8e-8 for a unit-sum Gaussian on noise, 1.6e-8
+#: for noisy kernels of L1 norm 17, 1.8e-9 for a single spike).
+_F32_ERROR = 4e-8
 #: Tiles are transformed in float32 only where that error bound stays below
 #: this fraction of the smallest magnitude of the tile's values (so of the
 #: outputs), float64 elsewhere (tiles of mixed sign, zeros, bright sources).
@@ -243,14 +274,16 @@ class _Correlator:
             t, ntx, b = self.t, self.ntx, self.b
             bufs = self._local.bufs = {
                 "in": np.empty((t, self.width)), "acc": np.empty((ntx, b, b)),
-                "tmp": np.empty((ntx, b, b)),
-                np.float32: (np.empty((ntx, t, t), np.float32),
-                             np.empty((ntx, t, t // 2 + 1), np.complex64),
-                             np.empty((ntx, t, t // 2 + 1), np.complex64)),
-                np.float64: (np.empty((ntx, t, t)),
-                             np.empty((ntx, t, t // 2 + 1), np.complex128),
-                             np.empty((ntx, t, t // 2 + 1), np.complex128)),
-            }
+                "tmp": np.empty((ntx, b, b))}
+        return bufs
+
+    def _typed_buffers(self, bufs, dtype):
+        """Tiles, product and partial product arrays of one precision, made on first use."""
+        if dtype not in bufs:
+            t, ntx = self.t, self.ntx
+            cdtype = np.complex64 if dtype == np.float32 else np.complex128
+            bufs[dtype] = (np.empty((ntx, t, t), dtype), np.empty((ntx, t, t // 2 + 1), cdtype),
+                           np.empty((ntx, t, t // 2 + 1), cdtype))
         return bufs
 
     def band(self, r, out):
@@ -288,6 +321,7 @@ class _Correlator:
             if not idx.size:
                 continue
             whole = idx.size == ntx
+            self._typed_buffers(bufs, dtype)
             part, prod, cprod = (x[:idx.size] for x in bufs[dtype])
             np.copyto(part, tiles if whole else tiles[idx], casting="unsafe")
             F = [fft.rfft2(part)]
@@ -534,7 +568,7 @@ def _convolve_planes(image, variance, mask, kernel, box, no_data_bit):
             _clip_negative_variance(result, data, k)
 
     support = np.any(Q != 0, axis=0)
-    mask_out[inner] = footprint_or(mask, support)
+    _footprint_or_into(mask, support, mask_out[inner])
     return image_out, var_out, mask_out
 
 

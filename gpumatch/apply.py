@@ -263,7 +263,7 @@ class _Correlator:
         ypad = np.zeros((self.nty - 1) * b + t)
         ypad[:ny] = yin
         self.yin = ypad
-        self.n32 = 0
+        self.n32, self.fft_workers = 0, 1
         self._local = threading.local()
 
     def _buffers(self):
@@ -324,9 +324,10 @@ class _Correlator:
             self._typed_buffers(bufs, dtype)
             part, prod, cprod = (x[:idx.size] for x in bufs[dtype])
             np.copyto(part, tiles if whole else tiles[idx], casting="unsafe")
-            F = [fft.rfft2(part)]
+            F = [fft.rfft2(part, workers=self.fft_workers)]
             for p in range(1, self.P):
-                F.append(fft.rfft2(part * self.yin[r0:r0 + t, None].astype(dtype) ** p))
+                F.append(fft.rfft2(part * self.yin[r0:r0 + t, None].astype(dtype) ** p,
+                                   workers=self.fft_workers))
             spec = self.spec[dtype]
             for a in self.alist:
                 first = True
@@ -339,7 +340,7 @@ class _Correlator:
                     else:
                         np.multiply(F[p], spec[m], out=cprod)
                         prod += cprod
-                conv = fft.irfft2(prod, s=(t, t))
+                conv = fft.irfft2(prod, s=(t, t), workers=self.fft_workers)
                 crop = conv[:, 2 * h:2 * h + nrow, 2 * h:]
                 if whole:
                     if a:
@@ -358,6 +359,9 @@ class _Correlator:
 
     def run(self, out):
         workers = min(_workers(), self.nty)
+        # Fewer bands than threads (small planes): the spare threads go to each
+        # transform (pocketfft splits lines, so the bits stay the same).
+        self.fft_workers = max(1, _workers() // workers)
         if workers <= 1:
             counts = [self.band(r, out) for r in range(self.nty)]
         else:

@@ -538,7 +538,7 @@ def test_results_do_not_depend_on_the_number_of_threads(monkeypatch):
     rng = np.random.default_rng(32)
     _, _, _, box, _, kernel, image, variance, mask = _mixed_precision_case(rng)
     outs = []
-    for threads in ("1", "2", "3"):
+    for threads in ("1", "2", "3", "8"):   # 8: two threads inside each transform
         monkeypatch.setenv("GPUMATCH_THREADS", threads)
         outs.append(convolve_planes(image, variance, mask, kernel, box, NO_DATA))
     for other in outs[1:]:

@@ -181,7 +181,11 @@ def _workers():
     results do not depend on the number of threads."""
     env = os.environ.get("GPUMATCH_THREADS", "").strip()
     if env:
-        return max(1, int(env))
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(f"GPUMATCH_THREADS={env!r} is not a number of threads: set it to "
+                             "a positive integer or unset it (every core)") from None
     return os.cpu_count() or 1
 
 

@@ -263,7 +263,7 @@ class _Correlator:
         xt = np.zeros(self.ntx * b)
         xt[:self.ox] = X
         xt = xt.reshape(self.ntx, 1, b)
-        self.xt = {a: xt ** a for a in self.alist}
+        self.xt1 = xt
         ypad = np.zeros((self.nty - 1) * b + t)
         ypad[:ny] = yin
         self.yin = ypad
@@ -318,8 +318,6 @@ class _Correlator:
         amp = self.l1 / np.abs(norm).min()
         use32 = _F32_ERROR * amp * spread <= F32_TARGET * floor
         acc = bufs["acc"][:, :nrow]
-        acc[...] = 0.0
-        tmp = bufs["tmp"][:, :nrow]
         for dtype, sel in ((np.float32, use32), (np.float64, ~use32)):
             idx = np.flatnonzero(sel)
             if not idx.size:
@@ -333,7 +331,10 @@ class _Correlator:
                 F.append(fft.rfft2(part * self.yin[r0:r0 + t, None].astype(dtype) ** p,
                                    workers=self.fft_workers))
             spec = self.spec[dtype]
-            for a in self.alist:
+            # Horner in X: highest power first, acc = acc * X + term.
+            sub = acc if whole else bufs["tmp"][:idx.size, :nrow]
+            xt = self.xt1 if whole else self.xt1[idx]
+            for a in self.alist[::-1]:
                 first = True
                 for m, (aa, p) in enumerate(self.keys):
                     if aa != a:
@@ -346,18 +347,25 @@ class _Correlator:
                         prod += cprod
                 conv = fft.irfft2(prod, s=(t, t), workers=self.fft_workers)
                 crop = conv[:, 2 * h:2 * h + nrow, 2 * h:]
-                if whole:
-                    if a:
-                        np.multiply(crop, self.xt[a], out=tmp)
-                        acc += tmp
-                    else:
-                        acc += crop
+                if a == self.alist[-1]:
+                    np.copyto(sub, crop)
                 else:
-                    acc[idx] += crop * self.xt[a][idx] if a else crop
+                    sub *= xt if prev - a == 1 else xt ** (prev - a)
+                    sub += crop
+                prev = a
+            if prev:
+                sub *= xt ** prev
+            if not whole:
+                acc[idx] = sub
         res = acc.transpose(1, 0, 2).reshape(nrow, ntx * b)[:, :self.ox]
-        if self.offset:
-            res += self.offset * (self.Ypow[rows] @ self.S_num @ self.Xpow.T)
-        res /= norm
+        if self.power == 1:
+            # The image's offset comes back whole: c0 sum(K) / sum(K) = c0.
+            res /= norm
+            res += self.offset
+        else:
+            if self.offset:
+                res += self.offset * (self.Ypow[rows] @ self.S_num @ self.Xpow.T)
+            res /= norm
         out[rows] = res
         return int(use32.sum())
 

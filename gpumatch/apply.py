@@ -334,6 +334,7 @@ class _Correlator:
             # Horner in X: highest power first, acc = acc * X + term.
             sub = acc if whole else bufs["tmp"][:idx.size, :nrow]
             xt = self.xt1 if whole else self.xt1[idx]
+            prev = self.alist[-1]
             for a in self.alist[::-1]:
                 first = True
                 for m, (aa, p) in enumerate(self.keys):
@@ -347,7 +348,7 @@ class _Correlator:
                         prod += cprod
                 conv = fft.irfft2(prod, s=(t, t), workers=self.fft_workers)
                 crop = conv[:, 2 * h:2 * h + nrow, 2 * h:]
-                if a == self.alist[-1]:
+                if a == prev:
                     np.copyto(sub, crop)
                 else:
                     sub *= xt if prev - a == 1 else xt ** (prev - a)

@@ -1,6 +1,6 @@
 """Stage-by-stage timing of ModelPsfMatchTask on the NumPy backend.
 
-Usage: python benchmarks/bench_cpu.py [--size 2048] [--repeat 5]
+Usage: python benchmarks/bench_cpu.py [--size 2048] [--repeat 5] [--baseline] [--old PATH]
 
 Prints the workload, the machine and the median (and min/max) of each stage
 over the repeats: cell set (PSF stamps), normal equations, spatial solve and
@@ -42,7 +42,10 @@ def main(argv=None):
     p.add_argument("--backend", default="numpy", choices=("numpy", "cupy", "auto"))
     p.add_argument("--baseline", action="store_true",
                    help="also time a constant photutils kernel + scipy.signal.fftconvolve")
+    p.add_argument("--old", help="an older gpumatch/apply.py (e.g. saved from `git show "
+                   "main:gpumatch/apply.py`) whose application is timed too, interleaved")
     args = p.parse_args(argv)
+    swap = _application_swapper(args.old) if args.old else None
 
     exposure = production_exposure(args.size)
     reference = production_reference()
@@ -52,7 +55,7 @@ def main(argv=None):
     task.run(exposure, reference, on_poor_match="ignore")  # warm-up: imports, FFT plans
     baseline = constant_kernel_baseline(exposure, reference) if args.baseline else None
     rows = {name: [] for name, _ in STAGES}
-    walls, base_walls = [], []
+    walls, base_walls, old_walls, old_apply = [], [], [], []
     for _ in range(args.repeat):
         t0 = time.perf_counter()
         result = task.run(exposure, reference, on_poor_match="ignore")
@@ -63,6 +66,12 @@ def main(argv=None):
             t0 = time.perf_counter()
             baseline()
             base_walls.append(time.perf_counter() - t0)
+        if swap is not None:
+            with swap():
+                t0 = time.perf_counter()
+                old = task.run(exposure, reference, on_poor_match="ignore")
+                old_walls.append(time.perf_counter() - t0)
+                old_apply.append(old.metadata["timings"]["apply"])
     md = result.metadata
     print(f"workload: {args.size}x{args.size} float32 exposure, VaryingGaussianPsf 25x25, reference "
           f"{reference!r}")
@@ -86,7 +95,38 @@ def main(argv=None):
         print(f"\nwhole run / baseline (medians): {np.median(walls) / np.median(base_walls):.2f}x "
               "(baseline: photutils make_kernel + scipy.signal.fftconvolve of image and "
               "variance, one kernel for the whole exposure, mask not propagated)")
+    if old_walls:
+        v, a = np.array(old_walls) * 1e3, np.array(old_apply) * 1e3
+        print(f"| {'whole run, old apply':<24} | {np.median(v):9.1f} | {v.min():8.1f} "
+              f"| {v.max():8.1f} |")
+        print(f"| {'apply, old':<24} | {np.median(a):9.1f} | {a.min():8.1f} | {a.max():8.1f} |")
+    print(f"\nload average after the runs: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
+
+
+def _application_swapper(path):
+    """A context manager under which the task applies kernels with the
+    ``convolve_planes`` of another apply.py (old and new interleaved in one
+    process, so both see the same load)."""
+    import contextlib
+    import importlib.util
+
+    import gpumatch.apply
+
+    spec = importlib.util.spec_from_file_location("gpumatch._old_apply", path)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+
+    @contextlib.contextmanager
+    def swap():
+        new = gpumatch.apply.convolve_planes
+        gpumatch.apply.convolve_planes = old.convolve_planes
+        try:
+            yield
+        finally:
+            gpumatch.apply.convolve_planes = new
+
+    return swap
 
 
 def constant_kernel_baseline(exposure, reference):

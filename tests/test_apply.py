@@ -129,16 +129,22 @@ def test_kernel_evaluation_agrees_with_spec_formula(ref):
                                        mine / mine.sum(), rtol=1e-12, atol=1e-14)
 
 
+def _multi_tile_case(rng, shape, k):
+    """A random strongly varying Chebyshev kernel over a box at xy0 = (250, 1000)
+    grown by 64 pixels, and random planes of ``shape`` (several FFT tiles)."""
+    xy0 = (250, 1000)
+    box = gm.Box(xy0[0], xy0[1], shape[1], shape[0])
+    region = box.grown(64, 64)
+    kernel = random_kernel(rng, k, "chebyshev1", 2, region)
+    return xy0, box, region, kernel, _planes(rng, shape)
+
+
 @pytest.mark.parametrize("shape, k", [((150, 131), 21), ((97, 260), 7)])
 def test_large_multi_tile_against_brute_force(shape, k, ref):
     rng = np.random.default_rng(12)
     ny, nx = shape
-    xy0 = (250, 1000)
-    box = gm.Box(xy0[0], xy0[1], nx, ny)
-    region = box.grown(64, 64)
-    kernel = random_kernel(rng, k, "chebyshev1", 2, region)
+    xy0, box, region, kernel, (image, variance, mask) = _multi_tile_case(rng, shape, k)
     basis, coeffs = kernel.basis_images, kernel.spatial_coefficients
-    image, variance, mask = _planes(rng, shape)
     out_i, _, _ = convolve_planes(image, variance, mask, kernel, box, NO_DATA)
     bi = _brute_force_vectorised(image, basis, coeffs, "chebyshev1", 2, region, xy0, ref)
     h = k // 2
@@ -266,12 +272,8 @@ def test_huge_finite_pixels_change_only_their_footprint(ref):
     shape, k = (150, 131), 21
     ny, nx = shape
     h = k // 2
-    xy0 = (250, 1000)
-    box = gm.Box(xy0[0], xy0[1], nx, ny)
-    region = box.grown(64, 64)
-    kernel = random_kernel(rng, k, "chebyshev1", 2, region)
+    xy0, box, region, kernel, (image, variance, mask) = _multi_tile_case(rng, shape, k)
     basis, coeffs = kernel.basis_images, kernel.spatial_coefficients
-    image, variance, mask = _planes(rng, shape)
     img_pts, var_pts = [(40, 30), (100, 90)], [(70, 50), (20, 100)]
     image[img_pts[0]], image[img_pts[1]] = -1e30, 3e38
     variance[var_pts[0]], variance[var_pts[1]] = 1e30, 3e38

@@ -19,7 +19,7 @@ by gpumatch; the checks above guard against files put there by anything else.
   so a run that was interrupted resumes where it stopped, but only when its
   provenance says it is this run's result: the same input (SHA-256 of the
   file), reference PSF, configuration and kernel sum
-  (:func:`gpumatch.provenance.output_conflict`). Any other file at an output
+  (:func:`gpumatch.pipeline.output_conflict`). Any other file at an output
   path (another input's output, one made with another reference or
   configuration, an incomplete or foreign file) is left alone and reported
   with the reason (``status "conflict"``); ``overwrite`` recomputes it.
@@ -237,7 +237,7 @@ def _existing_output(path, output, reference, psf, config, kernel_sum, verify):
     ``("skipped", None, header)`` when it is a complete gpumatch output whose
     provenance matches this run, else ``("conflict", one line, header)``.
     """
-    from .provenance import output_conflict
+    from .pipeline import output_conflict
 
     complete, why, header = _inspect_output(output, verify)
     if not complete:

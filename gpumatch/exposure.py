@@ -4,90 +4,14 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .backend import array_namespace
+from .pixels import DEFAULT_MASK_PLANES, Box
 
 __all__ = ["Box", "Exposure", "DEFAULT_MASK_PLANES"]
-
-#: Default mask planes and bits, as in the LSST stack (docs/algorithm.md section 7).
-DEFAULT_MASK_PLANES = {
-    "BAD": 0,
-    "SAT": 1,
-    "INTRP": 2,
-    "CR": 3,
-    "EDGE": 4,
-    "DETECTED": 5,
-    "DETECTED_NEGATIVE": 6,
-    "SUSPECT": 7,
-    "NO_DATA": 8,
-}
-
-
-@dataclass(frozen=True)
-class Box:
-    """An integer pixel box in parent coordinates, ends inclusive (LSST style).
-
-    Parameters
-    ----------
-    x0, y0 : int
-        Parent coordinates of the lower-left pixel.
-    width, height : int
-        Size in pixels.
-    """
-
-    x0: int
-    y0: int
-    width: int
-    height: int
-
-    @property
-    def x1(self) -> int:
-        """Last column (inclusive)."""
-        return self.x0 + self.width - 1
-
-    @property
-    def y1(self) -> int:
-        """Last row (inclusive)."""
-        return self.y0 + self.height - 1
-
-    @property
-    def center(self) -> tuple[float, float]:
-        """Centre of the box as a real box, ``((x0 + x1) / 2, (y0 + y1) / 2)``."""
-        return (0.5 * (self.x0 + self.x1), 0.5 * (self.y0 + self.y1))
-
-    def grown(self, dx: int, dy: int) -> Box:
-        """The box grown by ``dx`` on left and right and ``dy`` on bottom and top.
-
-        Parameters
-        ----------
-        dx, dy : int
-            Margins in pixels (negative shrinks).
-
-        Returns
-        -------
-        Box
-            The grown box.
-        """
-        return Box(self.x0 - dx, self.y0 - dy, self.width + 2 * dx, self.height + 2 * dy)
-
-    def contains(self, x: float, y: float) -> bool:
-        """Whether parent position ``(x, y)`` (pixels) lies in the box, ends included.
-
-        Parameters
-        ----------
-        x, y : float
-            Parent position in pixels.
-
-        Returns
-        -------
-        bool
-            True inside or on the edge pixels.
-        """
-        return self.x0 <= x <= self.x1 and self.y0 <= y <= self.y1
 
 
 class Exposure:
@@ -271,7 +195,7 @@ class Exposure:
         """
         from .io.fits import read_exposure
 
-        return read_exposure(path, **kwargs)
+        return read_exposure(path, cls=cls, **kwargs)
 
     def write_fits(self, path: str | os.PathLike, overwrite: bool = False,
                    compress: bool | None = None) -> str:
@@ -316,7 +240,7 @@ class Exposure:
         """
         from .io.nddata import exposure_from_nddata
 
-        return exposure_from_nddata(obj, psf=psf, **kwargs)
+        return exposure_from_nddata(obj, psf=psf, cls=cls, **kwargs)
 
     def to_ccddata(self, unit: Any = None, **kwargs: Any) -> Any:
         """Convert to an astropy ``CCDData`` (variance as ``VarianceUncertainty``).

@@ -281,7 +281,7 @@ class SpatialKernel:
         """
         from .io.kernel_fits import read_kernel
 
-        return read_kernel(path)
+        return read_kernel(path, cls=cls)
 
     @classmethod
     def constant(cls, image: ArrayLike) -> SpatialKernel:
@@ -297,7 +297,7 @@ class SpatialKernel:
         SpatialKernel
             Order-0 polynomial kernel equal to ``image`` everywhere.
         """
-        from .exposure import Box
+        from .pixels import Box
 
         img = np.asarray(image, dtype=np.float64)
         sf = SpatialFunctions("polynomial", 0, Box(0, 0, 1, 1))

@@ -17,8 +17,9 @@ A matched exposure (``result.psfMatchedExposure``) carries
 :func:`gpumatch.io.fits.write_exposure` writes them (see :data:`CARDS`,
 :data:`NOISE_CARDS`, :data:`REFPSF` and :data:`NOISECORR`) and
 :func:`gpumatch.io.fits.read_exposure` reads them back, with ``psf`` the
-reference. :func:`output_conflict` is how ``gpumatch match`` decides whether an
-existing output may be kept (docs/algorithm.md sections 14 and 14.6).
+reference. :func:`gpumatch.pipeline.output_conflict` is how ``gpumatch match``
+decides whether an existing output may be kept (docs/algorithm.md sections 14
+and 14.6).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 log = logging.getLogger("gpumatch")
 
 __all__ = ["CARDS", "NOISE_CARDS", "REFPSF", "NOISECORR", "file_sha256", "image_sha256",
-           "record_match", "output_conflict", "read_output_record"]
+           "record_match", "read_output_record"]
 
 #: Primary-header cards of the provenance, and the ``provenance`` key each holds.
 #: Long values (the configuration as JSON, descriptions) continue over FITS
@@ -348,95 +349,3 @@ def _same_stamp(a, b):
         return False
     scale = max(float(np.abs(b).max(initial=0.0)), 1e-300)
     return float(np.abs(a - b).max(initial=0.0)) <= _STAMP_RTOL * scale
-
-
-# -- may an existing output be kept? ---------------------------------------------------
-
-
-def _config_changes(recorded, wanted):
-    """``"field old -> new"`` for every field that differs."""
-    if not isinstance(recorded, dict):
-        return ["not recorded"]
-    out = []
-    for name in sorted(set(recorded) | set(wanted)):
-        old, new = recorded.get(name, "(absent)"), wanted.get(name, "(absent)")
-        same = old == new or (isinstance(old, float) and isinstance(new, float)
-                              and math.isnan(old) and math.isnan(new))
-        if not same:
-            out.append(f"{name} {old!r} -> {new!r}")
-    return out
-
-
-def output_conflict(output, input_path, reference, config, kernel_sum=1.0, psf=None):
-    """Why the existing gpumatch output ``output`` is not this run's result, or ``""``.
-
-    The output is this run's when it records the same input (the SHA-256 of
-    ``input_path``), the same reference (description, and stamp at the image
-    centre), the same configuration (every field), the same kernel sum and,
-    when ``psf`` is given, the same exposure PSF description. The date,
-    version and backend are not compared.
-
-    Parameters
-    ----------
-    output, input_path : str
-    reference : Psf or str
-    config : ModelPsfMatchConfig or None (the default configuration)
-    kernel_sum : float
-    psf : Psf or str, optional
-
-    Returns
-    -------
-    str
-        What differs, to follow "OUTPUT exists but" (one line), or ``""``
-        when the output may be kept.
-    """
-    from astropy.io import fits
-
-    from ._warnings import quiet
-    from .config import ModelPsfMatchConfig
-    from .pipeline import resolve_psf
-    from .psf.parse import psf_description
-
-    with quiet(), fits.open(output, memmap=False) as hdul:
-        prov = header_record(hdul[0].header)
-        stamp, where = None, (0, 0)
-        if REFPSF in hdul:
-            h = hdul[REFPSF]
-            stamp = None if h.data is None else np.array(h.data, dtype=np.float64)
-            where = (h.header.get("GPM_X", 0), h.header.get("GPM_Y", 0))
-    if prov is None:
-        return "records no provenance (written by an older gpumatch or another program)"
-    checksum = file_sha256(input_path)
-    if prov.get("inputSha256") != checksum:
-        return (f"was made from another input ({prov.get('input') or 'in-memory'} with "
-                f"SHA-256 {str(prov.get('inputSha256'))[:12]}..., {input_path} has "
-                f"{checksum[:12]}...)")
-    model = resolve_psf(reference)
-    description = psf_description(model)
-    if prov.get("reference") != description:
-        return f"was matched to reference {prov.get('reference')}, not {description}"
-    if stamp is not None:
-        again = np.asarray(model.compute_kernel_image(float(where[0]), float(where[1])))
-        if not _same_stamp(again, stamp):
-            return (f"was matched to a reference {description} that rendered differently "
-                    f"at ({where[0]}, {where[1]}) (has the model file changed?)")
-    config = config if config is not None else ModelPsfMatchConfig()
-    mode = _config_mode(config)
-    if mode["mode"] == "recommended":
-        # The fields follow from the input and reference checked above: the
-        # choice itself (and its overrides) is what this run would repeat.
-        if prov.get("configMode") != mode:
-            return (f"was made with configuration {prov.get('configMode') or {'mode': 'given'}}, "
-                    f"not {mode}")
-    else:
-        # Through JSON, as recorded: tuples become lists, the comparison is of values.
-        changes = _config_changes(prov.get("config"), json.loads(json.dumps(config.to_dict())))
-        if changes:
-            return f"was made with another configuration ({'; '.join(changes)})"
-    if prov.get("kernelSum") != float(kernel_sum):
-        return f"was made with kernel sum {prov.get('kernelSum')}, not {float(kernel_sum)}"
-    if psf is not None:
-        wanted_psf = psf_description(resolve_psf(psf))
-        if prov.get("psf") != wanted_psf:
-            return f"was made with exposure PSF {prov.get('psf')}, not {wanted_psf}"
-    return ""

@@ -35,8 +35,8 @@ import numpy as np
 
 from .basis import alard_lupton_basis, bases_with_a_sum
 from .errors import GpumatchError, PoorMatchWarning, warn
-from .exposure import Box
 from .moments import adaptive_moments_batch
+from .pixels import Box
 from .psf.base import pad_or_crop
 
 log = logging.getLogger("gpumatch")

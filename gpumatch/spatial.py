@@ -133,7 +133,7 @@ class SpatialFunctions:
         """
         if self.model_type == "chebyshev1":
             return None
-        from .exposure import Box
+        from .pixels import Box
 
         # A box whose scaled coordinates are the raw ones: centre 0, half size 1.
         return self.solve_functions().to_scaled_monomials(Box(-1, -1, 3, 3))[0]

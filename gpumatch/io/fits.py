@@ -50,17 +50,20 @@ import math
 import numbers
 import os
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from .._warnings import quiet, recorded
-from ..errors import GpumatchError, InputWarning, warn
+from .._warnings import quiet
+from ..errors import InputWarning, warn
 from ..provenance import CARDS, NOISE_CARDS
 from ._atomic import atomic_write
+from ._fitsfile import FitsFormatError, _fits, _open
 
-if TYPE_CHECKING:
-    from ..exposure import Exposure
+#: The class :func:`read_exposure` builds when no ``cls`` is given:
+#: :class:`gpumatch.Exposure`, set by :mod:`gpumatch.io` (which sits above both), so
+#: that this reader, which ``Exposure.read_fits`` calls, does not import it back.
+_EXPOSURE_CLASS: Any = None
 
 log = logging.getLogger("gpumatch")
 
@@ -87,16 +90,6 @@ _WCS_KEY = re.compile(
     r"LONPOLE|LATPOLE|RADESYS|RADECSYS|EQUINOX)[A-Z]?|(CD|PC|PV|PS)\d+_\d+[A-Z]?|"
     r"(A|B|AP|BP)_(\d+_\d+|ORDER|DMAX))$"
 )
-
-
-class FitsFormatError(GpumatchError, ValueError):
-    """A FITS file exists but does not hold what gpumatch needs."""
-
-
-def _fits():
-    from astropy.io import fits
-
-    return fits
 
 
 # -- headers <-> meta -----------------------------------------------------------
@@ -221,45 +214,6 @@ def _wcs_cards(wcs):
 # -- reading --------------------------------------------------------------------
 
 
-def _open(path):
-    fits = _fits()
-    p = os.fspath(path)
-    if not os.path.exists(p):
-        raise FileNotFoundError(f"{p}: no such file; check the path")
-    if os.path.isdir(p):
-        raise IsADirectoryError(f"{p} is a directory, not a FITS file; give the file's path")
-    if not os.path.isfile(p):  # a FIFO or device would block or never end
-        raise FitsFormatError(f"{p} is not a regular file (a FIFO, device or socket); give "
-                              "the path of a FITS file")
-    try:
-        with recorded() as caught:
-            hdul = fits.open(p, memmap=False, lazy_load_hdus=False)
-            hdul.verify("silentfix")
-    except PermissionError:
-        raise PermissionError(f"{p}: permission denied; make the file readable") from None
-    except Exception as exc:
-        raise FitsFormatError(
-            f"{p} is not a readable FITS file ({exc.__class__.__name__}: {exc}); "
-            "check that it is a complete FITS image") from None
-    _refuse_truncated(hdul, p, caught)
-    return hdul
-
-
-def _refuse_truncated(hdul, path, caught):
-    """Refuse a file cut short: astropy reads what it can and only warns, so a
-    missing extension would otherwise be reported as absent (astropy's warnings
-    about a short file or a cut header, or data that end past the file's end)."""
-    size = os.path.getsize(path)
-    end = max(hdul.fileinfo(i)["datLoc"] + hdul.fileinfo(i)["datSpan"] for i in range(len(hdul)))
-    cut = [str(w.message) for w in caught
-           if "truncated" in str(w.message) or "Error validating header" in str(w.message)]
-    if end > size or cut:
-        hdul.close()
-        raise FitsFormatError(
-            f"{path} is truncated ({size} bytes{f', {end} expected' if end > size else ''}; "
-            "the copy or write was interrupted); copy or write the file again")
-
-
 def _hdu_role(hdu):
     for key in ("EXTTYPE", "EXTNAME"):
         value = hdu.header.get(key)
@@ -332,7 +286,7 @@ def _as_mask(arr, path, source):
 
 def read_exposure(path: str | os.PathLike, *, psf: Any = None, variance: Any = None,
                   mask: Any = None, mask_planes: dict | None = None, hdu: int | str | None = None,
-                  empty: Any = None) -> Exposure:
+                  empty: Any = None, cls: Any = None) -> Any:
     """Read an :class:`~gpumatch.Exposure` from a FITS file.
 
     Parameters
@@ -358,6 +312,14 @@ def read_exposure(path: str | os.PathLike, *, psf: Any = None, variance: Any = N
         are put in (default :func:`numpy.empty`);
         :func:`gpumatch.cuda.apply.pinned_empty` puts them in pinned memory,
         from which a GPU copies them without staging.
+    cls : type, optional
+        The class built, called as :class:`~gpumatch.Exposure` is (default
+        :class:`~gpumatch.Exposure`; :meth:`gpumatch.Exposure.read_fits` passes its own).
+
+    Returns
+    -------
+    Exposure
+        The exposure, with ``source`` set.
 
     Raises
     ------
@@ -374,7 +336,8 @@ def read_exposure(path: str | os.PathLike, *, psf: Any = None, variance: Any = N
         psf = parse_psf(psf)
     hdul = _open(p)
     try:
-        return _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty)
+        return _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty,
+                          _EXPOSURE_CLASS if cls is None else cls)
     except (FitsFormatError, OSError, Warning):  # Warning: one the caller escalated to an error
         raise
     except MemoryError:
@@ -392,8 +355,8 @@ def read_exposure(path: str | os.PathLike, *, psf: Any = None, variance: Any = N
         hdul.close()
 
 
-def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
-    from ..exposure import DEFAULT_MASK_PLANES, Exposure
+def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty, exposure_class):
+    from ..pixels import DEFAULT_MASK_PLANES
 
     roles = {}
     for i, h in enumerate(hdul):
@@ -513,7 +476,7 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty=None):
     photo = fields.get("GM_PHCAL")
     filt = fields.get("FILTER")
     try:
-        exposure = Exposure(
+        exposure = exposure_class(
             image, var, msk, xy0=xy0, psf=psf, wcs=wcs,
             photo_calib=photo, filter=filt if filt != "" else None, visit_info=visit,
             id=fields.get("GM_ID"), meta=meta, mask_planes=planes)
@@ -698,7 +661,7 @@ def _compressed(hdul):
     return fits.HDUList(out)
 
 
-def write_exposure(exposure: Exposure, path: str | os.PathLike, overwrite: bool = False,
+def write_exposure(exposure: Any, path: str | os.PathLike, overwrite: bool = False,
                    compress: bool | None = None) -> str:
     """Write ``exposure`` to ``path`` atomically (see the module docstring).
 

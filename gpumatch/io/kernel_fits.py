@@ -20,20 +20,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .._warnings import quiet
 from ._atomic import atomic_write, check_output_path
-from .fits import FitsFormatError, _open
-
-if TYPE_CHECKING:
-    from ..kernel import SpatialKernel
+from ._fitsfile import FitsFormatError, _open
 
 log = logging.getLogger("gpumatch")
 
 __all__ = ["write_kernel", "read_kernel"]
+
+#: The class :func:`read_kernel` builds when no ``cls`` is given:
+#: :class:`gpumatch.SpatialKernel`, set by :mod:`gpumatch.io` (which sits above both), so
+#: that this reader, which ``SpatialKernel.read_fits`` calls, does not import it back.
+_KERNEL_CLASS: Any = None
 
 KIND = "SPATIAL_KERNEL"
 VERSION = 1
@@ -97,7 +99,7 @@ def _kernel_hdul(kernel, config):
     return fits.HDUList(hdus)
 
 
-def write_kernel(kernel: SpatialKernel, path: str | os.PathLike, overwrite: bool = False,
+def write_kernel(kernel: Any, path: str | os.PathLike, overwrite: bool = False,
                  config: Any = None) -> str:
     """Write a :class:`~gpumatch.SpatialKernel` to ``path`` atomically.
 
@@ -124,8 +126,17 @@ def write_kernel(kernel: SpatialKernel, path: str | os.PathLike, overwrite: bool
     return p
 
 
-def read_kernel(path: str | os.PathLike) -> SpatialKernel:
+def read_kernel(path: str | os.PathLike, cls: Any = None) -> Any:
     """Read a kernel written by :func:`write_kernel`.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The kernel file.
+    cls : type, optional
+        The class built, called as :class:`~gpumatch.SpatialKernel` is (default
+        :class:`~gpumatch.SpatialKernel`; :meth:`gpumatch.SpatialKernel.read_fits`
+        passes its own).
 
     Returns
     -------
@@ -137,9 +148,10 @@ def read_kernel(path: str | os.PathLike) -> SpatialKernel:
     FileNotFoundError, FitsFormatError
         Missing file, or not a gpumatch kernel file (message names the file).
     """
-    from ..exposure import Box
-    from ..kernel import SpatialKernel
+    from ..pixels import Box
     from ..spatial import SpatialFunctions
+
+    kernel_class = _KERNEL_CLASS if cls is None else cls
 
     p = os.fspath(path)
     hdul = _open(p)
@@ -164,7 +176,7 @@ def read_kernel(path: str | os.PathLike) -> SpatialKernel:
                                   "damaged, write it again") from None
         try:
             sf = SpatialFunctions(model, order, region)
-            kernel = SpatialKernel(basis, sf, coeffs)
+            kernel = kernel_class(basis, sf, coeffs)
         except ValueError as exc:
             raise FitsFormatError(f"{p}: inconsistent kernel file: {exc}") from None
         config = None

@@ -78,7 +78,7 @@ def psf_from_tree(node, path):
 
 def read_psf(path):
     """The PSF of a file that ``lsst.images`` wrote for a PSF alone."""
-    from .fits import FitsFormatError, _open
+    from ._fitsfile import FitsFormatError, _open
 
     hdul = _open(path)
     try:

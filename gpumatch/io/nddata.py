@@ -15,14 +15,11 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..errors import GpumatchError, InputWarning, warn
-
-if TYPE_CHECKING:
-    from ..exposure import Exposure
 
 log = logging.getLogger("gpumatch")
 
@@ -80,7 +77,8 @@ def _variance_from(uncertainty, data_unit, shape):
 
 
 def exposure_from_nddata(obj: Any, psf: Any = None, *, xy0: tuple[int, int] | None = None,
-                         mask_planes: dict | None = None, bool_mask_plane: str = "BAD") -> Exposure:
+                         mask_planes: dict | None = None, bool_mask_plane: str = "BAD",
+                         cls: Any = None) -> Any:
     """An :class:`~gpumatch.Exposure` from an astropy ``NDData``/``CCDData``.
 
     Parameters
@@ -99,8 +97,17 @@ def exposure_from_nddata(obj: Any, psf: Any = None, *, xy0: tuple[int, int] | No
         standard planes.
     bool_mask_plane : str
         The plane a boolean mask sets where True.
+    cls : type, optional
+        The class built, called as :class:`~gpumatch.Exposure` is (default
+        :class:`~gpumatch.Exposure`; :meth:`gpumatch.Exposure.from_nddata` passes its own).
+
+    Returns
+    -------
+    Exposure
+        A new exposure; ``obj`` is not modified.
     """
-    from ..exposure import DEFAULT_MASK_PLANES, Exposure
+    from ..pixels import DEFAULT_MASK_PLANES
+    from .fits import _EXPOSURE_CLASS
 
     data = getattr(obj, "data", None)
     if data is None or not hasattr(obj, "uncertainty") or isinstance(obj, np.ndarray):
@@ -196,11 +203,12 @@ def exposure_from_nddata(obj: Any, psf: Any = None, *, xy0: tuple[int, int] | No
             else:
                 warn(f"NDData psf of shape {arr.shape} is not an odd square image; not used",
                      InputWarning)
-    return Exposure(image, variance, mask, xy0=xy0, psf=psf, wcs=getattr(obj, "wcs", None),
-                    meta=meta, mask_planes=planes)
+    exposure_class = _EXPOSURE_CLASS if cls is None else cls
+    return exposure_class(image, variance, mask, xy0=xy0, psf=psf, wcs=getattr(obj, "wcs", None),
+                          meta=meta, mask_planes=planes)
 
 
-def exposure_to_ccddata(exposure: Exposure, unit: Any = None) -> Any:
+def exposure_to_ccddata(exposure: Any, unit: Any = None) -> Any:
     """An astropy :class:`~astropy.nddata.CCDData` of ``exposure`` (NumPy arrays).
 
     Parameters

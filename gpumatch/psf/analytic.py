@@ -10,7 +10,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..backend import to_numpy
 from ..basis import polynomial_exponents
-from ..exposure import Box
+from ..pixels import Box
 from .base import FixedSizePsf, odd_stamp_size
 
 __all__ = ["GaussianPsf", "DoubleGaussianPsf", "MoffatPsf", "VaryingGaussianPsf",

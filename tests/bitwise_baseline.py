@@ -19,6 +19,9 @@ import numpy as np
 
 import gpumatch as gm
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from test_many import small_exposure  # noqa: E402  (the exposures of the match_many tests)
+
 HERE = pathlib.Path(__file__).resolve().parent
 BASELINE = HERE / "data" / "bitwise_baseline.json"
 
@@ -27,18 +30,6 @@ def _config():
     return gm.ModelPsfMatchConfig(kernelSize=11, alardNGauss=2, alardSigGauss=(1.0, 2.0),
                                   alardDegGauss=(2, 1), spatialKernelOrder=1, sizeCellX=32,
                                   sizeCellY=32)
-
-
-def _exposure(nx, ny, xy0, seed):
-    psf = gm.VaryingGaussianPsf(15, 15, gm.Box(xy0[0], xy0[1], nx, ny),
-                                sigma=(1.6, 0.12, -0.08, 0.05, 0.03, -0.04),
-                                g1=(0.02, 0.03 * (seed % 3), -0.01), g2=(-0.01, 0.0, 0.02))
-    rng = np.random.default_rng(seed)
-    image = rng.normal(100.0, 10.0, (ny, nx)).astype(np.float32)
-    variance = np.full((ny, nx), 100.0, dtype=np.float32)
-    mask = (rng.random((ny, nx)) < 2e-3).astype(np.int32) << 3
-    image[5, 7] = np.nan
-    return gm.Exposure(image, variance, mask, xy0=xy0, psf=psf)
 
 
 EXPOSURES = ((160, 128, (0, 0), 0), (128, 96, (10, -4), 1), (96, 160, (300, 200), 3))
@@ -63,7 +54,7 @@ def _digest(result):
 def compute(backend="numpy"):
     """The digests of one ``run`` per exposure and of ``match_many`` over all of them."""
     ref = gm.GaussianPsf(**REFERENCE)
-    exposures = [_exposure(*args) for args in EXPOSURES]
+    exposures = [small_exposure(nx, ny, xy0, seed) for nx, ny, xy0, seed in EXPOSURES]
     task = gm.ModelPsfMatchTask(_config(), backend=backend)
     runs = [_digest(task.run(e, ref, on_poor_match="ignore")) for e in exposures]
     many = [_digest(r) for r in gm.match_many(exposures, ref, _config(), backend=backend,

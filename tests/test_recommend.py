@@ -9,7 +9,6 @@ small (256-512 px) to keep the suite fast.
 """
 
 import math
-import os
 import warnings
 
 import numpy as np
@@ -18,12 +17,7 @@ import pytest
 import gpumatch as gm
 from gpumatch.errors import PoorMatchWarning
 
-DES_PSF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
-                       "des", "DECam_00154912_12_psfcat.psf")
-needs_des = pytest.mark.skipif(
-    not os.path.exists(DES_PSF),
-    reason=f"DES PSFEx model not found at {os.path.normpath(DES_PSF)} (expected "
-           "../shared/data/des beside the repository)")
+from test_cli_match import DES_PSF, needs_des  # the shared DES model, skipped if absent
 
 # The README's case: a varying Gaussian over a 2048 x 1024 detector and LSST's
 # production double-Gaussian reference.

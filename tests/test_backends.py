@@ -14,6 +14,7 @@ import json
 import pathlib
 
 import bitwise_baseline
+from test_many import small_exposure
 import numpy as np
 import pytest
 
@@ -64,7 +65,7 @@ def test_a_backend_added_by_one_module_and_one_line_runs_the_pipeline(numpy_test
     assert args.backend == "numpy-test"
 
     ref = gm.GaussianPsf(**bitwise_baseline.REFERENCE)
-    exposures = [bitwise_baseline._exposure(*a) for a in bitwise_baseline.EXPOSURES[:2]]
+    exposures = [small_exposure(*a) for a in bitwise_baseline.EXPOSURES[:2]]
     cfg = bitwise_baseline._config()
     task = gm.ModelPsfMatchTask(cfg, backend="numpy-test")
     assert task.backend == "numpy-test" and task.array_backend.name == "numpy-test"

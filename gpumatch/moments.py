@@ -60,6 +60,10 @@ def shear_from_moments(ixx, iyy, ixy):
     return e1 * f, e2 * f
 
 
+#: Stamps per host chunk of :func:`adaptive_moments_batch`.
+_HOST_CHUNK = 64
+
+
 def adaptive_moments_batch(stamps, max_iter=100, rtol=1e-8, xp=None, device_kernel=True):
     """:func:`adaptive_moments` of many same-sized stamps at once.
 
@@ -84,6 +88,13 @@ def adaptive_moments_batch(stamps, max_iter=100, rtol=1e-8, xp=None, device_kern
     xp = backend.xp
     if device_kernel and backend.fused_moments is not None:
         return backend.fused_moments(stamps, max_iter, rtol)
+    if not backend.on_device and len(stamps) > _HOST_CHUNK:
+        # Rows are independent (each one's result is that of the row alone), and
+        # a chunk's temporaries stay in cache: time grows linearly with the
+        # number of stamps instead of faster.
+        return np.concatenate([
+            adaptive_moments_batch(stamps[i:i + _HOST_CHUNK], max_iter, rtol, xp, device_kernel)
+            for i in range(0, len(stamps), _HOST_CHUNK)])
     img = xp.asarray(stamps, dtype=xp.float64)
     n, ny, nx = img.shape
     y, x = (xp.asarray(a) for a in np.mgrid[0:ny, 0:nx].astype(np.float64))

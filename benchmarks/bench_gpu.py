@@ -51,7 +51,8 @@ from workloads import (machine_description, production_config, production_exposu
 
 import gpumatch  # noqa: E402
 from gpumatch import Exposure, ModelPsfMatchTask  # noqa: E402
-from gpumatch.backend import _cupy_status, cupy_usable, single_threaded_blas  # noqa: E402
+from gpumatch.backend import cupy_usable, single_threaded_blas  # noqa: E402
+from gpumatch.backends import cupy_status  # noqa: E402
 
 STAGES = [("cellSet", "stamps (cell set)"), ("normalEquations", "normal equations"),
           ("spatialSolve", "spatial solve"), ("apply", "application (image+var+mask)")]
@@ -337,7 +338,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if not cupy_usable():
-        sys.exit(f"bench_gpu: no usable GPU ({_cupy_status()[1]}); this benchmark needs CuPy and "
+        sys.exit(f"bench_gpu: no usable GPU ({cupy_status()[1]}); this benchmark needs CuPy and "
                  "a CUDA device. Run it on the lent H100/H200 machine.")
     import cupy as cp
 

@@ -76,7 +76,8 @@ from workloads import machine_description, production_config, production_referen
 
 import gpumatch  # noqa: E402
 from gpumatch import Box, Exposure, VaryingGaussianPsf  # noqa: E402
-from gpumatch.backend import _cupy_status, cupy_usable  # noqa: E402
+from gpumatch.backend import cupy_usable  # noqa: E402
+from gpumatch.backends import cupy_status  # noqa: E402
 
 STAGES = [("cellSet", "stamps (cell set)"), ("normalEquations", "normal equations"),
           ("spatialSolve", "spatial solve"), ("apply", "application (image+var+mask)"),
@@ -317,7 +318,7 @@ def main(argv=None):
     ny, nx = args.shape
     backend = args.backend or ("cupy" if cupy_usable() else "numpy")
     if backend == "cupy" and not cupy_usable():
-        sys.exit(f"bench_visit: --backend cupy needs a usable GPU ({_cupy_status()[1]}); run it "
+        sys.exit(f"bench_visit: --backend cupy needs a usable GPU ({cupy_status()[1]}); run it "
                  "on the lent H100/H200 machine, or pass --backend numpy for a CPU run.")
 
     cp = None

@@ -13,11 +13,6 @@ __all__ = ["array_namespace", "resolve_backend", "cupy_usable", "to_numpy", "sin
            "backend_names"]
 
 
-def _cupy_status():
-    """``(usable, why)`` of CuPy (:func:`gpumatch.backends.cupy_status`)."""
-    return _backends.cupy_status()
-
-
 def cupy_usable():
     """Whether CuPy imports and a CUDA device answers.
 

@@ -284,7 +284,7 @@ def spatial_system(task, state, M, b, solutions):
     # A few numbers per candidate: made on the host, copied once.
     P = xp.asarray(sf.solve_functions().evaluate(cell_set.xs, cell_set.ys))
     state.A, state.rhs = assemble_spatial_system(M, b, P, xp=xp)
-    cell_set.spatial_matrix = state.A  # for the equilibrated condition number (gpumatch.verdict)
+    cell_set.spatial_matrix = state.A  # kept for diagnostics (its conditioning, its eigenvalues)
     state.sf = sf
     return state
 

@@ -21,7 +21,8 @@ import pytest
 
 import gpumatch as gm
 from gpumatch.apply import convolve_planes
-from gpumatch.backend import _cupy_status, cupy_usable, single_threaded_blas, to_numpy
+from gpumatch.backend import cupy_usable, single_threaded_blas, to_numpy
+from gpumatch.backends import cupy_status  # noqa: E402
 from gpumatch.basis import alard_lupton_basis
 from gpumatch.cellset import build_cell_set
 from gpumatch.normal_equations import candidate_normal_equations, solve_candidates
@@ -32,7 +33,7 @@ from random_kernels import (assert_symmetric_solutions, random_kernel, random_pl
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not cupy_usable(), reason=f"no usable GPU: {_cupy_status()[1]}"),
+    pytest.mark.skipif(not cupy_usable(), reason=f"no usable GPU: {cupy_status()[1]}"),
 ]
 
 if cupy_usable():

@@ -37,6 +37,9 @@ __all__ = ["apply_kernel", "start_apply_kernel", "PendingExposure", "convolve_pl
            "footprint_or", "direct_convolve_pixels", "edge_planes", "variance_terms",
            "out_of_range", "RANGE_FACTOR"]
 
+#: Tiles transformed together: a group's arrays stay in a core's cache.
+_GROUP = 2
+
 _FAST_TILES = (64, 96, 128, 160, 192, 256, 320, 384, 512)
 
 #: Finite values larger in magnitude than this factor times the plane's typical
@@ -243,7 +246,6 @@ class _Correlator:
         t = self.t = _choose_tile(self.oy, self.ox, k)
         b = self.b = t - 2 * self.h
         self.nty, self.ntx = -(-self.oy // b), -(-self.ox // b)
-        self.width = (self.ntx - 1) * b + t
         keys, G = _row_split(kernels, terms, k, hy)
         self.keys = keys
         self.P = 1 + max(p for _, p in keys)
@@ -257,13 +259,15 @@ class _Correlator:
         self.Ypow = Y[:, None] ** np.arange(ptop + 1)
         self.Xpow = X[:, None] ** np.arange(ptop + 1)
         self.S_num = _sums_matrix(kernels, terms, ptop)
-        self.S_norm, self.power, self.offset = norm_S, power, offset
+        # The offset is a value of the plane's type, so a tile minus it is exact
+        # before any rounding to float32.
+        self.S_norm, self.power = norm_S, power
+        self.offset = float(np.asarray(offset, dtype=plane.dtype))
         no = norm_S.shape[0]
         self.Ypow_n, self.Xpow_n = self.Ypow[:, :no], self.Xpow[:, :no]
         xt = np.zeros(self.ntx * b)
         xt[:self.ox] = X
-        xt = xt.reshape(self.ntx, 1, b)
-        self.xt1 = xt
+        self.xt1 = xt.reshape(1, self.ntx, b)
         ypad = np.zeros((self.nty - 1) * b + t)
         ypad[:ny] = yin
         self.yin = ypad
@@ -275,26 +279,42 @@ class _Correlator:
         temporaries cost page faults, which serialise the threads)."""
         bufs = getattr(self._local, "bufs", None)
         if bufs is None:
-            t, ntx, b = self.t, self.ntx, self.b
-            bufs = self._local.bufs = {
-                "in": np.empty((t, self.width)), "acc": np.empty((ntx, b, b)),
-                "tmp": np.empty((ntx, b, b))}
+            b, ntx = self.b, self.ntx
+            bufs = self._local.bufs = {"acc": np.empty((b, ntx, b)),
+                                       "tmp": np.empty((b, _GROUP, b))}
         return bufs
 
     def _typed_buffers(self, bufs, dtype):
-        """Tiles, product and partial product arrays of one precision, made on first use."""
+        """Tile, weighted-tile, product and partial-product arrays of one precision
+        for a group of ``_GROUP`` tiles, made on first use."""
         if dtype not in bufs:
-            t, ntx = self.t, self.ntx
+            t, g = self.t, _GROUP
             cdtype = np.complex64 if dtype == np.float32 else np.complex128
-            bufs[dtype] = (np.empty((ntx, t, t), dtype), np.empty((ntx, t, t // 2 + 1), cdtype),
-                           np.empty((ntx, t, t // 2 + 1), cdtype))
-        return bufs
+            bufs[dtype] = (np.empty((g, t, t), dtype), np.empty((g, t, t), dtype),
+                           np.empty((g, t, t // 2 + 1), cdtype),
+                           np.empty((g, t, t // 2 + 1), cdtype))
+        return bufs[dtype]
+
+    def _tile_ranges(self, block):
+        """Per tile of a band, the largest and smallest input value, counting
+        the zero padding beyond the plane as the offset (what it stands for)."""
+        t, b, ntx = self.t, self.b, self.ntx
+        nx = block.shape[1]
+        colmax, colmin = block.max(axis=0), block.min(axis=0)
+        hi, lo = np.empty(ntx), np.empty(ntx)
+        padded_rows = block.shape[0] < t
+        for i in range(ntx):
+            c0, c1 = i * b, min(nx, i * b + t)
+            hi[i], lo[i] = colmax[c0:c1].max(), colmin[c0:c1].min()
+            if padded_rows or i * b + t > nx:
+                hi[i], lo[i] = max(hi[i], self.offset), min(lo[i], self.offset)
+        return hi, lo
 
     def band(self, r, out):
         """Outputs of the band of tiles ``r`` (rows ``r b`` .. ``r b + b - 1``)
         into ``out``; returns how many of its tiles were done in float32."""
-        fft, t, b, h, ntx = self.fft, self.t, self.b, self.h, self.ntx
-        ny, nx = self.plane.shape
+        t, b, ntx = self.t, self.b, self.ntx
+        ny = self.plane.shape[0]
         bufs = self._buffers()
         r0 = r * b
         nrow = min(self.oy, r0 + b) - r0
@@ -302,73 +322,86 @@ class _Correlator:
         norm = self.Ypow_n[rows] @ self.S_norm @ self.Xpow_n.T
         if self.power == 2:
             norm *= norm
-        buf = bufs["in"]
-        y1 = min(ny, r0 + t)
-        np.subtract(self.plane[r0:y1], self.offset, out=buf[:y1 - r0, :nx])
-        buf[y1 - r0:] = 0.0
-        buf[:, nx:] = 0.0
-        s0, s1 = buf.strides
-        tiles = np.lib.stride_tricks.as_strided(buf, shape=(ntx, t, t), strides=(b * s1, s0, s1))
-        hi = tiles.max(axis=(1, 2))
-        lo = tiles.min(axis=(1, 2))
-        spread = np.maximum(hi, -lo)
-        vlo, vhi = lo + self.offset, hi + self.offset
+        block = self.plane[r0:min(ny, r0 + t)]
+        vhi, vlo = self._tile_ranges(block)
+        spread = np.maximum(vhi - self.offset, self.offset - vlo)
         floor = np.where(vlo > 0, vlo, np.where(vhi < 0, -vhi, 0.0))
         # The float32 error bound, relative to the smallest |value| of the tile.
         amp = self.l1 / np.abs(norm).min()
         use32 = _F32_ERROR * amp * spread <= F32_TARGET * floor
-        acc = bufs["acc"][:, :nrow]
+        # Output rows of the band, tile by tile: acc[row, tile, column].
+        acc = bufs["acc"][:nrow]
         for dtype, sel in ((np.float32, use32), (np.float64, ~use32)):
             idx = np.flatnonzero(sel)
-            if not idx.size:
-                continue
-            whole = idx.size == ntx
-            self._typed_buffers(bufs, dtype)
-            part, prod, cprod = (x[:idx.size] for x in bufs[dtype])
-            np.copyto(part, tiles if whole else tiles[idx], casting="unsafe")
-            F = [fft.rfft2(part, workers=self.fft_workers)]
-            for p in range(1, self.P):
-                F.append(fft.rfft2(part * self.yin[r0:r0 + t, None].astype(dtype) ** p,
-                                   workers=self.fft_workers))
-            spec = self.spec[dtype]
-            # Horner in X: highest power first, acc = acc * X + term.
-            sub = acc if whole else bufs["tmp"][:idx.size, :nrow]
-            xt = self.xt1 if whole else self.xt1[idx]
-            prev = self.alist[-1]
-            for a in self.alist[::-1]:
-                first = True
-                for m, (aa, p) in enumerate(self.keys):
-                    if aa != a:
-                        continue
-                    if first:
-                        np.multiply(F[p], spec[m], out=prod)
-                        first = False
-                    else:
-                        np.multiply(F[p], spec[m], out=cprod)
-                        prod += cprod
-                conv = fft.irfft2(prod, s=(t, t), workers=self.fft_workers)
-                crop = conv[:, 2 * h:2 * h + nrow, 2 * h:]
-                if a == prev:
-                    np.copyto(sub, crop)
-                else:
-                    sub *= xt if prev - a == 1 else xt ** (prev - a)
-                    sub += crop
-                prev = a
-            if prev:
-                sub *= xt ** prev
-            if not whole:
-                acc[idx] = sub
-        res = acc.transpose(1, 0, 2).reshape(nrow, ntx * b)[:, :self.ox]
+            # A few tiles at a time: their transforms, products and sums stay in
+            # the core's cache (a whole band of them does not).
+            for i in range(0, idx.size, _GROUP):
+                self._tiles(block, idx[i:i + _GROUP], r0, nrow, dtype, acc, bufs)
+        res = acc.reshape(nrow, ntx * b)[:, :self.ox]
         if self.power == 1:
             # The image's offset comes back whole: c0 sum(K) / sum(K) = c0.
             res /= norm
-            res += self.offset
+            np.add(res, self.offset, out=out[rows], casting="same_kind")
         else:
             if self.offset:
                 res += self.offset * (self.Ypow[rows] @ self.S_num @ self.Xpow.T)
-            res /= norm
-        out[rows] = res
+            np.divide(res, norm, out=out[rows], casting="same_kind")
         return int(use32.sum())
+
+    def _tiles(self, block, idx, r0, nrow, dtype, acc, bufs):
+        """The outputs of tiles ``idx`` of one band (``acc[:, idx]``) in precision ``dtype``.
+
+        ``block`` holds the band's input rows; each tile is its ``t x t``
+        window minus the offset (computed in float64, exact for float32
+        inputs once the offset is a float32 value), zero beyond the plane."""
+        fft, t, b, h = self.fft, self.t, self.b, self.h
+        n = idx.size
+        part, weighted, prod, cprod = (x[:n] for x in self._typed_buffers(bufs, dtype))
+        rows, nx = block.shape
+        for j, i in enumerate(idx):
+            c0 = i * b
+            cols = min(nx, c0 + t) - c0
+            np.subtract(block[:, c0:c0 + cols], self.offset, out=part[j, :rows, :cols],
+                        dtype=np.float64, casting="same_kind")
+            part[j, rows:] = 0
+            part[j, :rows, cols:] = 0
+        F = [fft.rfft2(part, workers=self.fft_workers)]
+        yin = self.yin[r0:r0 + t, None].astype(dtype)
+        ypow = yin
+        for p in range(1, self.P):
+            np.multiply(part, ypow, out=weighted)
+            F.append(fft.rfft2(weighted, workers=self.fft_workers))
+            if p + 1 < self.P:
+                ypow = ypow * yin
+        spec = self.spec[dtype]
+        contiguous = idx[-1] - idx[0] == n - 1
+        sub = acc[:, idx[0]:idx[-1] + 1] if contiguous else bufs["tmp"][:nrow, :n]
+        xt = self.xt1[:, idx]
+        # Horner in X: highest power first, sub = sub * X + term.
+        prev = self.alist[-1]
+        for a in self.alist[::-1]:
+            first = True
+            for m, (aa, p) in enumerate(self.keys):
+                if aa != a:
+                    continue
+                if first:
+                    np.multiply(F[p], spec[m], out=prod)
+                    first = False
+                else:
+                    np.multiply(F[p], spec[m], out=cprod)
+                    prod += cprod
+            conv = fft.irfft2(prod, s=(t, t), workers=self.fft_workers)
+            crop = conv[:, 2 * h:2 * h + nrow, 2 * h:].transpose(1, 0, 2)
+            if a == prev:
+                np.copyto(sub, crop)
+            else:
+                sub *= xt if prev - a == 1 else xt ** (prev - a)
+                sub += crop
+            prev = a
+        if prev:
+            sub *= xt ** prev
+        if not contiguous:
+            acc[:, idx] = sub
 
     def run(self, out):
         workers = min(_workers(), self.nty)
@@ -438,16 +471,38 @@ def out_of_range(data, factor=RANGE_FACTOR):
         return ~(np.abs(data) <= limit)      # NaN compares False
 
 
-def edge_planes(shape, dtypes, no_data_bit, xp=np):
-    """Image, variance and mask planes holding the edge values everywhere.
+def edge_planes(shape, dtypes, no_data_bit, xp=np, border=None):
+    """Image, variance and mask planes holding the edge values.
 
     NaN, +inf and only the NO_DATA bit (docs/algorithm.md section 7); the application fills
     the interior.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(ny, nx)`` in pixels.
+    dtypes : tuple of dtype
+        Image, variance and mask types.
+    no_data_bit : int
+        Bitmask of the mask's edge value.
+    xp : module
+        Array namespace of the planes.
+    border : int, optional
+        Width in pixels of the edge frame, when the caller writes every pixel
+        inside it: only the frame is filled (the interior is left
+        uninitialised). Default: the whole planes hold the edge values.
     """
-    image = xp.full(shape, np.nan, dtype=dtypes[0])
-    variance = xp.full(shape, np.inf, dtype=dtypes[1])
-    mask = xp.full(shape, np.array(int(no_data_bit)).astype(dtypes[2])[()], dtype=dtypes[2])
-    return image, variance, mask
+    values = (np.nan, np.inf, np.array(int(no_data_bit)).astype(dtypes[2])[()])
+    if border is None or 2 * border >= min(shape):
+        return tuple(xp.full(shape, v, dtype=d) for v, d in zip(values, dtypes))
+    planes = tuple(xp.empty(shape, dtype=d) for d in dtypes)
+    h = border
+    for plane, v in zip(planes, values if h else ()):
+        plane[:h] = v
+        plane[-h:] = v
+        plane[h:-h, :h] = v
+        plane[h:-h, -h:] = v
+    return planes
 
 
 def variance_terms(Q, exponents, order):
@@ -539,8 +594,9 @@ def _convolve_planes(image, variance, mask, kernel, box, no_data_bit):
     ny, nx = image.shape
     k = kernel.dimensions[0]
     h = k // 2
+    # Every interior pixel of each plane is written below.
     image_out, var_out, mask_out = edge_planes(
-        (ny, nx), (image.dtype, variance.dtype, mask.dtype), no_data_bit)
+        (ny, nx), (image.dtype, variance.dtype, mask.dtype), no_data_bit, border=h)
     oy, ox = ny - 2 * h, nx - 2 * h
     if oy <= 0 or ox <= 0:
         log.warning("exposure %dx%d is no larger than the %dx%d kernel: every pixel is edge",

@@ -10,7 +10,8 @@ import numpy as np
 
 log = logging.getLogger("gpumatch")
 
-__all__ = ["alard_lupton_basis", "basis_widths", "BasisChoice", "polynomial_exponents"]
+__all__ = ["alard_lupton_basis", "alard_lupton_factors", "basis_widths", "BasisChoice",
+           "polynomial_exponents", "SeparableBasis"]
 
 #: Sums at or below this are treated as zero (float32 machine epsilon).
 SUM_EPSILON = 1.1920929e-07
@@ -45,28 +46,92 @@ def alard_lupton_basis(kernel_size, sigmas, degrees):
         raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
     if len(sigmas) != len(degrees):
         raise ValueError("sigmas and degrees must have the same length")
+    basis, _ = _alard_lupton(k, sigmas, degrees)
+    _warn_if_not_zero_sum(basis, sigmas, degrees, k)
+    return basis
+
+
+@dataclass(frozen=True)
+class SeparableBasis:
+    """A basis written as sums of separable images: ``basis[b] = sum_t A[b, t]
+    filters[iy[t]] (rows) x filters[ix[t]] (columns)``.
+
+    Every Alard-Lupton image is a Gaussian times ``x^a y^c``, so a product of
+    two 1-D filters, and the renormalisation of docs/algorithm.md section 4
+    mixes it with image 0 only. The per-candidate normal equations use this to
+    correlate stamps with 1-D filters (about ten times fewer operations than
+    with the whole images); see :func:`gpumatch.normal_equations.candidate_design_matrices`.
+
+    Attributes
+    ----------
+    filters : ndarray (n_filters, k)
+        1-D filters over the offsets ``-h .. h`` pixels.
+    iy, ix : ndarray of int (n_terms,)
+        Row and column filter of each separable term.
+    A : ndarray (n_basis, n_terms)
+        Weights of the terms in each basis image.
+    """
+
+    filters: np.ndarray
+    iy: np.ndarray
+    ix: np.ndarray
+    A: np.ndarray
+
+    def images(self):
+        """The basis images these factors describe, ``(n_basis, k, k)``."""
+        outer = self.filters[self.iy][:, :, None] * self.filters[self.ix][:, None, :]
+        return np.tensordot(self.A, outer, axes=1)
+
+
+def alard_lupton_factors(kernel_size, sigmas, degrees):
+    """The :class:`SeparableBasis` of :func:`alard_lupton_basis` (same arguments).
+
+    Its images equal :func:`alard_lupton_basis` to rounding (about 1e-16 of
+    their largest value).
+    """
+    return _alard_lupton(int(kernel_size), sigmas, degrees)[1]
+
+
+def _alard_lupton(k, sigmas, degrees):
+    """The renormalised basis images and their separable factors."""
     h = k // 2
     off = np.arange(-h, h + 1, dtype=np.float64)
     u = off[None, :]  # column offset (x)
     v = off[:, None]  # row offset (y)
     # With k == 1 there is no spatial extent; keep the terms finite.
     scale = float(h) if h > 0 else 1.0
-    images = []
+    images, filters, iy, ix = [], [], [], []
     for sigma, degree in zip(sigmas, degrees):
         g = np.exp(-(u * u + v * v) / (2.0 * sigma * sigma))
         g /= g.sum()
+        # 1-D factors of g (x/h)^a (y/h)^c: the same filters serve rows and columns.
+        g1 = np.exp(-(off * off) / (2.0 * sigma * sigma))
+        g1 /= g1.sum()
+        first = len(filters)
+        filters.extend(g1 * (off / scale) ** a for a in range(int(degree) + 1))
         for a, c in polynomial_exponents(int(degree)):
             images.append(g * (u / scale) ** a * (v / scale) ** c)
+            iy.append(first + c)
+            ix.append(first + a)
     basis = np.array(images)
-    basis[0] /= basis[0].sum()
+    # A tracks the same steps on the terms: image 0 to unit sum, the others
+    # minus image 0 (zero sum) and to unit sum of squares.
+    A = np.zeros((len(basis), len(basis)))
+    s0 = basis[0].sum()
+    basis[0] /= s0
+    A[0, 0] = 1.0 / s0
     b0 = basis[0]
     for i in range(1, len(basis)):
         s = basis[i].sum()
         if abs(s) > SUM_EPSILON:
             basis[i] = basis[i] / s - b0
-        basis[i] /= math.sqrt((basis[i] ** 2).sum())
-    _warn_if_not_zero_sum(basis, sigmas, degrees, k)
-    return basis
+            A[i, i], A[i, 0] = 1.0 / s, -A[0, 0]
+        else:
+            A[i, i] = 1.0
+        norm = math.sqrt((basis[i] ** 2).sum())
+        basis[i] /= norm
+        A[i] /= norm
+    return basis, SeparableBasis(np.array(filters), np.array(iy), np.array(ix), A)
 
 
 #: Largest sum of a basis image after image 0 that still counts as zero. The

@@ -448,7 +448,8 @@ class _ManyMatcher:
             try:
                 templates = xp.concatenate([j.cell_set.templates for j in group])
                 targets = xp.concatenate([j.cell_set.targets for j in group])
-                M, b = backend.normal_equations(templates, targets, group[0].basis, 2.0)
+                M, b = backend.normal_equations(templates, targets, group[0].basis, 2.0,
+                                                group[0].basis_factors)
                 solutions = backend.solve_candidates(M, b)
                 backend.sync()
             except self.oom:

@@ -97,14 +97,15 @@ def adaptive_moments_batch(stamps, max_iter=100, rtol=1e-8, xp=None, device_kern
             for i in range(0, len(stamps), _HOST_CHUNK)])
     img = xp.asarray(stamps, dtype=xp.float64)
     n, ny, nx = img.shape
-    y, x = (xp.asarray(a) for a in np.mgrid[0:ny, 0:nx].astype(np.float64))
+    x = xp.arange(nx, dtype=xp.float64)
+    y = xp.arange(ny, dtype=xp.float64)
     pos = xp.clip(img, 0, None)
     tot = pos.sum(axis=(1, 2))
     ok = xp.isfinite(img).all(axis=(1, 2)) & (tot > 0)
     tot = xp.where(ok, tot, 1.0)
     img = xp.where(ok[:, None, None], img, 0.0)
-    xc = (pos * x).sum(axis=(1, 2)) / tot
-    yc = (pos * y).sum(axis=(1, 2)) / tot
+    xc = (pos.sum(axis=1) * x).sum(axis=1) / tot
+    yc = (pos.sum(axis=2) * y).sum(axis=1) / tot
     wxx = xp.full(n, max(1.0, min(nx, ny) / 8.0) ** 2)
     wyy = wxx.copy()
     wxy = xp.zeros(n)
@@ -143,20 +144,34 @@ def adaptive_moments_batch(stamps, max_iter=100, rtol=1e-8, xp=None, device_kern
 
 def _moment_step(img, x, y, xc, yc, wxx, wyy, wxy, xp, quiet):
     """One adaptive-moments iteration for every row given: the new
-    ``(xc, yc, wxx, wyy, wxy)`` and the relative change."""
+    ``(xc, yc, wxx, wyy, wxy)`` and the relative change.
+
+    ``x`` and ``y`` are the 1-D pixel coordinates of the stamp's columns and
+    rows; the weight's exponent is built from them by broadcasting and the
+    weighted sums are taken from the column and row marginals, so each step
+    makes a few passes over the stamps rather than one per product."""
     det = wxx * wyy - wxy * wxy
-    dx = x[None] - xc[:, None, None]
-    dy = y[None] - yc[:, None, None]
-    q = (wyy[:, None, None] * dx * dx - 2 * wxy[:, None, None] * dx * dy
-         + wxx[:, None, None] * dy * dy) / det[:, None, None]
-    w = xp.exp(-0.5 * q) * img
-    s = w.sum(axis=(1, 2))
+    dx = x[None, :] - xc[:, None]  # (n, nx)
+    dy = y[None, :] - yc[:, None]  # (n, ny)
+    # -q/2 = ax dx^2 + ay dy^2 + bxy dx dy
+    ax = (-0.5 * wyy / det)[:, None] * dx * dx
+    ay = (-0.5 * wxx / det)[:, None] * dy * dy
+    bxy = (wxy / det)[:, None] * dx
+    w = ay[:, :, None] + ax[:, None, :]
+    w += dy[:, :, None] * bxy[:, None, :]
+    w = xp.exp(w, out=w)
+    w *= img
+    wx = w.sum(axis=1)  # column marginal (n, nx)
+    wy = w.sum(axis=2)  # row marginal (n, ny)
+    s = wx.sum(axis=1)
     s = xp.where(s > 0, s, np.nan)
-    nxc = xc + (w * dx).sum(axis=(1, 2)) / s
-    nyc = yc + (w * dy).sum(axis=(1, 2)) / s
-    qxx = (w * dx * dx).sum(axis=(1, 2)) / s
-    qyy = (w * dy * dy).sum(axis=(1, 2)) / s
-    qxy = (w * dx * dy).sum(axis=(1, 2)) / s
+    mx = (wx * dx).sum(axis=1) / s
+    my = (wy * dy).sum(axis=1) / s
+    nxc = xc + mx
+    nyc = yc + my
+    qxx = (wx * dx * dx).sum(axis=1) / s
+    qyy = (wy * dy * dy).sum(axis=1) / s
+    qxy = (xp.matmul(w, dx[:, :, None])[:, :, 0] * dy).sum(axis=1) / s
     qdet = qxx * qyy - qxy * qxy
     with quiet():
         ia = qyy / qdet - wyy / det

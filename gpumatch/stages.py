@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backends import get_backend
-from .basis import alard_lupton_basis, basis_widths
+from .basis import alard_lupton_basis, alard_lupton_factors, basis_widths
 from .cellset import build_cell_set
 from .errors import MissingPsfError, PsfEvaluationError
 from .kernel import SpatialKernel
@@ -86,6 +86,7 @@ class MatchState:
     source: object = None  # what the caller gave (a path, or the exposure)
     choice: object = None
     basis: object = None
+    basis_factors: object = None
     cell_set: object = None
     reference: object = None
     sf: object = None
@@ -254,6 +255,9 @@ def prepare(task, state, basis_for=alard_lupton_basis):
         state.cell_set.reference_given = state.reference_model
         state.basis = None if basis_for is None else basis_for(choice.kernel_size, choice.sigmas,
                                                                choice.degrees)
+        # Used by the normal equations only where it describes state.basis.
+        state.basis_factors = None if basis_for is None else alard_lupton_factors(
+            choice.kernel_size, choice.sigmas, choice.degrees)
     return state
 
 
@@ -263,7 +267,8 @@ def normal_equations(task, state):
     backend = task.array_backend
     cell_set = state.cell_set
     with timed(state, "normalEquations", backend):
-        M, b = backend.normal_equations(cell_set.templates, cell_set.targets, state.basis, 2.0)
+        M, b = backend.normal_equations(cell_set.templates, cell_set.targets, state.basis, 2.0,
+                                        state.basis_factors)
         solutions = backend.solve_candidates(M, b)
     with timed(state, "spatialSolve"):
         spatial_system(task, state, M, b, solutions)

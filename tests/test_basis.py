@@ -240,3 +240,14 @@ def test_basis_images_that_keep_a_sum_are_found_and_warned_about():
         warnings.simplefilter("error")
         for k, s, d in ((21, (0.7, 1.5, 3.0), (4, 2, 2)), (21, (1.0, 2.0, 4.5), (4, 2, 2))):
             assert bases_with_a_sum(alard_lupton_basis(k, s, d)) == []
+
+
+@pytest.mark.parametrize("k, sigmas, degrees", [(21, (1.0, 2.0, 4.5), (4, 2, 2)), (1, (1.0,), (0,)),
+                                                 (11, (0.5, 3.0), (3, 1))])
+def test_separable_factors_reproduce_the_basis(k, sigmas, degrees):
+    from gpumatch.basis import alard_lupton_factors
+
+    basis = alard_lupton_basis(k, sigmas, degrees)
+    f = alard_lupton_factors(k, sigmas, degrees)
+    assert f.filters.shape[1] == k and f.A.shape == (len(basis), len(f.ix))
+    np.testing.assert_allclose(f.images(), basis, rtol=0, atol=1e-15 * np.abs(basis).max())

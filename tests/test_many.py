@@ -255,11 +255,11 @@ def test_out_of_memory_halves_the_batch_and_retries(monkeypatch):
     real = task.array_backend.normal_equations
     sizes = []
 
-    def limited(templates, targets, basis, variance):
+    def limited(templates, targets, basis, variance, factors=None):
         sizes.append(len(templates))
         if len(templates) > 2 * 42:  # room for two exposures' candidates
             raise FakeOutOfMemory()
-        return real(templates, targets, basis, variance)
+        return real(templates, targets, basis, variance, factors)
 
     monkeypatch.setattr(task.array_backend, "normal_equations", limited)
     monkeypatch.setattr(matcher, "_batch_limit", lambda first: matcher._device_limit or 5)

@@ -581,6 +581,28 @@ def test_normal_equations_brute_force_random():
         np.testing.assert_allclose(b[i], bb, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("k, sigmas, degrees", [(7, (1.0, 2.0), (2, 1)),
+                                                 (9, (0.8, 1.5, 3.0), (4, 2, 0))])
+def test_separable_normal_equations_brute_force(k, sigmas, degrees):
+    from gpumatch.basis import alard_lupton_basis, alard_lupton_factors
+
+    rng = np.random.default_rng(11)
+    T = rng.normal(size=(3, 15, 15))
+    S = rng.normal(size=(3, 15, 15))
+    basis = alard_lupton_basis(k, sigmas, degrees)
+    M, b = candidate_normal_equations(T, S, basis, variance=2.0,
+                                      factors=alard_lupton_factors(k, sigmas, degrees))
+    for i in range(3):
+        Mb, bb, _ = _brute_normal_equations(T[i], S[i], basis)
+        np.testing.assert_allclose(M[i], Mb, rtol=1e-12, atol=1e-12 * np.abs(Mb).max())
+        np.testing.assert_allclose(b[i], bb, rtol=1e-12, atol=1e-12 * np.abs(bb).max())
+    # Factors of another basis are not used: the result is that of the images.
+    other = alard_lupton_factors(k, sigmas[::-1], degrees)
+    M2, b2 = candidate_normal_equations(T, S, basis, variance=2.0, factors=other)
+    M3, b3 = candidate_normal_equations(T, S, basis, variance=2.0)
+    assert np.array_equal(M2, M3) and np.array_equal(b2, b3)
+
+
 def test_normal_equations_of_a_run_brute_force():
     psf = gm.VaryingGaussianPsf(11, 11, (0, 0, 63, 63), (2.0, 0.2), (0.05,), (0.0, 0.05))
     cfg = gm.ModelPsfMatchConfig(kernelSize=7, kernelSizeMin=3, sizeCellX=64, sizeCellY=64,

@@ -140,8 +140,11 @@ class Backend:
 
     # -- stages -------------------------------------------------------------------
 
-    def normal_equations(self, templates, targets, basis, variance):
-        """Per-candidate ``M`` and ``b`` (float64), docs/algorithm.md section 4."""
+    def normal_equations(self, templates, targets, basis, variance, factors=None):
+        """Per-candidate ``M`` and ``b`` (float64), docs/algorithm.md section 4.
+
+        ``factors`` (a :class:`gpumatch.basis.SeparableBasis` of ``basis``, or
+        None) may be used to correlate with 1-D filters instead of whole images."""
         raise NotImplementedError
 
     def solve_candidates(self, M, b):

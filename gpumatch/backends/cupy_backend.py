@@ -119,7 +119,7 @@ class CupyBackend(Backend):
 
     # -- stages -------------------------------------------------------------------------
 
-    def normal_equations(self, templates, targets, basis, variance):
+    def normal_equations(self, templates, targets, basis, variance, factors=None):
         """Per-candidate ``M`` and ``b`` (float64, on the device)."""
         return candidate_normal_equations_cupy(templates, targets, basis, variance)
 

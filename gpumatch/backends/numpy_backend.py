@@ -37,8 +37,9 @@ class NumpyBackend(Backend):
     def errstate(self):
         return np.errstate(divide="ignore", invalid="ignore")
 
-    def normal_equations(self, templates, targets, basis, variance):
-        return candidate_normal_equations(templates, targets, basis, variance, xp=np)
+    def normal_equations(self, templates, targets, basis, variance, factors=None):
+        return candidate_normal_equations(templates, targets, basis, variance, xp=np,
+                                          factors=factors)
 
     def solve_candidates(self, M, b):
         return solve_symmetric_batch(M, b, np)

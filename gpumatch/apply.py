@@ -127,10 +127,17 @@ _OR_ROWS = 256
 
 def _footprint_or_into(plane, support, out):
     """:func:`footprint_or` written into ``out`` (ny - k + 1, nx - k + 1), band by band."""
-    k = support.shape[0]
     for r0 in range(0, out.shape[0], _OR_ROWS):
-        r1 = min(out.shape[0], r0 + _OR_ROWS)
-        out[r0:r1] = _footprint_or_band(plane[r0:r1 + k - 1], support)
+        _footprint_or_rows(r0, (plane, support, out))
+
+
+def _footprint_or_rows(r0, args):
+    """Rows ``r0 .. r0 + _OR_ROWS - 1`` of :func:`_footprint_or_into`; returns 0."""
+    plane, support, out = args
+    k = support.shape[0]
+    r1 = min(out.shape[0], r0 + _OR_ROWS)
+    out[r0:r1] = _footprint_or_band(plane[r0:r1 + k - 1], support)
+    return 0
 
 
 def _footprint_or_band(plane, support):
@@ -271,7 +278,7 @@ class _Correlator:
         ypad = np.zeros((self.nty - 1) * b + t)
         ypad[:ny] = yin
         self.yin = ypad
-        self.n32, self.fft_workers = 0, 1
+        self.fft_workers = 1
         self._local = threading.local()
 
     def _buffers(self):
@@ -402,21 +409,6 @@ class _Correlator:
             sub *= xt ** prev
         if not contiguous:
             acc[:, idx] = sub
-
-    def run(self, out):
-        workers = min(_workers(), self.nty)
-        # Fewer bands than threads (small planes): the spare threads go to each
-        # transform (pocketfft splits lines, so the bits stay the same).
-        self.fft_workers = max(1, _workers() // workers)
-        if workers <= 1:
-            counts = [self.band(r, out) for r in range(self.nty)]
-        else:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(workers) as pool:
-                counts = list(pool.map(lambda r: self.band(r, out), range(self.nty)))
-        self.n32 = sum(counts)
-        return self.n32, self.nty * self.ntx
 
 
 def _typical_magnitude(data):
@@ -613,6 +605,7 @@ def _convolve_planes(image, variance, mask, kernel, box, no_data_bit):
 
     exps2, V = variance_terms(Q, exps, order)
 
+    planes = []
     for plane, kernels, terms, square, out in (
         (image, Q, exps, False, image_out),
         (variance, V, exps2, True, var_out),
@@ -624,10 +617,19 @@ def _convolve_planes(image, variance, mask, kernel, box, no_data_bit):
         fft_data = data if special is None else np.where(special, 0, data)
         corr = _Correlator(fft_data, kernels, terms, order, norm_S, 2 if square else 1,
                            _typical_value(fft_data), X, Y, yin, k, hy)
-        result = out[inner]
-        n32, ntiles = corr.run(result)
+        planes.append((corr, out[inner], data, special, square))
+
+    # Image bands, variance bands and mask rows: one pool, so that no thread
+    # waits between planes and the outputs' first-touch page faults are shared.
+    support = np.any(Q != 0, axis=0)
+    jobs = [(corr.band, r, result) for corr, result, *_ in planes for r in range(corr.nty)]
+    jobs += [(_footprint_or_rows, r0, (mask, support, mask_out[inner]))
+             for r0 in range(0, oy, _OR_ROWS)]
+    counts = _run_jobs(jobs, [corr for corr, *_ in planes])
+
+    for (corr, result, data, special, square), n32 in zip(planes, counts):
         log.debug("%s: %d of %d tiles in float32", "variance" if square else "image",
-                  n32, ntiles)
+                  n32, corr.nty * corr.ntx)
         if special is not None:
             nan_out = _dilate(np.isnan(data), k)
             direct_out = _dilate(special, k) & ~nan_out
@@ -639,10 +641,33 @@ def _convolve_planes(image, variance, mask, kernel, box, no_data_bit):
                 result[iy, ix] = direct_convolve_pixels(data, kernel, box, iy + h, ix + h, square)
         if square:
             _clip_negative_variance(result, data, k)
-
-    support = np.any(Q != 0, axis=0)
-    _footprint_or_into(mask, support, mask_out[inner])
     return image_out, var_out, mask_out
+
+
+def _run_jobs(jobs, correlators):
+    """Run ``fn(index, arg)`` for every job on ``GPUMATCH_THREADS`` threads;
+    returns each correlator's count of float32 tiles.
+
+    Each job writes its own rows whole, in a fixed order, so the results do
+    not depend on the number of threads."""
+    threads = _workers()
+    workers = min(threads, len(jobs))
+    # Fewer jobs than threads (small planes): the spare threads go to each
+    # transform (pocketfft splits lines, so the bits stay the same).
+    for corr in correlators:
+        corr.fft_workers = max(1, threads // max(1, workers))
+    if workers <= 1:
+        done = [fn(i, arg) for fn, i, arg in jobs]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            done = list(pool.map(lambda job: job[0](job[1], job[2]), jobs))
+    counts = []
+    for corr in correlators:
+        counts.append(sum(n for (fn, _, _), n in zip(jobs, done)
+                          if getattr(fn, "__self__", None) is corr))
+    return counts
 
 
 def apply_kernel(exposure, kernel, psf=None, backend="numpy"):

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import math
+import threading
 import weakref
 
 import numpy as np
@@ -36,7 +37,7 @@ import numpy as np
 log = logging.getLogger("gpumatch")
 
 __all__ = ["CARDS", "NOISE_CARDS", "REFPSF", "NOISECORR", "file_sha256", "image_sha256",
-           "record_match", "read_output_record"]
+           "record_match", "read_output_record", "start_input_checksum"]
 
 #: Primary-header cards of the provenance, and the ``provenance`` key each holds.
 #: Long values (the configuration as JSON, descriptions) continue over FITS
@@ -133,13 +134,52 @@ def _checksum_value(value):
     return value
 
 
+class _BackgroundImageChecksum:
+    """The checksum of a host image, hashed on a second thread while the match
+    runs (hashlib releases the GIL), so the ~11 ms per 16 MB leave the
+    critical path; :meth:`value` waits for it."""
+
+    def __init__(self, image):
+        self._image, self._value = image, None
+        self._thread = threading.Thread(target=self._hash, name="gpumatch-checksum",
+                                        daemon=True)
+        self._thread.start()
+
+    def _hash(self):
+        try:
+            self._value = image_sha256(self._image)
+        except Exception:  # noqa: BLE001 - value() hashes again and raises there
+            pass
+
+    def value(self):
+        self._thread.join()
+        if self._value is None and self._image is not None:
+            self._value = image_sha256(self._image)
+        self._image = None
+        return self._value
+
+
+def start_input_checksum(exposure):
+    """What :func:`record_match` records of the input, with the checksum of a
+    host image already being taken: ``(path, checksum, of)``, where
+    ``checksum`` may be an object whose ``value()`` gives it."""
+    source = getattr(exposure, "source", None)
+    if source is None and _on_host(exposure.image):
+        return None, _BackgroundImageChecksum(exposure.image), "image"
+    return _input_checksum(exposure)
+
+
+def _on_host(image):
+    from .backend import array_namespace
+
+    return array_namespace(image) is np
+
+
 def _input_checksum(exposure):
     source = getattr(exposure, "source", None)
     if source is not None:
         return source.get("path"), source.get("sha256"), "file"
-    from .backend import array_namespace
-
-    if array_namespace(exposure.image) is np:  # on the host: cheap, taken now
+    if _on_host(exposure.image):  # on the host: cheap, taken now
         return None, image_sha256(exposure.image), "image"
     try:
         return None, _LazyImageChecksum(exposure.image), "image"
@@ -150,7 +190,7 @@ def _input_checksum(exposure):
 # -- the record ---------------------------------------------------------------------------
 
 
-def record_match(matched, exposure, reference, kernel, config, backend):
+def record_match(matched, exposure, reference, kernel, config, backend, checksum=None):
     """Attach provenance and noise correlation to a matched exposure.
 
     Called by :class:`gpumatch.ModelPsfMatchTask` for every result.
@@ -166,11 +206,16 @@ def record_match(matched, exposure, reference, kernel, config, backend):
     kernel : SpatialKernel
     config : ModelPsfMatchConfig
     backend : str
+    checksum : tuple, optional
+        :func:`start_input_checksum` of ``exposure``, taken when the match
+        began (default: taken now).
     """
     from . import __version__
     from .psf.parse import psf_description
 
-    path, checksum, of = _input_checksum(exposure)
+    path, checksum, of = _input_checksum(exposure) if checksum is None else checksum
+    if isinstance(checksum, _BackgroundImageChecksum):
+        checksum = checksum.value()
     matched.provenance = {
         "version": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -31,7 +31,7 @@ from .cellset import build_cell_set
 from .errors import MissingPsfError, PsfEvaluationError
 from .kernel import SpatialKernel
 from .moments import SIGMA_TO_FWHM
-from .provenance import record_match
+from .provenance import record_match, start_input_checksum
 from .quality import candidate_residuals
 from .spatial import SpatialFunctions
 from .spatial_solve import assemble_spatial_system
@@ -87,6 +87,7 @@ class MatchState:
     choice: object = None
     basis: object = None
     basis_factors: object = None
+    input_checksum: object = None
     cell_set: object = None
     reference: object = None
     sf: object = None
@@ -244,6 +245,8 @@ def prepare(task, state, basis_for=alard_lupton_basis):
     is built). ``state.reference`` is the reference the cell set used.
     """
     backend, config = task.array_backend, task.config
+    # Hashed on a second thread while the stages run; recorded at the end.
+    state.input_checksum = start_input_checksum(state.exposure)
     with timed(state, "cellSet", backend):
         state.kernel_sum = check_inputs(config, state.exposure, state.reference_model,
                                         state.kernel_sum)
@@ -408,7 +411,7 @@ def complete(task, state):
     judge(md, task.config, solution, matched.image)
     task.metadata = md
     record_match(matched, state.exposure, cell_set.reference_given, kernel, task.config,
-                 task.backend)
+                 task.backend, state.input_checksum)
     _log_solution(task.config, md, sf.n_terms)
     return ModelPsfMatchResult(matched, kernel, cell_set, state.reference, md)
 

@@ -286,9 +286,8 @@ class _Correlator:
         temporaries cost page faults, which serialise the threads)."""
         bufs = getattr(self._local, "bufs", None)
         if bufs is None:
-            b, ntx = self.b, self.ntx
-            bufs = self._local.bufs = {"acc": np.empty((b, ntx, b)),
-                                       "tmp": np.empty((b, _GROUP, b))}
+            b = self.b
+            bufs = self._local.bufs = {"tmp": np.empty((b, _GROUP, b))}
         return bufs
 
     def _typed_buffers(self, bufs, dtype):
@@ -336,27 +335,17 @@ class _Correlator:
         # The float32 error bound, relative to the smallest |value| of the tile.
         amp = self.l1 / np.abs(norm).min()
         use32 = _F32_ERROR * amp * spread <= F32_TARGET * floor
-        # Output rows of the band, tile by tile: acc[row, tile, column].
-        acc = bufs["acc"][:nrow]
         for dtype, sel in ((np.float32, use32), (np.float64, ~use32)):
             idx = np.flatnonzero(sel)
-            # A few tiles at a time: their transforms, products and sums stay in
-            # the core's cache (a whole band of them does not).
+            # A few tiles at a time: their transforms, products, sums and
+            # normalisation stay in the core's cache (a whole band's do not).
             for i in range(0, idx.size, _GROUP):
-                self._tiles(block, idx[i:i + _GROUP], r0, nrow, dtype, acc, bufs)
-        res = acc.reshape(nrow, ntx * b)[:, :self.ox]
-        if self.power == 1:
-            # The image's offset comes back whole: c0 sum(K) / sum(K) = c0.
-            res /= norm
-            np.add(res, self.offset, out=out[rows], casting="same_kind")
-        else:
-            if self.offset:
-                res += self.offset * (self.Ypow[rows] @ self.S_num @ self.Xpow.T)
-            np.divide(res, norm, out=out[rows], casting="same_kind")
+                self._tiles(block, idx[i:i + _GROUP], rows, dtype, norm, out, bufs)
         return int(use32.sum())
 
-    def _tiles(self, block, idx, r0, nrow, dtype, acc, bufs):
-        """The outputs of tiles ``idx`` of one band (``acc[:, idx]``) in precision ``dtype``.
+    def _tiles(self, block, idx, rows, dtype, norm, out, bufs):
+        """The outputs of tiles ``idx`` of one band in precision ``dtype``, written
+        to ``out[rows]``; ``norm`` is the band's ``sum(K)^power``.
 
         ``block`` holds the band's input rows; each tile is its ``t x t``
         window minus the offset (computed in float64, exact for float32
@@ -364,14 +353,15 @@ class _Correlator:
         fft, t, b, h = self.fft, self.t, self.b, self.h
         n = idx.size
         part, weighted, prod, cprod = (x[:n] for x in self._typed_buffers(bufs, dtype))
-        rows, nx = block.shape
+        r0, nrow = rows.start, rows.stop - rows.start
+        ny_in, nx = block.shape
         for j, i in enumerate(idx):
             c0 = i * b
             cols = min(nx, c0 + t) - c0
-            np.subtract(block[:, c0:c0 + cols], self.offset, out=part[j, :rows, :cols],
+            np.subtract(block[:, c0:c0 + cols], self.offset, out=part[j, :ny_in, :cols],
                         dtype=np.float64, casting="same_kind")
-            part[j, rows:] = 0
-            part[j, :rows, cols:] = 0
+            part[j, ny_in:] = 0
+            part[j, :ny_in, cols:] = 0
         F = [fft.rfft2(part, workers=self.fft_workers)]
         yin = self.yin[r0:r0 + t, None].astype(dtype)
         ypow = yin
@@ -381,8 +371,7 @@ class _Correlator:
             if p + 1 < self.P:
                 ypow = ypow * yin
         spec = self.spec[dtype]
-        contiguous = idx[-1] - idx[0] == n - 1
-        sub = acc[:, idx[0]:idx[-1] + 1] if contiguous else bufs["tmp"][:nrow, :n]
+        sub = bufs["tmp"][:nrow, :n]  # [row, tile, column]
         xt = self.xt1[:, idx]
         # Horner in X: highest power first, sub = sub * X + term.
         prev = self.alist[-1]
@@ -407,8 +396,18 @@ class _Correlator:
             prev = a
         if prev:
             sub *= xt ** prev
-        if not contiguous:
-            acc[:, idx] = sub
+        for j, i in enumerate(idx):
+            c0 = i * b
+            c1 = min(self.ox, c0 + b)
+            res = sub[:, j, :c1 - c0]
+            if self.power == 1:
+                # The image's offset comes back whole: c0 sum(K) / sum(K) = c0.
+                res /= norm[:, c0:c1]
+                np.add(res, self.offset, out=out[rows, c0:c1], casting="same_kind")
+            else:
+                if self.offset:
+                    res += self.offset * (self.Ypow[rows] @ self.S_num @ self.Xpow[c0:c1].T)
+                np.divide(res, norm[:, c0:c1], out=out[rows, c0:c1], casting="same_kind")
 
 
 def _typical_magnitude(data):

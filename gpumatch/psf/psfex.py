@@ -315,10 +315,7 @@ class PsfexPsf(Psf):
     def coefficients(self, xs: ArrayLike, ys: ArrayLike) -> NDArray[np.float64]:
         """Polynomial terms of the model at parent positions.
 
-        Parameters
-        ----------
-        xs, ys : array_like (n,)
-            Parent positions in pixels.
+        {positions}
 
         Returns
         -------
@@ -340,10 +337,7 @@ class PsfexPsf(Psf):
     def sampled_images(self, xs: ArrayLike, ys: ArrayLike) -> NDArray[np.float64]:
         """The model on its own sample grid (no resampling).
 
-        Parameters
-        ----------
-        xs, ys : array_like (n,)
-            Parent positions in pixels.
+        {positions}
 
         Returns
         -------
@@ -413,10 +407,7 @@ class PsfexPsf(Psf):
     def compute_images(self, xs: ArrayLike, ys: ArrayLike) -> tuple:
         """Render stamps with the PSF centred at the exact (sub-pixel) positions.
 
-        Parameters
-        ----------
-        xs, ys : array_like (n,)
-            Parent positions in pixels.
+        {positions}
 
         Returns
         -------
@@ -446,10 +437,7 @@ class PsfexPsf(Psf):
     def compute_image(self, x: float, y: float) -> PsfStamp:
         """The PSF centred at parent ``(x, y)`` on the exposure's pixel grid.
 
-        Parameters
-        ----------
-        x, y : float
-            Parent position in pixels.
+        {position}
 
         Returns
         -------

@@ -12,7 +12,8 @@ from ..backend import array_namespace
 from ..errors import InputWarning, warn
 from ..moments import SIGMA_TO_FWHM, adaptive_moments, determinant_radius
 
-__all__ = ["Psf", "FixedSizePsf", "ResizedPsf", "pad_or_crop", "centred_on", "odd_stamp_size"]
+__all__ = ["Psf", "FixedSizePsf", "SquareStampPsf", "ResizedPsf", "pad_or_crop", "centred_on",
+           "odd_stamp_size"]
 
 
 def pad_or_crop(stamp, width, height):
@@ -269,6 +270,39 @@ class FixedSizePsf(Psf):
     def __repr__(self):
         params = ", ".join(f"{k}={v}" for k, v in self._parameters().items())
         return f"{type(self).__name__}({self.width}, {self.height}, {params})"
+
+
+class SquareStampPsf(Psf):
+    """Base of models drawn into square stamps of a size they are given (PSFEx, GalSim, Piff).
+
+    A subclass keeps the odd stamp size in ``self.size`` (pixels) and
+    implements :meth:`_with_size`; this class gives :meth:`dimensions` and
+    :meth:`resized`.
+    """
+
+    def _with_size(self, size):
+        """The same model drawn into ``size x size`` stamps."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _with_size(size)")
+
+    def dimensions(self, x: float | None = None, y: float | None = None) -> tuple[int, int]:
+        return self.size, self.size
+
+    def resized(self, width: int, height: int) -> Psf:
+        """Re-render the model into ``width x height`` stamps (square only).
+
+        Parameters
+        ----------
+        width, height : int
+            Odd stamp size in pixels; a non-square size is padded/cropped instead.
+
+        Returns
+        -------
+        Psf
+            The resized model.
+        """
+        if width != height:
+            return super().resized(width, height)
+        return self._with_size(width)
 
 
 class ResizedPsf(Psf):

@@ -1,11 +1,13 @@
 """Docstring sections that many public methods share, written once.
 
 Positions (parent pixel coordinates) are documented the same way by the PSF
-models, the spatial kernel and :class:`~gpumatch.Box`. A docstring names one
-of the :data:`SECTIONS` by a line holding only ``{name}``; :func:`fill_docstrings`
-replaces that line with the section, indented as the line was, when the class
-or function is defined, so :func:`help`, Sphinx and numpydoc read the complete
-text. This module imports nothing from gpumatch, so any module may use it.
+models and the spatial kernel. A docstring names one of the :data:`SECTIONS`
+by a line holding only ``{name}``; :func:`fill_docstrings` replaces that line
+with the section, indented as the line was, when the class or function is
+defined, so :func:`help`, Sphinx and numpydoc read the complete text
+(:class:`~gpumatch.psf.Psf` fills its subclasses' docstrings itself). This
+module imports nothing from gpumatch, so any module above
+:mod:`gpumatch.pixels` (which imports no other module) may use it.
 """
 
 from __future__ import annotations

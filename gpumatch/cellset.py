@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from .backend import array_namespace, to_numpy
 from .backends import backend_for_namespace
 from .errors import ConfigError, InsufficientAreaError, KernelTooLargeError, PsfEvaluationError
+from .pixels import Box
 from .psf.base import Psf, pad_or_crop
 
 log = logging.getLogger("gpumatch")
@@ -157,6 +160,7 @@ class KernelCandidate:
         return f"KernelCandidate(#{self.index}, x={self.x:.1f}, y={self.y:.1f}, {self.status})"
 
 
+@dataclass(eq=False)
 class KernelCellSet:
     """The grid of cells over region ``R`` and one candidate per cell.
 
@@ -175,23 +179,33 @@ class KernelCellSet:
         ``"GOOD"`` once a candidate is used by the fit (all are, for model PSFs).
     """
 
-    def __init__(self, region, size_cell_x, size_cell_y, xs, ys, templates, targets,
-                 psf_size, pad):
-        self.region = region
-        self.size_cell_x = size_cell_x
-        self.size_cell_y = size_cell_y
-        self.n_cells_x = region.width // size_cell_x
-        self.n_cells_y = region.height // size_cell_y
-        self.xs = xs
-        self.ys = ys
-        self.templates = templates
-        self.targets = targets
-        self.psf_size = psf_size
-        self.pad = pad
-        self.status = ["UNKNOWN"] * len(xs)
-        self.kernel_solutions = None
-        self.normal_matrices = None
-        self.normal_vectors = None
+    region: Box
+    size_cell_x: int
+    size_cell_y: int
+    xs: np.ndarray
+    ys: np.ndarray
+    templates: Any
+    targets: Any
+    psf_size: int
+    pad: int
+    status: list = field(init=False)
+    #: Filled by the per-candidate stage (docs/algorithm.md sections 6.1 and 6.2).
+    kernel_solutions: Any = field(default=None, init=False)
+    normal_matrices: Any = field(default=None, init=False)
+    normal_vectors: Any = field(default=None, init=False)
+
+    def __post_init__(self):
+        self.status = ["UNKNOWN"] * len(self.xs)
+
+    @property
+    def n_cells_x(self):
+        """Cells across the region."""
+        return self.region.width // self.size_cell_x
+
+    @property
+    def n_cells_y(self):
+        """Cells up the region."""
+        return self.region.height // self.size_cell_y
 
     def __len__(self):
         return len(self.xs)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ._docstrings import fill_docstrings
 from .basis import polynomial_exponents
 from .spatial import SpatialFunctions
 
@@ -43,6 +44,7 @@ def box_variance_factor(correlation: ArrayLike, k: int) -> float:
     return float(pairs @ rho @ pairs) / k ** 2
 
 
+@fill_docstrings
 class SpatialKernel:
     """``K(x, y) = sum_b (sum_j a_bj p_j(x, y)) B_b`` (docs/algorithm.md section 6).
 
@@ -132,10 +134,7 @@ class SpatialKernel:
     def compute_image(self, x: float, y: float, normalize: bool = False) -> NDArray[np.float64]:
         """The kernel image at parent position ``(x, y)`` (pixels).
 
-        Parameters
-        ----------
-        x, y : float
-            Parent position in pixels.
+        {position}
         normalize : bool
             Scale the image to sum 1, as applied to the image.
 
@@ -155,10 +154,7 @@ class SpatialKernel:
         matched to a Gaussian of width ``r`` (pixels) the ideal kernel gives
         ``1 / (4 pi (r^2 - t^2))``.
 
-        Parameters
-        ----------
-        x, y : float or array_like
-            Parent position(s) in pixels.
+        {position_or_positions}
 
         Returns
         -------
@@ -172,10 +168,7 @@ class SpatialKernel:
     def sum_at(self, x: ArrayLike, y: ArrayLike) -> float | NDArray[np.float64]:
         """Unnormalised kernel sum at parent position(s).
 
-        Parameters
-        ----------
-        x, y : float or array_like
-            Parent position(s) in pixels.
+        {position_or_positions}
 
         Returns
         -------
@@ -197,10 +190,7 @@ class SpatialKernel:
         ``A(0) = sum K^2`` times the input variance per pixel and none of the
         correlation: see :func:`box_variance_factor` for sums over apertures.
 
-        Parameters
-        ----------
-        x, y : float
-            Parent position in pixels.
+        {position}
 
         Returns
         -------

@@ -77,9 +77,32 @@ def _colorbar(fig, mappable, ax, **kw):
     return cb
 
 
-def _grid(n):
+def _panels(plt, n, width, height):
+    """A figure of ``n`` tickless panels, ``width x height`` inches each, in a near-square grid.
+
+    Returns ``(fig, axes)``: the ``n`` panels in reading order; the grid's spare
+    panels are hidden.
+    """
     cols = int(np.ceil(np.sqrt(n)))
-    return int(np.ceil(n / cols)), cols
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 1, height * rows), squeeze=False,
+                             constrained_layout=True)
+    axes = axes.ravel()
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes[n:]:
+        ax.axis("off")
+    return fig, axes[:n]
+
+
+def _positions(bbox, n):
+    """Parent positions (pixels) of an ``n x n`` grid spanning ``bbox``, ends included.
+
+    Returns ``(xs, ys)``, flattened row by row from the bottom row.
+    """
+    gx, gy = np.meshgrid(np.linspace(bbox.x0, bbox.x1, n), np.linspace(bbox.y0, bbox.y1, n))
+    return gx.ravel(), gy.ravel()
 
 
 def plot_cells(exposure, cell_set, residuals=None):
@@ -137,10 +160,8 @@ def plot_cells(exposure, cell_set, residuals=None):
 def plot_kernel_mosaic(kernel, bbox, n=5):
     """Normalised kernel images on an ``n x n`` grid across the exposure."""
     plt = _pyplot()
-    xs = np.linspace(bbox.x0, bbox.x1, n)
-    ys = np.linspace(bbox.y0, bbox.y1, n)
-    gx, gy = np.meshgrid(xs, ys)
-    imgs = kernel.compute_images(gx.ravel(), gy.ravel(), normalize=True)
+    xs, ys = _positions(bbox, n)
+    imgs = kernel.compute_images(xs, ys, normalize=True)
     vmax = np.abs(imgs).max()
     fig, axes = plt.subplots(n, n, figsize=(1.6 * n + 1, 1.6 * n), squeeze=False)
     for idx, ax in enumerate(axes[::-1].ravel()):
@@ -149,7 +170,7 @@ def plot_kernel_mosaic(kernel, bbox, n=5):
         im = ax.imshow(imgs[r * n + c], origin="lower", cmap="RdBu_r", vmin=-vmax, vmax=vmax)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"({gx.ravel()[r * n + c]:.0f}, {gy.ravel()[r * n + c]:.0f})", fontsize=7)
+        ax.set_title(f"({xs[r * n + c]:.0f}, {ys[r * n + c]:.0f})", fontsize=7)
     fig.colorbar(im, ax=axes, label="normalised kernel value", shrink=0.8)
     fig.suptitle(f"matching kernel across the exposure ({kernel.dimensions[0]} px, "
                  "titles: parent x, y)")
@@ -192,15 +213,8 @@ def plot_basis(kernel):
     """Every basis image of the kernel."""
     plt = _pyplot()
     basis = kernel.basis_images
-    rows, cols = _grid(len(basis))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols + 1, 2.0 * rows), squeeze=False,
-                             constrained_layout=True)
-    for i, ax in enumerate(axes.ravel()):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if i >= len(basis):
-            ax.axis("off")
-            continue
+    fig, axes = _panels(plt, len(basis), 2.3, 2.0)
+    for i, ax in enumerate(axes):
         v = np.abs(basis[i]).max()
         im = ax.imshow(basis[i], origin="lower", cmap="RdBu_r", vmin=-v, vmax=v)
         ax.set_title(f"basis {i}", fontsize=8)
@@ -212,21 +226,11 @@ def plot_basis(kernel):
 def plot_spatial_coefficients(kernel, bbox, n=64):
     """Each basis coefficient as a function of position on the exposure."""
     plt = _pyplot()
-    xs = np.linspace(bbox.x0, bbox.x1, n)
-    ys = np.linspace(bbox.y0, bbox.y1, n)
-    gx, gy = np.meshgrid(xs, ys)
-    P = kernel.spatial_functions.evaluate(gx.ravel(), gy.ravel())
+    P = kernel.spatial_functions.evaluate(*_positions(bbox, n))
     coef = (P @ kernel.spatial_coefficients.T).T.reshape(-1, n, n)
-    rows, cols = _grid(len(coef))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols + 1, 2.2 * rows), squeeze=False,
-                             constrained_layout=True)
+    fig, axes = _panels(plt, len(coef), 2.9, 2.2)
     extent = (bbox.x0 - 0.5, bbox.x1 + 0.5, bbox.y0 - 0.5, bbox.y1 + 0.5)
-    for i, ax in enumerate(axes.ravel()):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if i >= len(coef):
-            ax.axis("off")
-            continue
+    for i, ax in enumerate(axes):
         lo, hi = _limits(coef[i])
         im = ax.imshow(coef[i], origin="lower", extent=extent, cmap="viridis", vmin=lo, vmax=hi)
         ax.set_title(f"basis {i}", fontsize=8)

@@ -95,9 +95,9 @@ class ModelPsfMatchTask:
         Parameters
         ----------
         exposure : Exposure
-            Must carry a PSF; not modified.
+            Its bbox sets the cells and its PSF the template stamps; not modified.
         referencePsfModel : Psf
-            The PSF to match to.
+            The PSF to match to, rendered as the target stamps.
 
         Returns
         -------

@@ -481,13 +481,10 @@ def convolve_planes_cupy(image, variance, mask, kernel, box, no_data_bit, *, tra
 
     Parameters
     ----------
-    image, variance : float arrays (ny, nx), NumPy or CuPy
-    mask : integer array (ny, nx)
-    kernel : SpatialKernel
-    box : Box
-        Parent bbox of the planes.
-    no_data_bit : int
-        Bitmask given to edge pixels.
+    image, variance, mask : arrays (ny, nx), NumPy or CuPy
+        The planes (float, float, integer), as the NumPy implementation takes them.
+    kernel, box, no_data_bit : SpatialKernel, Box, int
+        As for :func:`gpumatch.apply.convolve_planes`.
     transfer : {"staged", "pageable"}
         For NumPy planes: pipelined copies overlapped with the computation
         (default; planes already in pinned memory, see :func:`pinned_empty`,

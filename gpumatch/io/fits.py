@@ -399,6 +399,16 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty, exposure_c
         return _native(data, empty), hdul[i].header
 
     defaulted = []
+
+    def absent(name, argument, value, dtype):
+        """The constant plane ``value`` for a plane the file lacks (plain images only)."""
+        if layout != "plain":
+            raise FitsFormatError(
+                f"{p}: has an IMAGE extension but no {name} extension; add one, "
+                f"or pass {name.lower()}= ({argument}) to read it anyway")
+        defaulted.append(f"{name.lower()} = {value}")
+        return np.full(shape, value, dtype=dtype)
+
     if variance is not None:
         var = _given_plane(variance, shape, p, "variance", float_=True)
     else:
@@ -408,12 +418,7 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty, exposure_c
         if var is None and "UNCERT" in roles:
             var = _uncertainty_variance(*plane("UNCERT"), p)
         if var is None:
-            if layout != "plain":
-                raise FitsFormatError(
-                    f"{p}: has an IMAGE extension but no VARIANCE extension; add one, "
-                    "or pass variance= (an array or a constant) to read it anyway")
-            var = np.ones(shape, dtype=image.dtype)
-            defaulted.append("variance = 1")
+            var = absent("VARIANCE", "an array or a constant", 1, image.dtype)
         elif var.dtype.kind != "f":
             var = var.astype(image.dtype)
     mask_header = None
@@ -422,12 +427,7 @@ def _read_hdul(hdul, p, psf, variance, mask, mask_planes, hdu, empty, exposure_c
     else:
         msk, mask_header = plane("MASK")
         if msk is None:
-            if layout != "plain":
-                raise FitsFormatError(
-                    f"{p}: has an IMAGE extension but no MASK extension; add one, "
-                    "or pass mask= (an integer array) to read it anyway")
-            msk = np.zeros(shape, dtype=np.int32)
-            defaulted.append("mask = 0")
+            msk = absent("MASK", "an integer array", 0, np.int32)
         else:
             msk = _as_mask(msk, p, "the MASK extension")
     if defaulted:

@@ -98,8 +98,8 @@ def exposure_from_nddata(obj: Any, psf: Any = None, *, xy0: tuple[int, int] | No
     bool_mask_plane : str
         The plane a boolean mask sets where True.
     cls : type, optional
-        The class built, called as :class:`~gpumatch.Exposure` is (default
-        :class:`~gpumatch.Exposure`; :meth:`gpumatch.Exposure.from_nddata` passes its own).
+        The exposure class built, as in :func:`gpumatch.io.fits.read_exposure`
+        (:meth:`gpumatch.Exposure.from_nddata` passes its own).
 
     Returns
     -------

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import PsfEvaluationError
-from .base import Psf, centred_on
+from .base import Psf, SquareStampPsf, centred_on
 
 log = logging.getLogger("gpumatch")
 
@@ -37,7 +37,7 @@ def _normalised(arr, what, x, y):
     return arr / s
 
 
-class GalSimPsf(Psf):
+class GalSimPsf(SquareStampPsf):
     """A GalSim profile (or a position-dependent source of them) as a gpumatch PSF.
 
     Parameters
@@ -77,6 +77,9 @@ class GalSimPsf(Psf):
             raise TypeError(f"GalSimPsf needs a GalSim GSObject, an object with getPSF(), or a "
                             f"callable f(x, y) -> GSObject; got {type(model).__name__}")
 
+    def _with_size(self, size):
+        return GalSimPsf(self.model, size, self.scale, self.method, self.offset)
+
     def _profile(self, x, y):
         if self._kind == "constant":
             return self.model
@@ -101,19 +104,11 @@ class GalSimPsf(Psf):
                 np.zeros((0, self.size, self.size))
         return super().compute_kernel_images(xs, ys)
 
-    def dimensions(self, x=None, y=None):
-        return self.size, self.size
-
-    def resized(self, width, height):
-        if width != height:
-            return super().resized(width, height)
-        return GalSimPsf(self.model, width, self.scale, self.method, self.offset)
-
     def __repr__(self):
         return f"GalSimPsf({self.model!r}, size={self.size}, method={self.method!r})"
 
 
-class PiffPsf(Psf):
+class PiffPsf(SquareStampPsf):
     """A Piff PSF model.
 
     Parameters
@@ -142,6 +137,9 @@ class PiffPsf(Psf):
         self.offset = tuple(float(v) for v in offset)
         self.path = path
 
+    def _with_size(self, size):
+        return PiffPsf(self.model, size, self.chipnum, self.offset, self.path)
+
     @classmethod
     def read(cls, path: str | os.PathLike, **kwargs: Any) -> PiffPsf:
         """Read a Piff model file (imports piff).
@@ -149,7 +147,7 @@ class PiffPsf(Psf):
         Parameters
         ----------
         path : str or path-like
-            The Piff file.
+            A model file written by Piff (``piff.PSF.write``).
         **kwargs
             ``size``, ``chipnum``, ``offset``: as for :class:`PiffPsf`.
 
@@ -181,14 +179,6 @@ class PiffPsf(Psf):
         image = self.model.draw(x + self.offset[0], y + self.offset[1], **kwargs)
         arr = getattr(image, "array", image)
         return _normalised(arr, f"Piff model {self.path or self.model!r}", x, y)
-
-    def dimensions(self, x=None, y=None):
-        return self.size, self.size
-
-    def resized(self, width, height):
-        if width != height:
-            return super().resized(width, height)
-        return PiffPsf(self.model, width, self.chipnum, self.offset, self.path)
 
     def __repr__(self):
         return f"PiffPsf({self.path or type(self.model).__name__!r}, size={self.size})"

@@ -223,10 +223,7 @@ class VaryingGaussianPsf(FixedSizePsf):
         A few numbers per position: worked out on the host even when the stamps
         are made on a device (see :func:`render_gaussians`).
 
-        Parameters
-        ----------
-        xs, ys : array_like (n,)
-            Parent positions in pixels.
+        {positions}
 
         Returns
         -------

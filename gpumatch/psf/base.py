@@ -7,11 +7,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from .._docstrings import fill_docstrings
 from ..backend import array_namespace
 from ..errors import InputWarning, warn
 from ..moments import SIGMA_TO_FWHM, adaptive_moments, determinant_radius
 
-__all__ = ["Psf", "FixedSizePsf", "ResizedPsf", "pad_or_crop", "centred_on", "odd_stamp_size"]
+__all__ = ["Psf", "FixedSizePsf", "SquareStampPsf", "ResizedPsf", "pad_or_crop", "centred_on",
+           "odd_stamp_size"]
 
 
 def pad_or_crop(stamp, width, height):
@@ -67,6 +69,7 @@ def centred_on(stamp, cx, cy):
     return out
 
 
+@fill_docstrings
 class Psf:
     """Base class of PSF models.
 
@@ -94,8 +97,10 @@ class Psf:
 
     def __init_subclass__(cls, **kwargs):
         # Overrides without a docstring inherit the one they override, so the
-        # documented contract (parameters, units, returns) shows on every model.
+        # documented contract (parameters, units, returns) shows on every model;
+        # the models' own docstrings get the shared sections (gpumatch._docstrings).
         super().__init_subclass__(**kwargs)
+        fill_docstrings(cls)
         for name, value in list(vars(cls).items()):
             if name.startswith("_") or getattr(value, "__doc__", "") is not None:
                 continue
@@ -105,17 +110,15 @@ class Psf:
                 value.__doc__ = doc
 
     def compute_kernel_image(self, x: float, y: float) -> NDArray[np.float64]:
-        """The PSF at parent position ``(x, y)``, centred in an odd square stamp.
+        """The PSF at parent position ``(x, y)``, centred in a stamp of odd size.
 
-        Parameters
-        ----------
-        x, y : float
-            Parent position in pixels.
+        {position}
 
         Returns
         -------
-        ndarray (n, n)
-            Sums to 1; the centre pixel ``[n // 2, n // 2]`` holds the peak.
+        ndarray (h, w)
+            Sums to 1; the centre pixel ``[h // 2, w // 2]`` holds the peak
+            (``h`` and ``w`` odd, equal for most models).
         """
         raise NotImplementedError(
             f"{type(self).__name__} must implement compute_kernel_image(x, y)"
@@ -127,10 +130,7 @@ class Psf:
         The default calls :meth:`compute_kernel_image` per position; models
         override it to evaluate in one batch.
 
-        Parameters
-        ----------
-        xs, ys : array_like (n,)
-            Parent positions in pixels.
+        {positions}
 
         Returns
         -------
@@ -147,10 +147,7 @@ class Psf:
     def dimensions(self, x: float | None = None, y: float | None = None) -> tuple[int, int]:
         """Size of the stamp at parent position ``(x, y)``.
 
-        Parameters
-        ----------
-        x, y : float, optional
-            Parent position in pixels (default: :attr:`average_position`).
+        {position_or_average}
 
         Returns
         -------
@@ -165,10 +162,7 @@ class Psf:
                       y: float | None = None) -> tuple[float, float, float]:
         """Adaptive second moments of the PSF at parent position ``(x, y)``.
 
-        Parameters
-        ----------
-        x, y : float, optional
-            Parent position in pixels (default: :attr:`average_position`).
+        {position_or_average}
 
         Returns
         -------
@@ -182,10 +176,7 @@ class Psf:
     def determinant_radius(self, x: float | None = None, y: float | None = None) -> float:
         """Determinant radius ``(ixx iyy - ixy^2)^(1/4)`` of :meth:`compute_shape`.
 
-        Parameters
-        ----------
-        x, y : float, optional
-            Parent position in pixels (default: :attr:`average_position`).
+        {position_or_average}
 
         Returns
         -------
@@ -197,10 +188,7 @@ class Psf:
     def fwhm(self, x: float | None = None, y: float | None = None) -> float:
         """Full width at half maximum: determinant radius times ``2 sqrt(2 ln 2)``.
 
-        Parameters
-        ----------
-        x, y : float, optional
-            Parent position in pixels (default: :attr:`average_position`).
+        {position_or_average}
 
         Returns
         -------
@@ -213,7 +201,8 @@ class Psf:
         """Give this model with stamps of ``width x height`` pixels.
 
         The default zero-pads or centre-crops every stamp and warns
-        (:class:`~gpumatch.InputWarning`); analytic models re-render instead.
+        (:class:`~gpumatch.InputWarning`); analytic models re-render instead,
+        as a model of the same class and parameters.
 
         Parameters
         ----------
@@ -241,8 +230,9 @@ class FixedSizePsf(Psf):
     in its constructor, whose first two parameters are ``width, height``
     (pixels) and whose others are the names :meth:`_parameters` returns, in
     order, and implements ``compute_kernel_images(xs, ys, xp=np)``. This class
-    gives :meth:`compute_kernel_image`, :meth:`dimensions`, :meth:`resized`
-    (re-rendered, not padded) and ``repr``.
+    gives :meth:`compute_kernel_image` (one stamp of the batch),
+    :meth:`dimensions` (``width, height`` everywhere), :meth:`resized`
+    (re-rendered, not padded) and ``repr``; their docstrings are :class:`Psf`'s.
     """
 
     renders_on_device = True
@@ -269,53 +259,50 @@ class FixedSizePsf(Psf):
         raise NotImplementedError(f"{type(self).__name__} must implement compute_kernel_images")
 
     def compute_kernel_image(self, x: float, y: float) -> NDArray[np.float64]:
-        """The PSF at parent position ``(x, y)``: one stamp of :meth:`compute_kernel_images`.
-
-        Parameters
-        ----------
-        x, y : float
-            Parent position in pixels.
-
-        Returns
-        -------
-        ndarray (height, width)
-            Sums to 1, centred on the middle pixel.
-        """
         return self.compute_kernel_images([x], [y])[0]
 
     def dimensions(self, x: float | None = None, y: float | None = None) -> tuple[int, int]:
-        """Size of every stamp (the same at all positions).
-
-        Parameters
-        ----------
-        x, y : float, optional
-            Parent position in pixels (unused).
-
-        Returns
-        -------
-        tuple of int
-            ``(width, height)`` in pixels.
-        """
         return self.width, self.height
 
     def resized(self, width: int, height: int) -> FixedSizePsf:
-        """Render the same model into ``width x height`` stamps.
-
-        Parameters
-        ----------
-        width, height : int
-            Odd stamp size in pixels.
-
-        Returns
-        -------
-        FixedSizePsf
-            A model of the same class and parameters.
-        """
         return type(self)(width, height, *self._parameters().values())
 
     def __repr__(self):
         params = ", ".join(f"{k}={v}" for k, v in self._parameters().items())
         return f"{type(self).__name__}({self.width}, {self.height}, {params})"
+
+
+class SquareStampPsf(Psf):
+    """Base of models drawn into square stamps of a size they are given (PSFEx, GalSim, Piff).
+
+    A subclass keeps the odd stamp size in ``self.size`` (pixels) and
+    implements :meth:`_with_size`; this class gives :meth:`dimensions` and
+    :meth:`resized`.
+    """
+
+    def _with_size(self, size):
+        """The same model drawn into ``size x size`` stamps."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _with_size(size)")
+
+    def dimensions(self, x: float | None = None, y: float | None = None) -> tuple[int, int]:
+        return self.size, self.size
+
+    def resized(self, width: int, height: int) -> Psf:
+        """Re-render the model into ``width x height`` stamps (square only).
+
+        Parameters
+        ----------
+        width, height : int
+            Odd stamp size in pixels; a non-square size is padded/cropped instead.
+
+        Returns
+        -------
+        Psf
+            The resized model.
+        """
+        if width != height:
+            return super().resized(width, height)
+        return self._with_size(width)
 
 
 class ResizedPsf(Psf):

@@ -49,7 +49,7 @@ from .._warnings import quiet
 from ..backend import to_numpy
 from ..errors import PsfEvaluationError
 from ..limits import MAX_PSF_STAMP, MAX_PSFEX_DEGREE
-from .base import Psf
+from .base import SquareStampPsf
 
 log = logging.getLogger("gpumatch")
 
@@ -102,7 +102,7 @@ def _odd_ceil(v):
     return n if n % 2 == 1 else n + 1
 
 
-class PsfexPsf(Psf):
+class PsfexPsf(SquareStampPsf):
     """A PSFEx model evaluated at parent positions.
 
     Build it with :meth:`read`; the constructor takes the model's parts.
@@ -174,6 +174,11 @@ class PsfexPsf(Psf):
         self._centered = None
 
     # -- construction ------------------------------------------------------------
+
+    def _with_size(self, size):
+        return PsfexPsf(self.components, self.sampling, self.degree, self.polzero,
+                        self.polscal, offset=self.offset, size=size, path=self.path,
+                        header=self.header)
 
     @classmethod
     def read(cls, path, offset=None, image_xy0=None, size=None):
@@ -315,10 +320,7 @@ class PsfexPsf(Psf):
     def coefficients(self, xs: ArrayLike, ys: ArrayLike) -> NDArray[np.float64]:
         """Polynomial terms of the model at parent positions.
 
-        Parameters
-        ----------
-        xs, ys : array_like (n,)
-            Parent positions in pixels.
+        {positions}
 
         Returns
         -------
@@ -340,10 +342,7 @@ class PsfexPsf(Psf):
     def sampled_images(self, xs: ArrayLike, ys: ArrayLike) -> NDArray[np.float64]:
         """The model on its own sample grid (no resampling).
 
-        Parameters
-        ----------
-        xs, ys : array_like (n,)
-            Parent positions in pixels.
+        {positions}
 
         Returns
         -------
@@ -413,10 +412,7 @@ class PsfexPsf(Psf):
     def compute_images(self, xs: ArrayLike, ys: ArrayLike) -> tuple:
         """Render stamps with the PSF centred at the exact (sub-pixel) positions.
 
-        Parameters
-        ----------
-        xs, ys : array_like (n,)
-            Parent positions in pixels.
+        {positions}
 
         Returns
         -------
@@ -446,10 +442,7 @@ class PsfexPsf(Psf):
     def compute_image(self, x: float, y: float) -> PsfStamp:
         """The PSF centred at parent ``(x, y)`` on the exposure's pixel grid.
 
-        Parameters
-        ----------
-        x, y : float
-            Parent position in pixels.
+        {position}
 
         Returns
         -------
@@ -458,28 +451,6 @@ class PsfexPsf(Psf):
         """
         stamps, x0, y0 = self.compute_images([x], [y])
         return PsfStamp(stamps[0], int(x0[0]), int(y0[0]))
-
-    def dimensions(self, x=None, y=None):
-        return self.size, self.size
-
-    def resized(self, width: int, height: int) -> Psf:
-        """Re-render the model into ``width x height`` stamps (square only).
-
-        Parameters
-        ----------
-        width, height : int
-            Odd stamp size in pixels; a non-square size is padded/cropped instead.
-
-        Returns
-        -------
-        Psf
-            The resized model.
-        """
-        if width != height:
-            return super().resized(width, height)
-        return PsfexPsf(self.components, self.sampling, self.degree, self.polzero,
-                        self.polscal, offset=self.offset, size=width, path=self.path,
-                        header=self.header)
 
     def _name(self):
         return f"PSFEx model {self.path}" if self.path else "PSFEx model"

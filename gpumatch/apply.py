@@ -319,7 +319,7 @@ class _Correlator:
     def band(self, r, out):
         """Outputs of the band of tiles ``r`` (rows ``r b`` .. ``r b + b - 1``)
         into ``out``; returns how many of its tiles were done in float32."""
-        t, b, ntx = self.t, self.b, self.ntx
+        t, b = self.t, self.b
         ny = self.plane.shape[0]
         bufs = self._buffers()
         r0 = r * b

@@ -291,14 +291,13 @@ class _Correlator:
         return bufs
 
     def _typed_buffers(self, bufs, dtype):
-        """Tile, weighted-tile, product and partial-product arrays of one precision
-        for a group of ``_GROUP`` tiles, made on first use."""
+        """Tile, weighted row-transform, product and partial-product arrays of one
+        precision for a group of ``_GROUP`` tiles, made on first use."""
         if dtype not in bufs:
             t, g = self.t, _GROUP
             cdtype = np.complex64 if dtype == np.float32 else np.complex128
-            bufs[dtype] = (np.empty((g, t, t), dtype), np.empty((g, t, t), dtype),
-                           np.empty((g, t, t // 2 + 1), cdtype),
-                           np.empty((g, t, t // 2 + 1), cdtype))
+            bufs[dtype] = (np.empty((g, t, t), dtype),
+                           *(np.empty((g, t, t // 2 + 1), cdtype) for _ in range(3)))
         return bufs[dtype]
 
     def _tile_ranges(self, block):
@@ -333,7 +332,9 @@ class _Correlator:
         spread = np.maximum(vhi - self.offset, self.offset - vlo)
         floor = np.where(vlo > 0, vlo, np.where(vhi < 0, -vhi, 0.0))
         # The float32 error bound, relative to the smallest |value| of the tile.
-        amp = self.l1 / np.abs(norm).min()
+        lo, hi = norm.min(), norm.max()  # min |norm| without a temporary
+        least = 0.0 if lo <= 0 <= hi else min(abs(lo), abs(hi))
+        amp = self.l1 / least if least > 0 else np.inf
         use32 = _F32_ERROR * amp * spread <= F32_TARGET * floor
         for dtype, sel in ((np.float32, use32), (np.float64, ~use32)):
             idx = np.flatnonzero(sel)
@@ -362,12 +363,16 @@ class _Correlator:
                         dtype=np.float64, casting="same_kind")
             part[j, ny_in:] = 0
             part[j, :ny_in, cols:] = 0
-        F = [fft.rfft2(part, workers=self.fft_workers)]
+        # The weights Yin^p are constant along each row, so they commute with the
+        # transform along the rows: that is done once, then the weighted
+        # copies are transformed along the columns.
+        rows_ft = fft.rfft(part, axis=-1, workers=self.fft_workers)
+        F = [fft.fft(rows_ft, axis=-2, workers=self.fft_workers)]
         yin = self.yin[r0:r0 + t, None].astype(dtype)
         ypow = yin
         for p in range(1, self.P):
-            np.multiply(part, ypow, out=weighted)
-            F.append(fft.rfft2(weighted, workers=self.fft_workers))
+            np.multiply(rows_ft, ypow, out=weighted)
+            F.append(fft.fft(weighted, axis=-2, workers=self.fft_workers))
             if p + 1 < self.P:
                 ypow = ypow * yin
         spec = self.spec[dtype]

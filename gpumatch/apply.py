@@ -24,12 +24,12 @@ output whose footprint does not cover it (docs/algorithm.md section 7).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 import numpy as np
 
 from .basis import polynomial_exponents
+from .threads import host_threads, map_in_threads
 
 log = logging.getLogger("gpumatch")
 
@@ -182,21 +182,6 @@ _F32_ERROR = 4e-8
 #: this fraction of the smallest magnitude of the tile's values (so of the
 #: outputs), float64 elsewhere (tiles of mixed sign, zeros, bright sources).
 F32_TARGET = 1e-6
-
-
-def _workers():
-    """Threads for the bands of tiles: ``GPUMATCH_THREADS`` or every core.
-
-    Each band is computed whole by one thread, in a fixed order, so the
-    results do not depend on the number of threads."""
-    env = os.environ.get("GPUMATCH_THREADS", "").strip()
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            raise ValueError(f"GPUMATCH_THREADS={env!r} is not a number of threads: set it to "
-                             "a positive integer or unset it (every core)") from None
-    return os.cpu_count() or 1
 
 
 def _row_split(kernels, terms, k, hy):
@@ -649,24 +634,16 @@ def _convolve_planes(image, variance, mask, kernel, box, no_data_bit):
 
 
 def _run_jobs(jobs, correlators):
-    """Run ``fn(index, arg)`` for every job on ``GPUMATCH_THREADS`` threads;
-    returns each correlator's count of float32 tiles.
-
-    Each job writes its own rows whole, in a fixed order, so the results do
-    not depend on the number of threads."""
-    threads = _workers()
+    """Run ``fn(index, arg)`` for every job (:func:`gpumatch.threads.map_in_threads`);
+    returns each correlator's count of float32 tiles. Each job writes its own
+    rows whole."""
+    threads = host_threads()
     workers = min(threads, len(jobs))
     # Fewer jobs than threads (small planes): the spare threads go to each
     # transform (pocketfft splits lines, so the bits stay the same).
     for corr in correlators:
         corr.fft_workers = max(1, threads // max(1, workers))
-    if workers <= 1:
-        done = [fn(i, arg) for fn, i, arg in jobs]
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(workers) as pool:
-            done = list(pool.map(lambda job: job[0](job[1], job[2]), jobs))
+    done = map_in_threads(lambda job: job[0](job[1], job[2]), jobs, workers)
     counts = []
     for corr in correlators:
         counts.append(sum(n for (fn, _, _), n in zip(jobs, done)

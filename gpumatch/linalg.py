@@ -16,6 +16,7 @@ import numpy as np
 
 from .backend import array_namespace, to_numpy
 from .backends import backend_for_namespace
+from .threads import map_in_threads
 
 log = logging.getLogger("gpumatch")
 
@@ -328,6 +329,10 @@ def _pseudo_inverse_solve(M, b, xp):
     return xp.einsum("nij,nj->ni", vec, inv * proj), keep.sum(axis=-1)
 
 
+#: Systems per piece of :func:`solve_symmetric_batch` on the host.
+_HOST_CHUNK = 64
+
+
 def solve_symmetric_batch(M, b, xp=np, chunk=None):
     """Solutions ``(n, m)`` of many small systems ``M (n, m, m)``, ``b (n, m)``, by the
     rule of :func:`solve_symmetric` (no condition numbers).
@@ -342,7 +347,12 @@ def solve_symmetric_batch(M, b, xp=np, chunk=None):
     M = xp.asarray(M, dtype=xp.float64)
     b = xp.asarray(b, dtype=xp.float64)
     if not backend_for_namespace(xp).on_device:
-        return _solve_small(M, b, np)
+        # Systems are independent: on the host, chunks run on the host threads.
+        if len(M) <= _HOST_CHUNK:
+            return _solve_small(M, b, np)
+        return np.concatenate(map_in_threads(
+            lambda i: _solve_small(M[i:i + _HOST_CHUNK], b[i:i + _HOST_CHUNK], np),
+            range(0, len(M), _HOST_CHUNK)))
     chunk = DEVICE_CHUNK if chunk is None else max(1, int(chunk))
     out = xp.empty_like(b)
     for start in range(0, len(M), chunk):

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from .backends import backend_for_arrays, backend_for_namespace
+from .threads import map_in_threads
 
 __all__ = ["adaptive_moments", "determinant_radius", "shear_from_moments", "SIGMA_TO_FWHM"]
 
@@ -91,10 +92,11 @@ def adaptive_moments_batch(stamps, max_iter=100, rtol=1e-8, xp=None, device_kern
     if not backend.on_device and len(stamps) > _HOST_CHUNK:
         # Rows are independent (each one's result is that of the row alone), and
         # a chunk's temporaries stay in cache: time grows linearly with the
-        # number of stamps instead of faster.
-        return np.concatenate([
-            adaptive_moments_batch(stamps[i:i + _HOST_CHUNK], max_iter, rtol, xp, device_kernel)
-            for i in range(0, len(stamps), _HOST_CHUNK)])
+        # number of stamps instead of faster, and chunks run on the host threads.
+        return np.concatenate(map_in_threads(
+            lambda i: adaptive_moments_batch(stamps[i:i + _HOST_CHUNK], max_iter, rtol, xp,
+                                             device_kernel),
+            range(0, len(stamps), _HOST_CHUNK)))
     img = xp.asarray(stamps, dtype=xp.float64)
     n, ny, nx = img.shape
     x = xp.arange(nx, dtype=xp.float64)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import numpy as np
 
 from .linalg import solve_symmetric_batch
+from .threads import map_in_threads
 
 __all__ = ["candidate_design_matrices", "candidate_normal_equations", "solve_candidates",
            "good_region"]
 
-#: Candidates processed per chunk, bounding the memory of the patch matrices.
-_CHUNK = 128
+#: Candidates processed per chunk, bounding the memory of the patch matrices
+#: (and the pieces shared out to the host threads).
+_CHUNK = 64
 
 
 def good_region(psf_size, kernel_size):
@@ -143,7 +145,8 @@ def candidate_normal_equations(templates, targets, basis, variance=2.0, xp=np, f
     M = xp.empty((n, nb, nb), dtype=xp.float64)
     b = xp.empty((n, nb), dtype=xp.float64)
     w = 1.0 / variance
-    for start in range(0, n, _CHUNK):
+
+    def chunk(start):
         stop = min(n, start + _CHUNK)
         C = candidate_design_matrices(templates[start:stop], basis, xp, factors)
         s = xp.ascontiguousarray(targets[start:stop, good, good], dtype=xp.float64)
@@ -151,6 +154,14 @@ def candidate_normal_equations(templates, targets, basis, variance=2.0, xp=np, f
         Ct = C.transpose(0, 2, 1)
         M[start:stop] = (Ct @ C) * w
         b[start:stop] = (Ct @ s)[..., 0] * w
+
+    # Candidates are independent: on the host, chunks run on the host threads.
+    starts = range(0, n, _CHUNK)
+    if xp is np:
+        map_in_threads(chunk, starts)
+    else:
+        for start in starts:
+            chunk(start)
     return M, b
 
 

@@ -8,6 +8,7 @@ from .backend import array_namespace, to_numpy
 from .backends import backend_for_namespace
 from .moments import SIGMA_TO_FWHM, adaptive_moments_batch
 from .normal_equations import good_region
+from .threads import host_threads
 
 __all__ = ["candidate_residuals", "matched_psf_stamps"]
 
@@ -20,14 +21,19 @@ def _correlate_each(stamps, kernels, xp=np):
     """
     import scipy.fft  # not at import time: `import gpumatch` stays light
 
-    fft = backend_for_namespace(xp).fft
+    backend = backend_for_namespace(xp)
+    fft = backend.fft
+    # On the host the stamps' transforms are shared out to the host threads
+    # (independent lines: the same bits for any number).
+    kw = {} if backend.on_device else {"workers": host_threads()}
     n, size, _ = stamps.shape
     k = kernels.shape[1]
     h = k // 2
     shape = (scipy.fft.next_fast_len(size + k - 1),) * 2
     # Correlation is convolution with the flipped kernel; the linear
     # convolution index t maps to output pixel t - h.
-    conv = fft.irfft2(fft.rfft2(stamps, shape) * fft.rfft2(kernels[:, ::-1, ::-1], shape), shape)
+    conv = fft.irfft2(fft.rfft2(stamps, shape, **kw) * fft.rfft2(kernels[:, ::-1, ::-1], shape, **kw),
+                      shape, **kw)
     return conv[:, h:h + size, h:h + size]
 
 

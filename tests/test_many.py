@@ -84,7 +84,7 @@ def test_equals_run_exactly_mixed_sizes(batch_size):
 
 
 def test_candidates_of_several_exposures_cross_chunk_boundaries():
-    # 4 x 42 candidates > the 128-candidate chunk of the normal equations.
+    # 4 x 42 candidates > the 64-candidate chunk of the normal equations.
     cfg = small_config()
     exposures = [small_exposure(seed=s) for s in range(4)]
     want = serial(exposures, cfg, kernel_sum=0.8)

@@ -38,7 +38,7 @@ __all__ = ["apply_kernel", "start_apply_kernel", "PendingExposure", "convolve_pl
            "out_of_range", "RANGE_FACTOR"]
 
 #: Tiles transformed together: a group's arrays stay in a core's cache.
-_GROUP = 2
+_GROUP = 4
 
 _FAST_TILES = (64, 96, 128, 160, 192, 256, 320, 384, 512)
 
@@ -334,18 +334,21 @@ class _Correlator:
         to ``out[rows]``; ``norm`` is the band's ``sum(K)^power``.
 
         ``block`` holds the band's input rows; each tile is its ``t x t``
-        window minus the offset (computed in float64, exact for float32
-        inputs once the offset is a float32 value), zero beyond the plane."""
+        window minus the offset (a value of the plane's type), zero beyond
+        the plane."""
         fft, t, b, h = self.fft, self.t, self.b, self.h
         n = idx.size
         part, weighted, prod, cprod = (x[:n] for x in self._typed_buffers(bufs, dtype))
         r0, nrow = rows.start, rows.stop - rows.start
         ny_in, nx = block.shape
+        # x - offset of two float32 values is exact in float64, so its float32
+        # rounding is the float32 subtraction's: float32 inputs need no float64 pass.
+        sub_dtype = np.float32 if block.dtype == np.float32 else np.float64
         for j, i in enumerate(idx):
             c0 = i * b
             cols = min(nx, c0 + t) - c0
             np.subtract(block[:, c0:c0 + cols], self.offset, out=part[j, :ny_in, :cols],
-                        dtype=np.float64, casting="same_kind")
+                        dtype=sub_dtype, casting="same_kind")
             part[j, ny_in:] = 0
             part[j, :ny_in, cols:] = 0
         # The weights Yin^p are constant along each row, so they commute with the

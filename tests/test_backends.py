@@ -250,3 +250,21 @@ def test_readers_build_the_class_they_are_given(tmp_path):
     assert type(kernel) is gm.SpatialKernel and type(tagged_kernel) is TaggedKernel
     assert np.array_equal(kernel.basis_images, tagged_kernel.basis_images)
     assert np.array_equal(kernel.spatial_coefficients, tagged_kernel.spatial_coefficients)
+
+
+def test_whole_runs_do_not_depend_on_the_number_of_host_threads(monkeypatch):
+    # 256 candidates (four chunks of the normal equations, the solves and the
+    # moments) and several bands of tiles, on 1 and on 3 threads.
+    exposure = small_exposure(512, 512, (5, 9), seed=2)
+    exposure.variance[:] = np.linspace(90.0, 110.0, 512, dtype=np.float32)[None, :]
+    cfg = gm.ModelPsfMatchConfig(kernelSize=11, alardNGauss=2, alardSigGauss=(1.0, 2.0),
+                                 alardDegGauss=(2, 1), spatialKernelOrder=2, sizeCellX=32,
+                                 sizeCellY=32)
+    ref = gm.GaussianPsf(**bitwise_baseline.REFERENCE)
+    results = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("GPUMATCH_THREADS", threads)
+        results.append(gm.ModelPsfMatchTask(cfg, backend="numpy").run(exposure, ref,
+                                                                      on_poor_match="ignore"))
+    assert len(results[0].kernelCellSet) > 3 * 64
+    _same(results[1], results[0])

@@ -55,6 +55,18 @@ DEFAULT_MAX_KERNEL = 71
 MARGIN = 0.5
 ACCEPT = 0.8
 
+#: Axis ratio (minor over major axis of the adaptive moments) below which an
+#: ideal kernel counts as elongated, and the basis of :func:`recommend_config`'s
+#: second setting shapes it (docs/algorithm.md section 15.3).
+ELONGATED = 0.8
+
+#: Polynomial degree of the first Gaussian that shapes an elongated kernel (the
+#: second gets degree 4: two of degree 6 at widths 1.5 apart are so nearly
+#: collinear that the spatial system becomes singular to working precision),
+#: and the stamp padding used with them (the largest ``autoPadPsfTo`` allowed).
+SHAPE_DEGREE = 6
+SHAPE_PAD = 2.0
+
 
 def _within(got, max_res, max_fwhm):
     return got["residual"] <= max_res and abs(got["fwhm_ratio"] - 1) <= max_fwhm
@@ -156,6 +168,16 @@ def _radii(stamps):
     return (mom[:, 2] * mom[:, 3] - mom[:, 4] ** 2) ** 0.25
 
 
+def _axes(stamps):
+    """Major- and minor-axis widths (pixels) of each stamp's adaptive moments
+    (square roots of the eigenvalues of the second-moment matrix; NaN where the
+    moments do not converge)."""
+    mom = adaptive_moments_batch(stamps)
+    half = (mom[:, 2] + mom[:, 3]) / 2
+    split = np.hypot((mom[:, 2] - mom[:, 3]) / 2, mom[:, 4])
+    return np.sqrt(half + split), np.sqrt(np.maximum(half - split, 0.0))
+
+
 def ideal_kernel(template, target, rcond=1e-6):
     """The kernel ``K`` with ``template (*) K = target``, by Fourier division.
 
@@ -214,6 +236,15 @@ def _truncation_residuals(templates, target, kernels, sizes):
     return np.array(worst)
 
 
+def _grid_cells(area, nx, ny):
+    """Cell sizes ``(cx, cy)`` and the footprint whose cells (docs/algorithm.md
+    section 3: centres of the cells of the footprint grown by one cell) put
+    ``nx x ny`` candidates from one corner of ``area`` to the opposite one."""
+    cx = max(32, -(-(area.width - 1) // (nx - 1)))
+    cy = max(32, -(-(area.height - 1) // (ny - 1)))
+    return cx, cy, Box(area.x0 + cx // 2, area.y0 + cy // 2, (nx - 2) * cx, (ny - 2) * cy)
+
+
 def evaluate_config(config, exposure_psf, reference, bbox, grid=(5, 5)):
     """Solve the match on a coarse candidate grid and measure it (no image needed).
 
@@ -224,9 +255,10 @@ def evaluate_config(config, exposure_psf, reference, bbox, grid=(5, 5)):
     bbox : Box
         The detector area (parent pixels).
     grid : (int, int)
-        Candidates across ``bbox``, from corner to corner (>= 3 each way). The
-        cells are chosen so: a real run's candidates lie on a finer grid over
-        the same area, up to half a cell beyond it (docs/algorithm.md section 3).
+        Candidates from corner to corner (>= 3 each way) of ``bbox`` grown by
+        half a cell of ``config`` (``sizeCellX // 2``, ``sizeCellY // 2``): a
+        real run's candidates lie on a finer grid over that area, the centres
+        of the cells of ``bbox`` grown by one cell (docs/algorithm.md section 3).
 
     Returns
     -------
@@ -239,11 +271,8 @@ def evaluate_config(config, exposure_psf, reference, bbox, grid=(5, 5)):
     from .stages import StageContext, solve_exposure
 
     nx, ny = (max(3, int(g)) for g in grid)
-    # Candidates sit at x0 + cell * i (docs/algorithm.md section 3: centres of the
-    # cells of the box grown by one cell), so this footprint puts the first at
-    # the box's corner and the last at the opposite one.
-    cx_, cy_ = max(32, -(-(bbox.width - 1) // (nx - 1))), max(32, -(-(bbox.height - 1) // (ny - 1)))
-    footprint = Box(bbox.x0 + cx_ // 2, bbox.y0 + cy_ // 2, (nx - 2) * cx_, (ny - 2) * cy_)
+    area = bbox.grown(config.sizeCellX // 2, config.sizeCellY // 2)
+    cx_, cy_, footprint = _grid_cells(area, nx, ny)
     cfg = config.copy(sizeCellX=cx_, sizeCellY=cy_)
     state = solve_exposure(StageContext.on(cfg, "numpy"), _Footprint(footprint, exposure_psf),
                            reference, 1.0)
@@ -278,6 +307,18 @@ def _widths(core, outer, max_ratio=2.5):
         return (core,)
     n = int(math.ceil(math.log(outer / core) / math.log(max_ratio)))
     return tuple(core * (outer / core) ** (i / n) for i in range(n + 1))
+
+
+def _zero_sum_degrees(size, sigmas, degrees):
+    """``degrees``, or the same capped at 4, or all 2: the first whose basis in a
+    ``size``-pixel kernel has no image with a sum after image 0 (a high-degree
+    term of a narrow Gaussian in a large kernel keeps one, and the fit's a0 then
+    no longer carries the kernel sum, see :func:`gpumatch.basis.bases_with_a_sum`)."""
+    sigmas = tuple(round(s, 3) for s in sigmas)
+    for option in (tuple(degrees), tuple(min(d, 4) for d in degrees), (2,) * len(degrees)):
+        if not bases_with_a_sum(alard_lupton_basis(size, sigmas, option)):
+            return option
+    return (2,) * len(degrees)
 
 
 def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
@@ -328,19 +369,23 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
     core = max(0.7, float(_radii(pad_or_crop(ideals[wide], m, m)[None])[0]))
     outer = max(core, size / 6.0)
     sigmas = _widths(core, outer)
+    degrees = (2,) * len(sigmas)
+    pad = order = None  # the configuration's autoPadPsfTo and spatialKernelOrder
+    # An elongated ideal kernel (an elliptical exposure PSF matched to a round
+    # reference) is narrow along one axis only: isotropic Gaussians of low degree
+    # cannot follow it, narrow ones fit a checkerboard; a Gaussian as wide as its
+    # long axis times a polynomial of high degree narrows it along the short one.
+    major, minor = _axes(pad_or_crop(ideals, m, m))
+    elongated = bool(np.nanmin(minor / major) < ELONGATED)
+    long_axis = float(np.nanmax(major)) if elongated else math.nan
     tried = []
     best, candidates = None, []
     for attempt in range(4):
         fields = {"kernelSize": size, "alardNGauss": len(sigmas),
                   "alardSigGauss": tuple(round(s, 3) for s in sigmas),
-                  "alardDegGauss": (2,) * len(sigmas)}
-        if attempt >= 1:
-            fields["alardDegGauss"] = (4,) + (2,) * (len(sigmas) - 1)
-        if attempt >= 1 and bases_with_a_sum(alard_lupton_basis(
-                size, fields["alardSigGauss"], fields["alardDegGauss"])):
-            # Degree 4 on this narrow width in this kernel leaves basis images
-            # with a sum: the fit's a0 no longer carries the kernel sum.
-            fields["alardDegGauss"] = (2,) * len(sigmas)
+                  "alardDegGauss": _zero_sum_degrees(size, sigmas, degrees)}
+        if pad is not None:
+            fields.update(autoPadPsfTo=pad, spatialKernelOrder=order)
         fields.update(overrides)
         fields.setdefault("kernelSizeMax", max(k_max, int(fields["kernelSize"])))
         cfg = cls(**fields)
@@ -350,9 +395,10 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
             log.debug("recommend: %s failed: %s", fields, exc)
             got = {"residual": math.inf, "fwhm_ratio": math.nan,
                    "noise_variance_gain": math.nan}
-        tried.append({**{k: fields[k] for k in ("kernelSize", "alardSigGauss", "alardDegGauss")},
-                      **got})
-        log.debug("recommend: tried %s -> %s", tried[-1], got)
+        tried.append({"kernelSize": cfg.kernelSize, "alardSigGauss": cfg.alardSigGauss,
+                      "alardDegGauss": cfg.alardDegGauss, "autoPadPsfTo": cfg.autoPadPsfTo,
+                      "spatialKernelOrder": cfg.spatialKernelOrder, **got})
+        log.debug("recommend: tried %s", tried[-1])
         candidates.append((cfg, got))
         ok = _within(got, MARGIN * max_res, MARGIN * max_fwhm) or (
             attempt > 0 and _within(got, ACCEPT * max_res, ACCEPT * max_fwhm))
@@ -360,12 +406,28 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
             best = (cfg, got)
         if ok or (attempt > 0 and size == k_max and fields["kernelSize"] == k_max):
             break
-        # Escalate: a narrower first width (degree 4 on it) for structure finer
-        # than the core, then a larger kernel.
+        if attempt == 0 and elongated:
+            # Shape the elongated kernel (see above). Stamps padded to twice the
+            # kernel, so that every kernel pixel is seen through the exposure
+            # PSF's core: with the default padding the fit's good region is
+            # narrower than the kernel and its wings are left to the PSF's
+            # faint edge. One more spatial order: the kernel's short axis,
+            # sqrt(r^2 - a^2) for a PSF long axis a close to the reference's r,
+            # changes much faster across the detector than the PSF itself
+            # (docs/algorithm.md section 15.3).
+            shaped = (long_axis, 1.5 * long_axis)
+            sigmas = shaped + (_widths(shaped[1], outer)[1:] if outer > 1.25 * shaped[1] else ())
+            degrees = (SHAPE_DEGREE, 4) + (2,) * (len(sigmas) - 2)
+            pad, order = SHAPE_PAD, base.spatialKernelOrder + 1
+            continue
+        # Escalate: a narrower first width for structure finer than the core,
+        # then a larger kernel; degree 4 on the first width from now on.
         if attempt == 0 and core / 2 >= 0.7:
             sigmas = (core / 2,) + tuple(sigmas)
         else:
             size = min(k_max, _odd(size * 1.25 + 1))
+        if attempt == 0:
+            degrees = (4,) + (2,) * (len(sigmas) - 1)
     # The first (smallest, least noisy) setting within ACCEPT of the targets, else
     # the one with the smallest residual.
     cfg, got = next((c for c in candidates if _within(c[1], ACCEPT * max_res, ACCEPT * max_fwhm)),

@@ -16,13 +16,19 @@ over the detector and the reference PSF, works out the ideal matching kernel
 
 It then solves the match on a coarse 5 x 5 grid of candidates (no image needed,
 :func:`evaluate_config`) and, while the worst residual or FWHM error is above
-half the target, adds a narrower Gaussian of degree 4 and then grows the kernel,
-up to ``kernelSizeMax`` (:data:`DEFAULT_MAX_KERNEL` unless given). The first
-setting within 80% of the targets is taken, else the best one. What it expects
-is kept in :class:`Recommendation` (``config.recommendation``); when no setting
-reaches the target, a :class:`PoorMatchWarning` says so with the residual it
-expects. The stamp padding stays ``autoPadPsfTo = 1.4`` (padding to 2.0 gained
-little at several times the cost, see benchmarks/RESULTS.md).
+half the target, escalates: where the ideal kernels are elongated (an
+elliptical exposure PSF matched to a round reference), it shapes them with a
+Gaussian as wide as their long axis of degree 6 and one 1.5 times wider of
+degree 4, on stamps padded so that the fit's good region holds the reference
+out to five of its widths, and with one more spatial order; otherwise it adds
+a narrower Gaussian of degree 4.
+Then it grows the kernel, up to ``kernelSizeMax`` (:data:`DEFAULT_MAX_KERNEL`
+unless given). The first setting within 80% of the targets is taken, else the
+best one. What it expects is kept in :class:`Recommendation`
+(``config.recommendation``); when no setting reaches the target, a
+:class:`PoorMatchWarning` says so with the residual it expects. Other settings
+keep ``autoPadPsfTo = 1.4`` (padding to 2.0 gained little there at several
+times the cost, see benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -63,9 +69,10 @@ ELONGATED = 0.8
 #: Polynomial degree of the first Gaussian that shapes an elongated kernel (the
 #: second gets degree 4: two of degree 6 at widths 1.5 apart are so nearly
 #: collinear that the spatial system becomes singular to working precision),
-#: and the stamp padding used with them (the largest ``autoPadPsfTo`` allowed).
+#: and the reference's extent, in its widths from the centre, that the fit's
+#: good region covers with them (see :func:`_pad_for`).
 SHAPE_DEGREE = 6
-SHAPE_PAD = 2.0
+SHAPE_GOOD_WIDTHS = 5.0
 
 
 def _within(got, max_res, max_fwhm):
@@ -309,6 +316,14 @@ def _widths(core, outer, max_ratio=2.5):
     return tuple(core * (outer / core) ** (i / n) for i in range(n + 1))
 
 
+def _pad_for(size, good):
+    """The smallest ``autoPadPsfTo`` (at least 1.4, LSST's, and at most 2.0, the
+    largest allowed; two decimals) whose stamps give a ``size``-pixel kernel a
+    good region (docs/algorithm.md section 6) at least ``good`` pixels wide."""
+    pad = math.ceil(100 * (size - 1 + good) / size) / 100
+    return min(2.0, max(1.4, pad))
+
+
 def _zero_sum_degrees(size, sigmas, degrees):
     """``degrees``, or the same capped at 4, or all 2: the first whose basis in a
     ``size``-pixel kernel has no image with a sum after image 0 (a high-degree
@@ -370,12 +385,13 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
     outer = max(core, size / 6.0)
     sigmas = _widths(core, outer)
     degrees = (2,) * len(sigmas)
-    pad = order = None  # the configuration's autoPadPsfTo and spatialKernelOrder
+    order = None  # the configuration's spatialKernelOrder, until a shaping setting
     # An elongated ideal kernel (an elliptical exposure PSF matched to a round
     # reference) is narrow along one axis only: isotropic Gaussians of low degree
     # cannot follow it, narrow ones fit a checkerboard; a Gaussian as wide as its
     # long axis times a polynomial of high degree narrows it along the short one.
     major, minor = _axes(pad_or_crop(ideals, m, m))
+    good_min = 2 * math.ceil(SHAPE_GOOD_WIDTHS * r_sigma) + 1
     elongated = bool(np.nanmin(minor / major) < ELONGATED)
     long_axis = float(np.nanmax(major)) if elongated else math.nan
     tried = []
@@ -384,8 +400,8 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
         fields = {"kernelSize": size, "alardNGauss": len(sigmas),
                   "alardSigGauss": tuple(round(s, 3) for s in sigmas),
                   "alardDegGauss": _zero_sum_degrees(size, sigmas, degrees)}
-        if pad is not None:
-            fields.update(autoPadPsfTo=pad, spatialKernelOrder=order)
+        if order is not None:
+            fields.update(autoPadPsfTo=_pad_for(size, good_min), spatialKernelOrder=order)
         fields.update(overrides)
         fields.setdefault("kernelSizeMax", max(k_max, int(fields["kernelSize"])))
         cfg = cls(**fields)
@@ -407,18 +423,20 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
         if ok or (attempt > 0 and size == k_max and fields["kernelSize"] == k_max):
             break
         if attempt == 0 and elongated:
-            # Shape the elongated kernel (see above). Stamps padded to twice the
-            # kernel, so that every kernel pixel is seen through the exposure
-            # PSF's core: with the default padding the fit's good region is
-            # narrower than the kernel and its wings are left to the PSF's
-            # faint edge. One more spatial order: the kernel's short axis,
+            # Shape the elongated kernel (see above), on stamps padded so that
+            # the fit's good region holds the reference out to five of its
+            # widths: there the fit pins the matched PSF's flux, so its a0 is
+            # the kernel sum; on a narrower region the polynomial's wings put
+            # flux outside it, and replacing a0 by the kernel sum distorts the
+            # kernel (37% with a 15-pixel good region on DES, 0.7% with 27).
+            # One more spatial order: the kernel's short axis,
             # sqrt(r^2 - a^2) for a PSF long axis a close to the reference's r,
             # changes much faster across the detector than the PSF itself
             # (docs/algorithm.md section 15.3).
             shaped = (long_axis, 1.5 * long_axis)
             sigmas = shaped + (_widths(shaped[1], outer)[1:] if outer > 1.25 * shaped[1] else ())
             degrees = (SHAPE_DEGREE, 4) + (2,) * (len(sigmas) - 2)
-            pad, order = SHAPE_PAD, base.spatialKernelOrder + 1
+            order = base.spatialKernelOrder + 1
             continue
         # Escalate: a narrower first width for structure finer than the core,
         # then a larger kernel; degree 4 on the first width from now on.

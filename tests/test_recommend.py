@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import gpumatch as gm
+from gpumatch.cellset import next_odd
 from gpumatch.errors import PoorMatchWarning
 
 from test_cli_match import DES_PSF, needs_des  # the shared DES model, skipped if absent
@@ -164,6 +165,42 @@ def test_recommended_settings_reach_a_gaussian_reference_from_des_psfex():
     assert config.recommendation.reached
     md = _run(config, exposure, reference).metadata
     _assert_reaches(md)
+
+
+@needs_des
+def test_recommended_settings_shape_the_elongated_des_kernel_of_the_whole_ccd():
+    # Chosen for the whole 2048 x 4096 CCD, run where the model is most elongated
+    # (the top-left corner, g2 about -0.13): there the ideal kernel is about 0.5 px
+    # wide along the PSF's long axis. The whole-CCD run (612 candidates, 0.72%) is
+    # benchmarks/bench_recommend_des.py; it takes too long for the suite.
+    psf = gm.PsfexPsf.read(DES_PSF)
+    xs, ys = np.meshgrid(np.linspace(22, 2024, 5), np.linspace(22, 4072, 5))
+    fwhm = max(psf.fwhm(x, y) for x, y in zip(xs.ravel(), ys.ravel()))
+    reference = gm.GaussianPsf(25, 25, 1.2 * fwhm / (2 * math.sqrt(2 * math.log(2))))
+    config = gm.ModelPsfMatchConfig.for_psfs(psf, reference, bbox=gm.Box(0, 0, 2048, 4096))
+    rec = config.recommendation
+    assert rec.reached and rec.residual <= 0.008
+    # The shaping setting: a Gaussian of the kernel's long axis with degree 6, stamps
+    # padded so that the good region holds the reference (2.23 px) out to 5 widths,
+    # one more spatial order than LSST's.
+    assert config.alardDegGauss[:2] == (6, 4) and 1.4 < config.alardSigGauss[0] < 1.9
+    k = config.kernelSize
+    assert next_odd(k * config.autoPadPsfTo) - k + 1 >= 25 and config.autoPadPsfTo <= 2.0
+    assert config.spatialKernelOrder == 3
+    exposure = _exposure(psf, (512, 512), xy0=(0, 3584))
+    md = _run(config, exposure, reference).metadata
+    _assert_reaches(md)
+    # With the noise of the ideal kernel there (Fourier division of the two stamps).
+    from gpumatch.recommend import _stamps, ideal_noise_gain
+
+    cx, cy = exposure.bbox.center
+    ideal = ideal_noise_gain(_stamps(psf, [cx], [cy], 151)[0], _stamps(reference, [cx], [cy], 151)[0])
+    assert md["noiseVarianceGain"] == pytest.approx(ideal, rel=0.05)
+    # LSST's defaults do not reach it there.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PoorMatchWarning)
+        lsst = _run(gm.ModelPsfMatchConfig(), exposure, reference).metadata
+    assert lsst["matchedPsfRelL2Max"] > 0.01
 
 
 def test_ideal_kernel_noise_gain_is_analytic_or_unbounded():

@@ -324,6 +324,17 @@ def _pad_for(size, good):
     return min(2.0, max(1.4, pad))
 
 
+def _more_order(box, config):
+    """1 when a run over ``box`` has more than twice as many candidates as the
+    spatial terms of ``config.spatialKernelOrder + 1`` (docs/algorithm.md section 3
+    counts the cells of the box grown by one cell; section 8.3 calls fewer
+    poorly constrained), else 0."""
+    nx = (box.width + 2 * config.sizeCellX) // config.sizeCellX
+    ny = (box.height + 2 * config.sizeCellY) // config.sizeCellY
+    o = config.spatialKernelOrder + 1
+    return int(nx * ny > (o + 1) * (o + 2))
+
+
 def _zero_sum_degrees(size, sigmas, degrees):
     """``degrees``, or the same capped at 4, or all 2: the first whose basis in a
     ``size``-pixel kernel has no image with a sum after image 0 (a high-degree
@@ -429,14 +440,15 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
             # the kernel sum; on a narrower region the polynomial's wings put
             # flux outside it, and replacing a0 by the kernel sum distorts the
             # kernel (37% with a 15-pixel good region on DES, 0.7% with 27).
-            # One more spatial order: the kernel's short axis,
+            # One more spatial order where the run has the candidates for it
+            # (_more_order): the kernel's short axis,
             # sqrt(r^2 - a^2) for a PSF long axis a close to the reference's r,
             # changes much faster across the detector than the PSF itself
             # (docs/algorithm.md section 15.3).
             shaped = (long_axis, 1.5 * long_axis)
             sigmas = shaped + (_widths(shaped[1], outer)[1:] if outer > 1.25 * shaped[1] else ())
             degrees = (SHAPE_DEGREE, 4) + (2,) * (len(sigmas) - 2)
-            order = base.spatialKernelOrder + 1
+            order = base.spatialKernelOrder + _more_order(box, base)
             continue
         # Escalate: a narrower first width for structure finer than the core,
         # then a larger kernel; degree 4 on the first width from now on.

@@ -403,8 +403,8 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
     # long axis times a polynomial of high degree narrows it along the short one.
     major, minor = _axes(pad_or_crop(ideals, m, m))
     good_min = 2 * math.ceil(SHAPE_GOOD_WIDTHS * r_sigma) + 1
-    elongated = bool(np.nanmin(minor / major) < ELONGATED)
-    long_axis = float(np.nanmax(major)) if elongated else math.nan
+    elongated = bool(np.any(minor / major < ELONGATED))  # moments that failed are NaN
+    long_axis = float(np.max(major[np.isfinite(minor / major)])) if elongated else math.nan
     tried = []
     best, candidates = None, []
     for attempt in range(4):

@@ -215,3 +215,19 @@ def test_ideal_kernel_noise_gain_is_analytic_or_unbounded():
     # it exactly would deconvolve, and no finite gain is ideal.
     moffat = _stamps(gm.MoffatPsf(41, 41, 1.3 * t * 2.3548, 3.0), [0], [0], 101)[0]
     assert math.isnan(ideal_noise_gain(template, moffat))
+
+
+def test_axes_of_an_elliptical_gaussian_are_its_widths():
+    # The widths the elongation rule of docs/algorithm.md section 15.3 reads: the
+    # square roots of the eigenvalues of the second moments, whatever the angle.
+    from gpumatch.recommend import _axes
+
+    y, x = np.mgrid[-20:21, -20:21].astype(float)
+    stamps = []
+    for angle in (0.0, 0.6):
+        u = x * math.cos(angle) + y * math.sin(angle)
+        v = -x * math.sin(angle) + y * math.cos(angle)
+        stamps.append(np.exp(-0.5 * (u * u / 2.4 ** 2 + v * v / 1.2 ** 2)))
+    major, minor = _axes(np.array(stamps))
+    np.testing.assert_allclose(major, 2.4, rtol=1e-4)
+    np.testing.assert_allclose(minor, 1.2, rtol=1e-4)

@@ -95,8 +95,7 @@ def estimate_run_bytes(config, shape, psf_size, kernel_size=None, degrees=None):
     -------
     int
         Stamps (template, target and each basis function convolved with
-        every template), per-candidate normal equations (with one chunk's
-        patch matrices), the spatial system,
+        every template), per-candidate normal equations, the spatial system,
         the exposure planes with one image per spatial term, and the FFT
         tiles of the application. Measured against ``tracemalloc`` peaks in
         the tests (an upper estimate, within a small factor).
@@ -113,11 +112,7 @@ def estimate_run_bytes(config, shape, psf_size, kernel_size=None, degrees=None):
     f8 = 8
     stamps = cells * p * p * f8 * (2 + nb)
     basis = nb * k * k * f8
-    # Plus the patch matrices of one chunk of candidates (NumPy backend).
-    from .normal_equations import chunk_candidates
-
-    g = max(p - k + 1, 1)
-    normal = cells * (nb * nb + nb) * f8 + min(cells, chunk_candidates(p, k)) * g * g * k * k * f8
+    normal = cells * (nb * nb + nb) * f8
     spatial = 2 * (nb * ns) ** 2 * f8
     planes = h * w * f8 * (6 + ns)
     # Application (overlap-save FFTs on t x t tiles, docs/algorithm.md section 7): the

@@ -13,17 +13,8 @@ from .linalg import solve_symmetric_batch
 __all__ = ["candidate_design_matrices", "candidate_normal_equations", "solve_candidates",
            "good_region"]
 
-#: Candidates processed per chunk, and the most bytes the chunk's patch matrices
-#: may take: together they bound the memory of the patch matrices (a 71-pixel
-#: kernel on stamps padded to twice its size has 215 MB of patches per candidate).
+#: Candidates processed per chunk, bounding the memory of the patch matrices.
 _CHUNK = 128
-_CHUNK_BYTES = 256 * 2 ** 20
-
-
-def chunk_candidates(psf_size, kernel_size):
-    """Candidates per chunk of :func:`candidate_normal_equations` (at least 1)."""
-    g, k = max(psf_size - kernel_size + 1, 1), kernel_size
-    return max(1, min(_CHUNK, _CHUNK_BYTES // (g * g * k * k * 8)))
 
 
 def good_region(psf_size, kernel_size):
@@ -80,9 +71,8 @@ def candidate_normal_equations(templates, targets, basis, variance=2.0, xp=np):
     M = xp.empty((n, nb, nb), dtype=xp.float64)
     b = xp.empty((n, nb), dtype=xp.float64)
     w = 1.0 / variance
-    chunk = chunk_candidates(size, k)
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
+    for start in range(0, n, _CHUNK):
+        stop = min(n, start + _CHUNK)
         C = candidate_design_matrices(templates[start:stop], basis, xp)
         s = xp.ascontiguousarray(targets[start:stop, good, good], dtype=xp.float64)
         s = s.reshape(stop - start, -1, 1)

@@ -733,26 +733,3 @@ def test_first_run_of_a_process_rounds_like_the_next():
                          env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split()[0] == "True", res.stdout
-
-
-def test_normal_equations_chunks_bound_the_patch_memory_without_changing_a_bit(monkeypatch):
-    # The patch matrices of a chunk hold (n - k + 1)^2 k^2 float64 per candidate: with
-    # 1 MiB allowed, 15-pixel stamps and a 7-pixel kernel (64 kB each) give 16 per
-    # chunk, so 40 candidates take three chunks; each candidate's M and b are those of
-    # the unchunked computation and of the brute-force sums, to the bit.
-    import gpumatch.normal_equations as ne
-
-    rng = np.random.default_rng(3)
-    T, S = rng.normal(size=(40, 15, 15)), rng.normal(size=(40, 15, 15))
-    basis = rng.normal(size=(5, 7, 7))
-    whole = candidate_normal_equations(T, S, basis)
-    monkeypatch.setattr(ne, "_CHUNK_BYTES", 2 ** 20)
-    assert ne.chunk_candidates(15, 7) == 2 ** 20 // (9 * 9 * 7 * 7 * 8) == 33
-    monkeypatch.setattr(ne, "_CHUNK_BYTES", 16 * 9 * 9 * 7 * 7 * 8)
-    assert ne.chunk_candidates(15, 7) == 16
-    M, b = candidate_normal_equations(T, S, basis)
-    assert np.array_equal(M, whole[0]) and np.array_equal(b, whole[1])
-    Mb, bb, _ = _brute_normal_equations(T[39], S[39], basis)
-    np.testing.assert_allclose(M[39], Mb, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(b[39], bb, rtol=1e-12, atol=1e-12)
-    assert ne.chunk_candidates(143, 71) == 1  # 215 MB of patches per candidate

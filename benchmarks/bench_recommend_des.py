@@ -9,7 +9,8 @@ ideal kernel, wall time): LSST's defaults, the setting the recommended mode chos
 before it shaped elongated kernels (59 px, widths 0.7/1.4/2.9/5.8, degrees
 4/2/2/2, autoPadPsfTo 1.4, spatial order 2), and the recommended mode's choice;
 with ``--moffat``, the same against case (c)'s Moffat (beta = 3, FWHM 1.3 times
-the model's largest). About a minute on two cores (several with ``--moffat``).
+the model's largest). Seconds on two cores with main's separable normal
+equations (``--moffat`` 61-px kernels: minutes and gigabytes without them).
 
     python3 benchmarks/bench_recommend_des.py [--moffat]
 """
@@ -30,7 +31,7 @@ from recommended_settings import DES_PSF, _case, des_psfs  # noqa: E402
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--moffat", action="store_true",
-                   help="also case (c), the Moffat reference (kernels of 61-71 px: minutes)")
+                   help="also case (c), the Moffat reference (61-px kernels)")
     moffat = p.parse_args(argv).moffat
     if not os.path.exists(DES_PSF):
         print(f"skipped: {DES_PSF} not found")

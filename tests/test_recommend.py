@@ -5,7 +5,8 @@ Matches are measured against independent answers: the analytic Moffat profile, t
 analytic noise gain of the ideal Gaussian matching kernel, 1 / (4 pi (r^2 - t^2)),
 and the recommended mode's targets on the matched-PSF diagnostics of
 docs/algorithm.md section 8 (worst residual <= 1%, FWHM within 1%). Images are
-small (256-512 px) to keep the suite fast.
+small (256-512 px) to keep the suite fast, but for one whole DES CCD (2048 x 4096,
+4-10 s): the DES model against a round Gaussian, where it must reach 1% too.
 """
 
 import math
@@ -168,18 +169,18 @@ def test_recommended_settings_reach_a_gaussian_reference_from_des_psfex():
 
 
 @needs_des
-def test_recommended_settings_shape_the_elongated_des_kernel_of_the_whole_ccd():
-    # Chosen for the whole 2048 x 4096 CCD, run where the model is most elongated
-    # (the top-left corner, g2 about -0.13): there the ideal kernel is about 0.5 px
-    # wide along the PSF's long axis. The whole-CCD run (612 candidates, 0.72%) is
-    # benchmarks/bench_recommend_des.py; it takes too long for the suite.
+def test_recommended_settings_reach_a_gaussian_reference_over_the_whole_des_ccd():
+    # The whole 2048 x 4096 CCD: 612 candidates, those half a cell beyond the image
+    # (where the PSFEx polynomial is extrapolated) included. The model is elliptical
+    # (g2 about -0.13 at the top-left corner), so the ideal kernel is about 0.5 px
+    # wide along the PSF's long axis there (docs/algorithm.md section 15.3).
     psf = gm.PsfexPsf.read(DES_PSF)
     xs, ys = np.meshgrid(np.linspace(22, 2024, 5), np.linspace(22, 4072, 5))
     fwhm = max(psf.fwhm(x, y) for x, y in zip(xs.ravel(), ys.ravel()))
     reference = gm.GaussianPsf(25, 25, 1.2 * fwhm / (2 * math.sqrt(2 * math.log(2))))
-    config = gm.ModelPsfMatchConfig.for_psfs(psf, reference, bbox=gm.Box(0, 0, 2048, 4096))
-    rec = config.recommendation
-    assert rec.reached and rec.residual <= 0.008
+    exposure = _exposure(psf, (4096, 2048))
+    config = gm.ModelPsfMatchConfig.for_psfs(psf, reference, bbox=exposure.bbox)
+    assert config.recommendation.reached
     # The shaping setting: a Gaussian of the kernel's long axis with degree 6, stamps
     # padded so that the good region holds the reference (2.23 px) out to 5 widths,
     # one more spatial order than LSST's.
@@ -187,20 +188,22 @@ def test_recommended_settings_shape_the_elongated_des_kernel_of_the_whole_ccd():
     k = config.kernelSize
     assert next_odd(k * config.autoPadPsfTo) - k + 1 >= 25 and config.autoPadPsfTo <= 2.0
     assert config.spatialKernelOrder == 3
-    exposure = _exposure(psf, (512, 512), xy0=(0, 3584))
     md = _run(config, exposure, reference).metadata
+    assert md["numKernelCandidates"] == 18 * 34
     _assert_reaches(md)
-    # With the noise of the ideal kernel there (Fourier division of the two stamps).
+    assert md["matchQuality"] == "good"
+    # No more noise than the ideal kernel's at the centre (Fourier division of the
+    # two stamps; the fitted kernel is a little smoother: 0.95 of it).
     from gpumatch.recommend import _stamps, ideal_noise_gain
 
     cx, cy = exposure.bbox.center
     ideal = ideal_noise_gain(_stamps(psf, [cx], [cy], 151)[0], _stamps(reference, [cx], [cy], 151)[0])
-    assert md["noiseVarianceGain"] == pytest.approx(ideal, rel=0.05)
-    # LSST's defaults do not reach it there.
+    assert 0.9 * ideal <= md["noiseVarianceGain"] <= 1.05 * ideal
+    # LSST's defaults do not reach it (1.75%).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PoorMatchWarning)
         lsst = _run(gm.ModelPsfMatchConfig(), exposure, reference).metadata
-    assert lsst["matchedPsfRelL2Max"] > 0.01
+    assert lsst["matchedPsfRelL2Max"] > 0.015
 
 
 def test_ideal_kernel_noise_gain_is_analytic_or_unbounded():

@@ -42,6 +42,15 @@ DES_PSF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "
                        "des", "DECam_00154912_12_psfcat.psf")
 
 
+def des_psfs():
+    """Case (b)'s PSFs: the DES PSFEx model, the Gaussian of 1.2 times its largest
+    FWHM over a 5 x 5 grid of the CCD, and that FWHM (pixels)."""
+    des = gm.PsfexPsf.read(DES_PSF)
+    xs, ys = np.meshgrid(np.linspace(22, 2024, 5), np.linspace(22, 4072, 5))
+    fwhm = max(des.fwhm(x, y) for x, y in zip(xs.ravel(), ys.ravel()))
+    return des, gm.GaussianPsf(25, 25, 1.2 * fwhm / SIGMA_TO_FWHM), fwhm
+
+
 def _ideal_gain(psf, reference, x, y):
     t, r = _stamps(psf, [x], [y], 151)[0], _stamps(reference, [x], [y], 151)[0]
     return ideal_noise_gain(t, r)
@@ -78,8 +87,10 @@ def _case(name, psf, reference, shape, xy0=(0, 0), bbox=None, extra=()):
         t0 = time.perf_counter()
         rec = gm.ModelPsfMatchConfig.for_psfs(psf, reference, bbox=bbox)
         took = time.perf_counter() - t0
-    rows.append(_row(name, f"recommended ({took:.1f} s to choose)", rec, psf, reference, shape,
-                     xy0))
+    label = f"recommended ({took:.1f} s to choose"
+    if (rec.autoPadPsfTo, rec.spatialKernelOrder) != (1.4, 2):  # LSST's padding and order
+        label += f"; autoPadPsfTo {rec.autoPadPsfTo:g}, spatial order {rec.spatialKernelOrder}"
+    rows.append(_row(name, label + ")", rec, psf, reference, shape, xy0))
     if not rec.recommendation.reached:
         rows.append(f"| {name} | | | | | {rec.recommendation.summary()} | | | | | |")
     return rows
@@ -105,12 +116,9 @@ def main(argv=None):
     rows += _case("(c) README -> Moffat", readme_psf, moffat_a, (1024, 2048))
 
     if os.path.exists(DES_PSF):
-        des = gm.PsfexPsf.read(DES_PSF)
-        xs, ys = np.meshgrid(np.linspace(22, 2024, 5), np.linspace(22, 4072, 5))
-        fwhm = max(des.fwhm(x, y) for x, y in zip(xs.ravel(), ys.ravel()))
+        des, gauss, fwhm = des_psfs()
         n = args.des_size
         box = gm.Box(0, 0, n, n)
-        gauss = gm.GaussianPsf(25, 25, 1.2 * fwhm / SIGMA_TO_FWHM)
         rows += _case(f"(b) DES {n}px", des, gauss, (n, n), bbox=box)
         rows += _case(f"(c) DES {n}px -> Moffat", des, gm.MoffatPsf(61, 61, 1.3 * fwhm, 3.0),
                       (n, n), bbox=box)

@@ -16,13 +16,19 @@ over the detector and the reference PSF, works out the ideal matching kernel
 
 It then solves the match on a coarse 5 x 5 grid of candidates (no image needed,
 :func:`evaluate_config`) and, while the worst residual or FWHM error is above
-half the target, adds a narrower Gaussian of degree 4 and then grows the kernel,
-up to ``kernelSizeMax`` (:data:`DEFAULT_MAX_KERNEL` unless given). The first
-setting within 80% of the targets is taken, else the best one. What it expects
-is kept in :class:`Recommendation` (``config.recommendation``); when no setting
-reaches the target, a :class:`PoorMatchWarning` says so with the residual it
-expects. The stamp padding stays ``autoPadPsfTo = 1.4`` (padding to 2.0 gained
-little at several times the cost, see benchmarks/RESULTS.md).
+half the target, escalates: where the ideal kernels are elongated (an
+elliptical exposure PSF matched to a round reference), it shapes them with a
+Gaussian as wide as their long axis of degree 6 and one 1.5 times wider of
+degree 4, on stamps padded so that the fit's good region holds the reference
+out to five of its widths, and with one more spatial order; otherwise it adds
+a narrower Gaussian of degree 4.
+Then it grows the kernel, up to ``kernelSizeMax`` (:data:`DEFAULT_MAX_KERNEL`
+unless given). The first setting within 80% of the targets is taken, else the
+best one. What it expects is kept in :class:`Recommendation`
+(``config.recommendation``); when no setting reaches the target, a
+:class:`PoorMatchWarning` says so with the residual it expects. Other settings
+keep ``autoPadPsfTo = 1.4`` (padding to 2.0 gained little there at several
+times the cost, see benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -54,6 +60,19 @@ DEFAULT_MAX_KERNEL = 71
 #: the real run's finer candidate grid.
 MARGIN = 0.5
 ACCEPT = 0.8
+
+#: Axis ratio (minor over major axis of the adaptive moments) below which an
+#: ideal kernel counts as elongated, and the basis of :func:`recommend_config`'s
+#: second setting shapes it (docs/algorithm.md section 15.3).
+ELONGATED = 0.8
+
+#: Polynomial degree of the first Gaussian that shapes an elongated kernel (the
+#: second gets degree 4: two of degree 6 at widths 1.5 apart are so nearly
+#: collinear that the spatial system becomes singular to working precision),
+#: and the reference's extent, in its widths from the centre, that the fit's
+#: good region covers with them (see :func:`_pad_for`).
+SHAPE_DEGREE = 6
+SHAPE_GOOD_WIDTHS = 5.0
 
 
 def _within(got, max_res, max_fwhm):
@@ -156,6 +175,16 @@ def _radii(stamps):
     return (mom[:, 2] * mom[:, 3] - mom[:, 4] ** 2) ** 0.25
 
 
+def _axes(stamps):
+    """Major- and minor-axis widths (pixels) of each stamp's adaptive moments
+    (square roots of the eigenvalues of the second-moment matrix; NaN where the
+    moments do not converge)."""
+    mom = adaptive_moments_batch(stamps)
+    half = (mom[:, 2] + mom[:, 3]) / 2
+    split = np.hypot((mom[:, 2] - mom[:, 3]) / 2, mom[:, 4])
+    return np.sqrt(half + split), np.sqrt(np.maximum(half - split, 0.0))
+
+
 def ideal_kernel(template, target, rcond=1e-6):
     """The kernel ``K`` with ``template (*) K = target``, by Fourier division.
 
@@ -214,6 +243,15 @@ def _truncation_residuals(templates, target, kernels, sizes):
     return np.array(worst)
 
 
+def _grid_cells(area, nx, ny):
+    """Cell sizes ``(cx, cy)`` and the footprint whose cells (docs/algorithm.md
+    section 3: centres of the cells of the footprint grown by one cell) put
+    ``nx x ny`` candidates from one corner of ``area`` to the opposite one."""
+    cx = max(32, -(-(area.width - 1) // (nx - 1)))
+    cy = max(32, -(-(area.height - 1) // (ny - 1)))
+    return cx, cy, Box(area.x0 + cx // 2, area.y0 + cy // 2, (nx - 2) * cx, (ny - 2) * cy)
+
+
 def evaluate_config(config, exposure_psf, reference, bbox, grid=(5, 5)):
     """Solve the match on a coarse candidate grid and measure it (no image needed).
 
@@ -224,9 +262,10 @@ def evaluate_config(config, exposure_psf, reference, bbox, grid=(5, 5)):
     bbox : Box
         The detector area (parent pixels).
     grid : (int, int)
-        Candidates across ``bbox``, from corner to corner (>= 3 each way). The
-        cells are chosen so: a real run's candidates lie on a finer grid over
-        the same area, up to half a cell beyond it (docs/algorithm.md section 3).
+        Candidates from corner to corner (>= 3 each way) of ``bbox`` grown by
+        half a cell of ``config`` (``sizeCellX // 2``, ``sizeCellY // 2``): a
+        real run's candidates lie on a finer grid over that area, the centres
+        of the cells of ``bbox`` grown by one cell (docs/algorithm.md section 3).
 
     Returns
     -------
@@ -239,11 +278,8 @@ def evaluate_config(config, exposure_psf, reference, bbox, grid=(5, 5)):
     from .stages import StageContext, solve_exposure
 
     nx, ny = (max(3, int(g)) for g in grid)
-    # Candidates sit at x0 + cell * i (docs/algorithm.md section 3: centres of the
-    # cells of the box grown by one cell), so this footprint puts the first at
-    # the box's corner and the last at the opposite one.
-    cx_, cy_ = max(32, -(-(bbox.width - 1) // (nx - 1))), max(32, -(-(bbox.height - 1) // (ny - 1)))
-    footprint = Box(bbox.x0 + cx_ // 2, bbox.y0 + cy_ // 2, (nx - 2) * cx_, (ny - 2) * cy_)
+    area = bbox.grown(config.sizeCellX // 2, config.sizeCellY // 2)
+    cx_, cy_, footprint = _grid_cells(area, nx, ny)
     cfg = config.copy(sizeCellX=cx_, sizeCellY=cy_)
     state = solve_exposure(StageContext.on(cfg, "numpy"), _Footprint(footprint, exposure_psf),
                            reference, 1.0)
@@ -278,6 +314,37 @@ def _widths(core, outer, max_ratio=2.5):
         return (core,)
     n = int(math.ceil(math.log(outer / core) / math.log(max_ratio)))
     return tuple(core * (outer / core) ** (i / n) for i in range(n + 1))
+
+
+def _pad_for(size, good):
+    """The smallest ``autoPadPsfTo`` (at least 1.4, LSST's, and at most 2.0, the
+    largest allowed; two decimals) whose stamps give a ``size``-pixel kernel a
+    good region (docs/algorithm.md section 6) at least ``good`` pixels wide."""
+    pad = math.ceil(100 * (size - 1 + good) / size) / 100
+    return min(2.0, max(1.4, pad))
+
+
+def _more_order(box, config):
+    """1 when a run over ``box`` has more than twice as many candidates as the
+    spatial terms of ``config.spatialKernelOrder + 1`` (docs/algorithm.md section 3
+    counts the cells of the box grown by one cell; section 8.3 calls fewer
+    poorly constrained), else 0."""
+    nx = (box.width + 2 * config.sizeCellX) // config.sizeCellX
+    ny = (box.height + 2 * config.sizeCellY) // config.sizeCellY
+    o = config.spatialKernelOrder + 1
+    return int(nx * ny > (o + 1) * (o + 2))
+
+
+def _zero_sum_degrees(size, sigmas, degrees):
+    """``degrees``, or the same capped at 4, or all 2: the first whose basis in a
+    ``size``-pixel kernel has no image with a sum after image 0 (a high-degree
+    term of a narrow Gaussian in a large kernel keeps one, and the fit's a0 then
+    no longer carries the kernel sum, see :func:`gpumatch.basis.bases_with_a_sum`)."""
+    sigmas = tuple(round(s, 3) for s in sigmas)
+    for option in (tuple(degrees), tuple(min(d, 4) for d in degrees), (2,) * len(degrees)):
+        if not bases_with_a_sum(alard_lupton_basis(size, sigmas, option)):
+            return option
+    return (2,) * len(degrees)
 
 
 def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
@@ -328,19 +395,24 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
     core = max(0.7, float(_radii(pad_or_crop(ideals[wide], m, m)[None])[0]))
     outer = max(core, size / 6.0)
     sigmas = _widths(core, outer)
+    degrees = (2,) * len(sigmas)
+    order = None  # the configuration's spatialKernelOrder, until a shaping setting
+    # An elongated ideal kernel (an elliptical exposure PSF matched to a round
+    # reference) is narrow along one axis only: isotropic Gaussians of low degree
+    # cannot follow it, narrow ones fit a checkerboard; a Gaussian as wide as its
+    # long axis times a polynomial of high degree narrows it along the short one.
+    major, minor = _axes(pad_or_crop(ideals, m, m))
+    good_min = 2 * math.ceil(SHAPE_GOOD_WIDTHS * r_sigma) + 1
+    elongated = bool(np.any(minor / major < ELONGATED))  # moments that failed are NaN
+    long_axis = float(np.max(major[np.isfinite(minor / major)])) if elongated else math.nan
     tried = []
     best, candidates = None, []
     for attempt in range(4):
         fields = {"kernelSize": size, "alardNGauss": len(sigmas),
                   "alardSigGauss": tuple(round(s, 3) for s in sigmas),
-                  "alardDegGauss": (2,) * len(sigmas)}
-        if attempt >= 1:
-            fields["alardDegGauss"] = (4,) + (2,) * (len(sigmas) - 1)
-        if attempt >= 1 and bases_with_a_sum(alard_lupton_basis(
-                size, fields["alardSigGauss"], fields["alardDegGauss"])):
-            # Degree 4 on this narrow width in this kernel leaves basis images
-            # with a sum: the fit's a0 no longer carries the kernel sum.
-            fields["alardDegGauss"] = (2,) * len(sigmas)
+                  "alardDegGauss": _zero_sum_degrees(size, sigmas, degrees)}
+        if order is not None:
+            fields.update(autoPadPsfTo=_pad_for(size, good_min), spatialKernelOrder=order)
         fields.update(overrides)
         fields.setdefault("kernelSizeMax", max(k_max, int(fields["kernelSize"])))
         cfg = cls(**fields)
@@ -350,9 +422,10 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
             log.debug("recommend: %s failed: %s", fields, exc)
             got = {"residual": math.inf, "fwhm_ratio": math.nan,
                    "noise_variance_gain": math.nan}
-        tried.append({**{k: fields[k] for k in ("kernelSize", "alardSigGauss", "alardDegGauss")},
-                      **got})
-        log.debug("recommend: tried %s -> %s", tried[-1], got)
+        tried.append({"kernelSize": cfg.kernelSize, "alardSigGauss": cfg.alardSigGauss,
+                      "alardDegGauss": cfg.alardDegGauss, "autoPadPsfTo": cfg.autoPadPsfTo,
+                      "spatialKernelOrder": cfg.spatialKernelOrder, **got})
+        log.debug("recommend: tried %s", tried[-1])
         candidates.append((cfg, got))
         ok = _within(got, MARGIN * max_res, MARGIN * max_fwhm) or (
             attempt > 0 and _within(got, ACCEPT * max_res, ACCEPT * max_fwhm))
@@ -360,12 +433,31 @@ def recommend_config(cls, exposure_psf, reference, bbox=None, overrides=None):
             best = (cfg, got)
         if ok or (attempt > 0 and size == k_max and fields["kernelSize"] == k_max):
             break
-        # Escalate: a narrower first width (degree 4 on it) for structure finer
-        # than the core, then a larger kernel.
+        if attempt == 0 and elongated:
+            # Shape the elongated kernel (see above), on stamps padded so that
+            # the fit's good region holds the reference out to five of its
+            # widths: there the fit pins the matched PSF's flux, so its a0 is
+            # the kernel sum; on a narrower region the polynomial's wings put
+            # flux outside it, and replacing a0 by the kernel sum distorts the
+            # kernel (37% with a 15-pixel good region on DES, 0.7% with 27).
+            # One more spatial order where the run has the candidates for it
+            # (_more_order): the kernel's short axis,
+            # sqrt(r^2 - a^2) for a PSF long axis a close to the reference's r,
+            # changes much faster across the detector than the PSF itself
+            # (docs/algorithm.md section 15.3).
+            shaped = (long_axis, 1.5 * long_axis)
+            sigmas = shaped + (_widths(shaped[1], outer)[1:] if outer > 1.25 * shaped[1] else ())
+            degrees = (SHAPE_DEGREE, 4) + (2,) * (len(sigmas) - 2)
+            order = base.spatialKernelOrder + _more_order(box, base)
+            continue
+        # Escalate: a narrower first width for structure finer than the core,
+        # then a larger kernel; degree 4 on the first width from now on.
         if attempt == 0 and core / 2 >= 0.7:
             sigmas = (core / 2,) + tuple(sigmas)
         else:
             size = min(k_max, _odd(size * 1.25 + 1))
+        if attempt == 0:
+            degrees = (4,) + (2,) * (len(sigmas) - 1)
     # The first (smallest, least noisy) setting within ACCEPT of the targets, else
     # the one with the smallest residual.
     cfg, got = next((c for c in candidates if _within(c[1], ACCEPT * max_res, ACCEPT * max_fwhm)),

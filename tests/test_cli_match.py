@@ -546,9 +546,13 @@ def test_psf_found_from_header_card_or_sidecar(tmp_path, capsys, how):
     got = assert_same_pixels(out, expected)
     # Not the Gaussian default of these tests: the DES model was used.
     assert not np.array_equal(np.asarray(direct(inp).psfMatchedExposure.image), got.image)
-    # The 25-px PSFEx stamps, padded to 1.4 times the recommended kernel.
+    # The 25-px PSFEx stamps, padded as recommended for the kernel (1.4 times it, or
+    # more for an elongated kernel: docs/algorithm.md section 15.3).
     kernel_size = expected.metadata["ALKernelSize"]
-    assert expected.metadata["psfSize"] == max(25, next_odd(1.4 * kernel_size))
+    config = gm.ModelPsfMatchConfig.for_psfs(gm.PsfexPsf.read(model), gm.parse_psf(REF_SPEC),
+                                             bbox=gm.Exposure.read_fits(inp).bbox)
+    assert config.kernelSize == kernel_size and 1.4 <= config.autoPadPsfTo <= 2.0
+    assert expected.metadata["psfSize"] == max(25, next_odd(config.autoPadPsfTo * kernel_size))
     np.testing.assert_allclose(star_sizes(got.image), REF_SIGMA, rtol=0.01)
 
 

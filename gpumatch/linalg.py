@@ -16,7 +16,7 @@ import numpy as np
 
 from .backend import array_namespace, to_numpy
 from .backends import backend_for_namespace
-from .threads import map_in_threads
+from .threads import map_in_threads, piece_size
 
 log = logging.getLogger("gpumatch")
 
@@ -329,7 +329,8 @@ def _pseudo_inverse_solve(M, b, xp):
     return xp.einsum("nij,nj->ni", vec, inv * proj), keep.sum(axis=-1)
 
 
-#: Systems per piece of :func:`solve_symmetric_batch` on the host.
+#: Fewest systems per piece of :func:`solve_symmetric_batch` on the host
+#: (see :func:`gpumatch.threads.piece_size`).
 _HOST_CHUNK = 64
 
 
@@ -350,9 +351,10 @@ def solve_symmetric_batch(M, b, xp=np, chunk=None):
         # Systems are independent: on the host, chunks run on the host threads.
         if len(M) <= _HOST_CHUNK:
             return _solve_small(M, b, np)
+        step = piece_size(len(M), least=_HOST_CHUNK)
         return np.concatenate(map_in_threads(
-            lambda i: _solve_small(M[i:i + _HOST_CHUNK], b[i:i + _HOST_CHUNK], np),
-            range(0, len(M), _HOST_CHUNK)))
+            lambda i: _solve_small(M[i:i + step], b[i:i + step], np),
+            range(0, len(M), step)))
     chunk = DEVICE_CHUNK if chunk is None else max(1, int(chunk))
     out = xp.empty_like(b)
     for start in range(0, len(M), chunk):

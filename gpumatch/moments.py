@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from .backends import backend_for_arrays, backend_for_namespace
-from .threads import map_in_threads
+from .threads import map_in_threads, piece_size
 
 __all__ = ["adaptive_moments", "determinant_radius", "shear_from_moments", "SIGMA_TO_FWHM"]
 
@@ -61,7 +61,8 @@ def shear_from_moments(ixx, iyy, ixy):
     return e1 * f, e2 * f
 
 
-#: Stamps per host chunk of :func:`adaptive_moments_batch`.
+#: Fewest stamps per host piece of :func:`adaptive_moments_batch` (see
+#: :func:`gpumatch.threads.piece_size`).
 _HOST_CHUNK = 64
 
 
@@ -90,13 +91,19 @@ def adaptive_moments_batch(stamps, max_iter=100, rtol=1e-8, xp=None, device_kern
     if device_kernel and backend.fused_moments is not None:
         return backend.fused_moments(stamps, max_iter, rtol)
     if not backend.on_device and len(stamps) > _HOST_CHUNK:
-        # Rows are independent (each one's result is that of the row alone), and
-        # a chunk's temporaries stay in cache: time grows linearly with the
-        # number of stamps instead of faster, and chunks run on the host threads.
+        step = piece_size(len(stamps), least=_HOST_CHUNK)
+        # Rows are independent (each one's result is that of the row alone):
+        # pieces run on the host threads, and a piece's temporaries stay in
+        # cache, so time grows linearly with the number of stamps.
         return np.concatenate(map_in_threads(
-            lambda i: adaptive_moments_batch(stamps[i:i + _HOST_CHUNK], max_iter, rtol, xp,
-                                             device_kernel),
-            range(0, len(stamps), _HOST_CHUNK)))
+            lambda i: _moments_of(stamps[i:i + step], max_iter, rtol, backend),
+            range(0, len(stamps), step)))
+    return _moments_of(stamps, max_iter, rtol, backend)
+
+
+def _moments_of(stamps, max_iter, rtol, backend):
+    """:func:`adaptive_moments_batch` of one piece, in array code on ``backend``."""
+    xp = backend.xp
     img = xp.asarray(stamps, dtype=xp.float64)
     n, ny, nx = img.shape
     x = xp.arange(nx, dtype=xp.float64)

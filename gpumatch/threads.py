@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["host_threads", "map_in_threads"]
+__all__ = ["host_threads", "map_in_threads", "piece_size"]
 
 
 def host_threads():
@@ -65,3 +65,17 @@ def map_in_threads(fn, items, threads=None):
 
     with ThreadPoolExecutor(workers, thread_name_prefix="gpumatch-host") as pool:
         return list(pool.map(fn, items))
+
+
+def piece_size(n, least=64, most=512):
+    """Items per piece when ``n`` independent items are shared out to the host
+    threads: one piece per thread, but at least ``least`` (the Python work
+    per piece holds the GIL; few large pieces run in parallel best) and at
+    most ``most`` (a piece's temporaries stay in cache).
+
+    Returns
+    -------
+    int
+        At least 1.
+    """
+    return max(1, min(most, max(least, -(-int(n) // host_threads()))))

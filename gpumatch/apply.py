@@ -255,6 +255,7 @@ class _Correlator:
         # before any rounding to float32.
         self.S_norm, self.power = norm_S, power
         self.offset = float(np.asarray(offset, dtype=plane.dtype))
+        self.offset_S = self.offset * self.S_num
         no = norm_S.shape[0]
         self.Ypow_n, self.Xpow_n = self.Ypow[:, :no], self.Xpow[:, :no]
         xt = np.zeros(self.ntx * b)
@@ -366,8 +367,9 @@ class _Correlator:
         spec = self.spec[dtype]
         sub = bufs["tmp"][:nrow, :n]  # [row, tile, column]
         xt = self.xt1[:, idx]
-        # Horner in X: highest power first, sub = sub * X + term.
-        prev = self.alist[-1]
+        # Horner in X: highest power first, sub = sub * X + term; the first
+        # term waits in its own array until the first product writes sub.
+        prev, pending = self.alist[-1], None
         for a in self.alist[::-1]:
             first = True
             for m, (aa, p) in enumerate(self.keys):
@@ -382,11 +384,18 @@ class _Correlator:
             conv = fft.irfft2(prod, s=(t, t), workers=self.fft_workers)
             crop = conv[:, 2 * h:2 * h + nrow, 2 * h:].transpose(1, 0, 2)
             if a == prev:
-                np.copyto(sub, crop)
+                pending = crop
             else:
-                sub *= xt if prev - a == 1 else xt ** (prev - a)
+                weight = xt if prev - a == 1 else xt ** (prev - a)
+                if pending is not None:
+                    np.multiply(pending, weight, out=sub)
+                    pending = None
+                else:
+                    sub *= weight
                 sub += crop
             prev = a
+        if pending is not None:
+            np.copyto(sub, pending)
         if prev:
             sub *= xt ** prev
         for j, i in enumerate(idx):
@@ -399,7 +408,7 @@ class _Correlator:
                 np.add(res, self.offset, out=out[rows, c0:c1], casting="same_kind")
             else:
                 if self.offset:
-                    res += self.offset * (self.Ypow[rows] @ self.S_num @ self.Xpow[c0:c1].T)
+                    res += self.Ypow[rows] @ self.offset_S @ self.Xpow[c0:c1].T
                 np.divide(res, norm[:, c0:c1], out=out[rows, c0:c1], casting="same_kind")
 
 
@@ -472,9 +481,11 @@ def edge_planes(shape, dtypes, no_data_bit, xp=np, border=None):
     xp : module
         Array namespace of the planes.
     border : int, optional
-        Width in pixels of the edge frame, when the caller writes every pixel
-        inside it: only the frame is filled (the interior is left
-        uninitialised). Default: the whole planes hold the edge values.
+        Width in pixels of the edge frame, when the caller writes every other
+        pixel, the frame's side columns included: only the top and bottom
+        ``border`` rows are filled (the rest is left uninitialised, so that
+        the caller's threads touch those pages first). Default: the whole
+        planes hold the edge values.
     """
     values = (np.nan, np.inf, np.array(int(no_data_bit)).astype(dtypes[2])[()])
     if border is None or 2 * border >= min(shape):
@@ -483,9 +494,7 @@ def edge_planes(shape, dtypes, no_data_bit, xp=np, border=None):
     h = border
     for plane, v in zip(planes, values if h else ()):
         plane[:h] = v
-        plane[-h:] = v
-        plane[h:-h, :h] = v
-        plane[h:-h, -h:] = v
+        plane[plane.shape[0] - h:] = v
     return planes
 
 
@@ -578,7 +587,8 @@ def _convolve_planes(image, variance, mask, kernel, box, no_data_bit):
     ny, nx = image.shape
     k = kernel.dimensions[0]
     h = k // 2
-    # Every interior pixel of each plane is written below.
+    # Only the top and bottom edge rows are filled here; the edge columns and
+    # every interior pixel are written by the jobs below.
     image_out, var_out, mask_out = edge_planes(
         (ny, nx), (image.dtype, variance.dtype, mask.dtype), no_data_bit, border=h)
     oy, ox = ny - 2 * h, nx - 2 * h
@@ -597,11 +607,8 @@ def _convolve_planes(image, variance, mask, kernel, box, no_data_bit):
 
     exps2, V = variance_terms(Q, exps, order)
 
-    planes = []
-    for plane, kernels, terms, square, out in (
-        (image, Q, exps, False, image_out),
-        (variance, V, exps2, True, var_out),
-    ):
+    def prepare(spec):
+        plane, kernels, terms, square, out = spec
         data = np.asarray(plane)
         if data.dtype.kind != "f":
             data = data.astype(np.float64)
@@ -609,12 +616,20 @@ def _convolve_planes(image, variance, mask, kernel, box, no_data_bit):
         fft_data = data if special is None else np.where(special, 0, data)
         corr = _Correlator(fft_data, kernels, terms, order, norm_S, 2 if square else 1,
                            _typical_value(fft_data), X, Y, yin, k, hy)
-        planes.append((corr, out[inner], data, special, square))
+        return corr, out[inner], data, special, square
 
-    # Image bands, variance bands and mask rows: one pool, so that no thread
-    # waits between planes and the outputs' first-touch page faults are shared.
+    # The two planes' scans and kernel spectra at once.
+    planes = map_in_threads(prepare, [(image, Q, exps, False, image_out),
+                                      (variance, V, exps2, True, var_out)])
+
+    # Edge columns, image bands, variance bands and mask rows: one pool, so
+    # that no thread waits between planes and the outputs' first-touch page
+    # faults are shared out.
     support = np.any(Q != 0, axis=0)
-    jobs = [(corr.band, r, result) for corr, result, *_ in planes for r in range(corr.nty)]
+    # (Each plane's edge value is the one edge_planes put in its top rows.)
+    jobs = [(_edge_columns, r0, (out, h, out[0, 0])) for out in (image_out, var_out, mask_out)
+            for r0 in range(h, ny - h, _OR_ROWS) if h]
+    jobs += [(corr.band, r, result) for corr, result, *_ in planes for r in range(corr.nty)]
     jobs += [(_footprint_or_rows, r0, (mask, support, mask_out[inner]))
              for r0 in range(0, oy, _OR_ROWS)]
     counts = _run_jobs(jobs, [corr for corr, *_ in planes])
@@ -634,6 +649,16 @@ def _convolve_planes(image, variance, mask, kernel, box, no_data_bit):
         if square:
             _clip_negative_variance(result, data, k)
     return image_out, var_out, mask_out
+
+
+def _edge_columns(r0, args):
+    """The ``h`` edge columns on each side of rows ``r0 .. r0 + _OR_ROWS - 1``
+    (bounded by the bottom edge rows) set to ``value``; returns 0."""
+    plane, h, value = args
+    r1 = min(plane.shape[0] - h, r0 + _OR_ROWS)
+    plane[r0:r1, :h] = value
+    plane[r0:r1, plane.shape[1] - h:] = value
+    return 0
 
 
 def _run_jobs(jobs, correlators):

@@ -268,3 +268,10 @@ def test_whole_runs_do_not_depend_on_the_number_of_host_threads(monkeypatch):
                                                                       on_poor_match="ignore"))
     assert len(results[0].kernelCellSet) > 3 * 64
     _same(results[1], results[0])
+    # Every pixel of the frame (filled by several jobs) holds the edge values.
+    out, h = results[0].psfMatchedExposure, cfg.kernelSize // 2
+    edge = np.ones(out.image.shape, bool)
+    edge[h:-h, h:-h] = False
+    assert np.isnan(out.image[edge]).all() and np.isposinf(out.variance[edge]).all()
+    assert (out.mask[edge] == out.get_plane_bitmask("NO_DATA")).all()
+    assert np.isfinite(out.variance[~edge]).all()

@@ -622,16 +622,17 @@ def _convolve_planes(image, variance, mask, kernel, box, no_data_bit):
     planes = map_in_threads(prepare, [(image, Q, exps, False, image_out),
                                       (variance, V, exps2, True, var_out)])
 
-    # Edge columns, image bands, variance bands and mask rows: one pool, so
-    # that no thread waits between planes and the outputs' first-touch page
-    # faults are shared out.
+    # Variance bands, image bands, mask rows and edge columns (the longest
+    # jobs first, so that the threads finish together): one pool, so that no
+    # thread waits between planes and the outputs' first-touch page faults
+    # are shared out.
     support = np.any(Q != 0, axis=0)
-    # (Each plane's edge value is the one edge_planes put in its top rows.)
-    jobs = [(_edge_columns, r0, (out, h, out[0, 0])) for out in (image_out, var_out, mask_out)
-            for r0 in range(h, ny - h, _OR_ROWS) if h]
-    jobs += [(corr.band, r, result) for corr, result, *_ in planes for r in range(corr.nty)]
+    jobs = [(corr.band, r, result) for corr, result, *_ in planes[::-1] for r in range(corr.nty)]
     jobs += [(_footprint_or_rows, r0, (mask, support, mask_out[inner]))
              for r0 in range(0, oy, _OR_ROWS)]
+    # (Each plane's edge value is the one edge_planes put in its top rows.)
+    jobs += [(_edge_columns, r0, (out, h, out[0, 0])) for out in (image_out, var_out, mask_out)
+             for r0 in range(h, ny - h, _OR_ROWS) if h]
     counts = _run_jobs(jobs, [corr for corr, *_ in planes])
 
     for (corr, result, data, special, square), n32 in zip(planes, counts):

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from .backends import backend_for_namespace
 from .linalg import solve_symmetric_batch
-from .threads import map_in_threads
+from .threads import map_in_threads, piece_size
 
 __all__ = ["candidate_design_matrices", "candidate_normal_equations", "solve_candidates",
            "good_region"]
 
-#: Candidates processed per chunk, bounding the memory of the patch matrices
-#: (and the pieces shared out to the host threads).
+#: Candidates processed per chunk (and the fewest per piece shared out to the
+#: host threads).
 _CHUNK = 64
+#: Largest size in bytes of one chunk's window-patch matrices (the path for
+#: bases without separable factors).
+_PATCH_BYTES = 256 << 20
 
 
 def good_region(psf_size, kernel_size):
@@ -146,8 +150,20 @@ def candidate_normal_equations(templates, targets, basis, variance=2.0, xp=np, f
     b = xp.empty((n, nb), dtype=xp.float64)
     w = 1.0 / variance
 
+    g = size - k + 1
+    on_host = not backend_for_namespace(xp).on_device
+    if factors is None:
+        # The window-patch matrices (g^2 x k^2 per candidate) of a chunk stay
+        # within _PATCH_BYTES (large kernels on padded stamps need gigabytes).
+        step = int(max(1, min(_CHUNK, _PATCH_BYTES // max(1, 8 * g * g * k * k))))
+    elif on_host:
+        # Candidates are independent: on the host, pieces run on the host threads.
+        step = piece_size(n, least=_CHUNK, most=4 * _CHUNK)
+    else:
+        step = _CHUNK
+
     def chunk(start):
-        stop = min(n, start + _CHUNK)
+        stop = min(n, start + step)
         C = candidate_design_matrices(templates[start:stop], basis, xp, factors)
         s = xp.ascontiguousarray(targets[start:stop, good, good], dtype=xp.float64)
         s = s.reshape(stop - start, -1, 1)
@@ -155,9 +171,8 @@ def candidate_normal_equations(templates, targets, basis, variance=2.0, xp=np, f
         M[start:stop] = (Ct @ C) * w
         b[start:stop] = (Ct @ s)[..., 0] * w
 
-    # Candidates are independent: on the host, chunks run on the host threads.
-    starts = range(0, n, _CHUNK)
-    if xp is np:
+    starts = range(0, n, step)
+    if on_host:
         map_in_threads(chunk, starts)
     else:
         for start in starts:

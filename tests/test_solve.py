@@ -755,3 +755,26 @@ def test_first_run_of_a_process_rounds_like_the_next():
                          env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split()[0] == "True", res.stdout
+
+
+def test_patch_matrices_are_chunked_to_their_memory_bound(monkeypatch):
+    import gpumatch.normal_equations as ne
+
+    rng = np.random.default_rng(5)
+    T = rng.normal(size=(7, 13, 13))
+    S = rng.normal(size=(7, 13, 13))
+    basis = rng.normal(size=(3, 5, 5))   # no separable factors: the window-patch path
+    want = candidate_normal_equations(T, S, basis)
+    sizes = []
+    real = ne.candidate_design_matrices
+
+    def spy(templates, *args, **kwargs):
+        sizes.append(len(templates))
+        return real(templates, *args, **kwargs)
+
+    monkeypatch.setattr(ne, "candidate_design_matrices", spy)
+    monkeypatch.setattr(ne, "_PATCH_BYTES", 2 * 8 * 9 * 9 * 25)   # two candidates' patches
+    got = candidate_normal_equations(T, S, basis)
+    assert sorted(sizes) == [1, 2, 2, 2]
+    for a, b in zip(got, want):
+        assert np.array_equal(a, b)

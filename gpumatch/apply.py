@@ -122,7 +122,7 @@ def footprint_or(plane, support):
 
 #: Output rows of the mask OR done at a time: the temporaries stay a few
 #: megabytes instead of several full planes.
-_OR_ROWS = 256
+_OR_ROWS = 128
 
 
 def _footprint_or_into(plane, support, out):
@@ -244,8 +244,8 @@ class _Correlator:
         self.alist = sorted({a for a, _ in keys})
         # Correlation = convolution with the flipped kernel; the valid part of
         # the circular result starts at 2h.
-        spec = scipy.fft.rfft2(G[:, ::-1, ::-1], s=(t, t))
-        self.spec = {np.float64: spec, np.float32: spec.astype(np.complex64)}
+        self._flipped = G[:, ::-1, ::-1]
+        self._spec, self._spec_lock = {}, threading.Lock()
         self.l1 = float(np.abs(G).sum())
         ptop = max(a + c for a, c in terms)
         self.Ypow = Y[:, None] ** np.arange(ptop + 1)
@@ -266,6 +266,21 @@ class _Correlator:
         self.yin = ypad
         self.fft_workers = 1
         self._local = threading.local()
+
+    def _spectra(self, dtype):
+        """The kernels' spectra in the precision of ``dtype`` tiles, made on first
+        use (a plane whose tiles are all float32 never holds the float64 ones)."""
+        spec = self._spec.get(dtype)
+        if spec is None:
+            with self._spec_lock:
+                spec = self._spec.get(dtype)
+                if spec is None:
+                    t = self.t
+                    spec = self.fft.rfft2(self._flipped, s=(t, t))
+                    if dtype == np.float32:
+                        spec = spec.astype(np.complex64)
+                    spec = self._spec[dtype] = spec
+        return spec
 
     def _buffers(self):
         """Per-thread work arrays, reused from band to band (fresh full-size
@@ -364,7 +379,7 @@ class _Correlator:
             F.append(fft.fft(weighted, axis=-2, workers=self.fft_workers))
             if p + 1 < self.P:
                 ypow = ypow * yin
-        spec = self.spec[dtype]
+        spec = self._spectra(dtype)
         sub = bufs["tmp"][:nrow, :n]  # [row, tile, column]
         xt = self.xt1[:, idx]
         # Horner in X: highest power first, sub = sub * X + term; the first

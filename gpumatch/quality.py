@@ -8,7 +8,7 @@ from .backend import array_namespace, to_numpy
 from .backends import backend_for_namespace
 from .moments import SIGMA_TO_FWHM, adaptive_moments_batch
 from .normal_equations import good_region
-from .threads import host_threads
+from .threads import map_in_threads, piece_size
 
 __all__ = ["candidate_residuals", "matched_psf_stamps"]
 
@@ -17,24 +17,36 @@ def _correlate_each(stamps, kernels, xp=np):
     """Correlate stamp ``i`` with kernel ``i`` (docs/algorithm.md section 5 orientation).
 
     Returns the whole stamps ``(n, size, size)``, pixels outside the stamp
-    taken as zero. Batched FFTs on the arrays' own device.
+    taken as zero. Batched FFTs on the arrays' own device; on the host, in
+    pieces shared out to the host threads (each stamp's result is the same
+    bits in any piece), so that the transforms' temporaries stay small.
     """
     import scipy.fft  # not at import time: `import gpumatch` stays light
 
     backend = backend_for_namespace(xp)
     fft = backend.fft
-    # On the host the stamps' transforms are shared out to the host threads
-    # (independent lines: the same bits for any number).
-    kw = {} if backend.on_device else {"workers": host_threads()}
     n, size, _ = stamps.shape
     k = kernels.shape[1]
     h = k // 2
     shape = (scipy.fft.next_fast_len(size + k - 1),) * 2
-    # Correlation is convolution with the flipped kernel; the linear
-    # convolution index t maps to output pixel t - h.
-    conv = fft.irfft2(fft.rfft2(stamps, shape, **kw) * fft.rfft2(kernels[:, ::-1, ::-1], shape, **kw),
-                      shape, **kw)
-    return conv[:, h:h + size, h:h + size]
+
+    def correlate(sl):
+        # Correlation is convolution with the flipped kernel; the linear
+        # convolution index t maps to output pixel t - h.
+        conv = fft.irfft2(fft.rfft2(stamps[sl], shape) * fft.rfft2(kernels[sl, ::-1, ::-1], shape),
+                          shape)
+        return conv[:, h:h + size, h:h + size]
+
+    if backend.on_device:
+        return correlate(slice(None))
+    out = np.empty((n, size, size))
+    step = piece_size(n, least=32, most=64)
+
+    def piece(i):
+        out[i:i + step] = correlate(slice(i, i + step))
+
+    map_in_threads(piece, range(0, n, step))
+    return out
 
 
 def matched_psf_stamps(cell_set, kernel, xp=np):

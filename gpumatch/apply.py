@@ -30,6 +30,7 @@ import numpy as np
 
 from .basis import polynomial_exponents
 from .threads import host_threads, map_in_threads
+from .tiles import choose_tile
 
 log = logging.getLogger("gpumatch")
 
@@ -39,8 +40,6 @@ __all__ = ["apply_kernel", "start_apply_kernel", "PendingExposure", "convolve_pl
 
 #: Tiles transformed together: a group's arrays stay in a core's cache.
 _GROUP = 4
-
-_FAST_TILES = (64, 96, 128, 160, 192, 256, 320, 384, 512)
 
 #: Finite values larger in magnitude than this factor times the plane's typical
 #: magnitude are left out of the FFTs (and their outputs summed directly). The
@@ -54,23 +53,6 @@ _FAST_TILES = (64, 96, 128, 160, 192, 256, 320, 384, 512)
 #: to float64, where this factor holds.
 RANGE_FACTOR = 1e9
 _SAMPLE = 65536    # pixels sampled for the typical magnitude
-
-
-def _choose_tile(n_out_y, n_out_x, k):
-    """FFT tile size minimising the estimated work of overlap-save."""
-    best = None
-    for t in _FAST_TILES:
-        b = t - (k - 1)
-        if b < 16:
-            continue
-        tiles = -(-n_out_y // b) * -(-n_out_x // b)
-        cost = tiles * t * t * np.log2(t)
-        if best is None or cost < best[0]:
-            best = (cost, t)
-    if best is None:
-        t = int(2 ** np.ceil(np.log2(2 * k)))
-        return t
-    return best[1]
 
 
 def _sliding_or(a, length, axis):
@@ -235,7 +217,7 @@ class _Correlator:
         self.plane, self.k, self.h = plane, k, k // 2
         ny, nx = plane.shape
         self.oy, self.ox = ny - 2 * self.h, nx - 2 * self.h
-        t = self.t = _choose_tile(self.oy, self.ox, k)
+        t = self.t = choose_tile(self.oy, self.ox, k)
         b = self.b = t - 2 * self.h
         self.nty, self.ntx = -(-self.oy // b), -(-self.ox // b)
         keys, G = _row_split(kernels, terms, k, hy)
@@ -715,9 +697,21 @@ def apply_kernel(exposure, kernel, psf=None, backend="numpy"):
     -------
     Exposure
         Same bbox, metadata and mask planes; edge pixels (within ``k // 2`` of a
-        border) have image NaN, variance +inf and only the NO_DATA bit.
+        border) have image NaN, variance +inf and only the NO_DATA bit. Like a
+        match's output it carries ``provenance`` (with ``config`` None and
+        ``configMode`` ``{"mode": "kernel"}``; ``reference`` is ``psf``) and
+        ``noise_correlation`` (docs/algorithm.md section 14.1).
     """
-    return start_apply_kernel(exposure, kernel, psf, backend).result()
+    from .backends import Backend, get_backend, resolve_backend_name
+    from .provenance import record_match, start_input_checksum
+
+    if not isinstance(backend, Backend):
+        backend = get_backend(resolve_backend_name(backend))
+    checksum = start_input_checksum(exposure)
+    out = start_apply_kernel(exposure, kernel, psf, backend).result()
+    record_match(out, exposure, exposure.psf if psf is None else psf, kernel, None, backend.name,
+                 checksum)
+    return out
 
 
 class PendingExposure:

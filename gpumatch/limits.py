@@ -13,6 +13,7 @@ import math
 import os
 
 from .errors import GpumatchError
+from .tiles import choose_tile
 
 __all__ = ["LIMITS", "MAX_PSF_STAMP", "MAX_PSFEX_DEGREE", "ResourceLimitError", "estimate_run_bytes",
            "available_memory", "check_run_memory", "check_stamp_size", "format_bytes", "device_free_memory"]
@@ -117,9 +118,7 @@ def estimate_run_bytes(config, shape, psf_size, kernel_size=None, degrees=None):
     planes = h * w * f8 * (6 + ns)
     # Application (overlap-save FFTs on t x t tiles, docs/algorithm.md section 7): the
     # spectra of the image and variance kernels, and a row of tiles in flight.
-    from .apply import _choose_tile
-
-    t = _choose_tile(h, w, k)
+    t = choose_tile(h, w, k)
     nv = (2 * config.spatialKernelOrder + 1) * (2 * config.spatialKernelOrder + 2) // 2
     spectra = (ns + nv) * t * (t // 2 + 1) * 2 * f8
     tiles = 8 * (w + t) * t * 2 * f8

@@ -204,7 +204,9 @@ def record_match(matched, exposure, reference, kernel, config, backend, checksum
     reference : Psf
         The reference PSF as the caller gave it (before any resizing).
     kernel : SpatialKernel
-    config : ModelPsfMatchConfig
+    config : ModelPsfMatchConfig or None
+        None for an output of :func:`gpumatch.apply.apply_kernel` (a kernel
+        given, not solved): recorded as ``configMode`` ``{"mode": "kernel"}``.
     backend : str
     checksum : tuple, optional
         :func:`start_input_checksum` of ``exposure``, taken when the match
@@ -226,8 +228,8 @@ def record_match(matched, exposure, reference, kernel, config, backend, checksum
         "psf": None if exposure.psf is None else psf_description(exposure.psf),
         "backend": backend,
         "kernelSum": kernel.kernel_sum,
-        "config": config.to_dict(),
-        "configMode": _config_mode(config),
+        "config": None if config is None else config.to_dict(),
+        "configMode": {"mode": "kernel"} if config is None else _config_mode(config),
     }
     matched.psf_reference = reference
     cx, cy = exposure.bbox.center

@@ -192,6 +192,34 @@ def test_provenance_round_trip(tmp_path):
     np.testing.assert_array_equal(mem.psf.array, image_ref.array)
 
 
+def test_apply_kernel_outputs_carry_provenance(tmp_path):
+    inp = write_input(tmp_path / "in.fits", seed=4)
+    exposure = gm.Exposure.read_fits(inp)
+    exposure.psf = elliptical_psf(exposure.bbox)
+    reference = gm.parse_psf(REFERENCE)
+    kernel = gm.ModelPsfMatchTask(small_config(), backend="numpy").run(
+        exposure, reference).psfMatchingKernel
+    out = gm.apply_kernel(exposure, kernel, psf=reference)
+    cx, cy = exposure.bbox.center
+    np.testing.assert_array_equal(out.noise_correlation, kernel.noise_correlation(cx, cy))
+    out.write_fits(tmp_path / "applied.fits")
+    back = gm.Exposure.read_fits(tmp_path / "applied.fits")
+    prov = back.provenance
+    assert prov["input"] == inp and prov["inputSha256"] == sha256(inp)
+    assert prov["config"] is None and prov["configMode"] == {"mode": "kernel"}
+    assert prov["backend"] == "numpy" and prov["kernelSum"] == kernel.kernel_sum
+    assert prov["reference"] == "doublegaussian:sigma1=2.5,sigma2=5.0,b=0.1,width=21,height=21"
+    assert repr(back.psf) == repr(reference)
+    np.testing.assert_array_equal(back.noise_correlation, out.noise_correlation)
+    # An in-memory input: the checksum of its image.
+    memory = gm.Exposure(np.asarray(exposure.image), np.asarray(exposure.variance),
+                         psf=exposure.psf)
+    prov = gm.apply_kernel(memory, kernel).provenance
+    assert prov["inputChecksumOf"] == "image" and prov["inputSha256"] == hashlib.sha256(
+        np.ascontiguousarray(memory.image).tobytes()).hexdigest()
+    assert prov["reference"].startswith("VaryingGaussianPsf(")
+
+
 def test_psf_descriptions_parse_back():
     from gpumatch.psf.parse import psf_description
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import gpumatch as gm
+import gpumatch.apply as apply_mod
 from gpumatch.apply import RANGE_FACTOR, convolve_planes, out_of_range
 from random_kernels import random_kernel, random_planes
 
@@ -451,6 +452,13 @@ def test_apply_kernel_function(ref):
 
 # --- float32 tiles and threads (docs/algorithm.md section 7.5) ------------------------------
 
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """64-pixel tiles (nine per plane, three bands) for the mixed-precision case,
+    whatever size the tile chooser prefers for so small a plane."""
+    monkeypatch.setattr(apply_mod, "choose_tile", lambda n_out_y, n_out_x, k: 64)
+
+
 def _mixed_precision_case(rng):
     """A multi-tile image (11x11 kernel varying strongly in shape and sum) with a
     -1e30 sentinel, NaN, +inf and a 1e6 star (whose tiles must go to float64),
@@ -483,7 +491,7 @@ def _mask_brute_force(mask, kernel, k, no_data):
     return out
 
 
-def test_float32_tiles_against_float64_brute_force(ref, caplog):
+def test_float32_tiles_against_float64_brute_force(ref, caplog, small_tiles):
     """Most tiles are transformed in float32, those near the star and the zero
     variances in float64; every output matches the float64 per-pixel brute force
     at 1e-5, NaN and infinities included, and the mask is the brute-force OR."""
@@ -518,11 +526,9 @@ def test_float32_tiles_against_float64_brute_force(ref, caplog):
     np.testing.assert_array_equal(out_m, _mask_brute_force(mask, kernel, k, NO_DATA))
 
 
-def test_float32_everywhere_would_miss_the_star(ref, monkeypatch):
+def test_float32_everywhere_would_miss_the_star(ref, monkeypatch, small_tiles):
     """The tile test matters: with every tile forced to float32 the outputs far
     from the 1e6 star but on its tiles are off by more than 1e-5."""
-    import gpumatch.apply as apply_mod
-
     rng = np.random.default_rng(31)
     shape, k, xy0, box, region, kernel, image, variance, mask = _mixed_precision_case(rng)
     h = k // 2
@@ -536,7 +542,7 @@ def test_float32_everywhere_would_miss_the_star(ref, monkeypatch):
     assert rel.max() > 1e-5
 
 
-def test_results_do_not_depend_on_the_number_of_threads(monkeypatch):
+def test_results_do_not_depend_on_the_number_of_threads(monkeypatch, small_tiles):
     rng = np.random.default_rng(32)
     _, _, _, box, _, kernel, image, variance, mask = _mixed_precision_case(rng)
     outs = []

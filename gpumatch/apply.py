@@ -340,8 +340,9 @@ class _Correlator:
         r0, nrow = rows.start, rows.stop - rows.start
         ny_in, nx = block.shape
         # x - offset of two float32 values is exact in float64, so its float32
-        # rounding is the float32 subtraction's: float32 inputs need no float64 pass.
-        sub_dtype = np.float32 if block.dtype == np.float32 else np.float64
+        # rounding is the float32 subtraction's: float32 tiles of a float32
+        # plane need no float64 pass (float64 tiles get the exact difference).
+        sub_dtype = np.float32 if block.dtype == np.float32 == dtype else np.float64
         for j, i in enumerate(idx):
             c0 = i * b
             cols = min(nx, c0 + t) - c0

@@ -552,3 +552,23 @@ def test_results_do_not_depend_on_the_number_of_threads(monkeypatch, small_tiles
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             np.testing.assert_array_equal(a, b)
+
+
+def test_float64_tiles_of_a_float32_plane_subtract_the_offset_exactly(small_tiles):
+    """A float32 plane whose offset (about 100.37) needs more bits than a 1e6 star
+    keeps: the star's tiles are float64, and their input minus the offset must be
+    taken in float64 (in float32 the outputs there were off by 1.2e-6)."""
+    rng = np.random.default_rng(3)
+    ny, nx, k = 120, 130, 11
+    box = gm.Box(0, 0, nx, ny)
+    kernel = random_kernel(rng, k, "chebyshev1", 2, box.grown(20, 20))
+    image = (100.37 + rng.normal(0, 1, (ny, nx))).astype(np.float32)
+    yy, xx = np.mgrid[:ny, :nx]
+    image += (1e6 * np.exp(-((yy - 60) ** 2 + (xx - 65) ** 2) / 8.0)).astype(np.float32)
+    variance = np.full((ny, nx), 100.0, np.float32)
+    out, _, _ = convolve_planes(image, variance, np.zeros((ny, nx), np.int32), kernel, box,
+                                NO_DATA)
+    h = k // 2
+    iy, ix = (a.ravel() for a in np.mgrid[h:ny - h:3, h:nx - h:3])
+    want = apply_mod.direct_convolve_pixels(image.astype(np.float64), kernel, box, iy, ix, False)
+    assert np.max(np.abs(out[iy, ix] - want) / np.abs(want)) < 2e-7

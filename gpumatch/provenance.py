@@ -7,7 +7,8 @@ A matched exposure (``result.psfMatchedExposure``) carries
   exposure), ``inputSha256`` (SHA-256 of the input file, or of the input's
   image bytes for an in-memory exposure: ``inputChecksumOf`` says which), the
   ``reference`` PSF's description (:func:`gpumatch.psf.parse.psf_description`),
-  the exposure ``psf``'s description, the ``backend``, the imposed
+  the exposure ``psf``'s description and, for a model read from a file, that
+  file's SHA-256 (``psfSha256``), the ``backend``, the imposed
   ``kernelSum`` and the full configuration ``config`` (a dict of every field);
   For an input on the GPU the checksum is taken when the output is written
   (until then ``inputSha256`` holds a placeholder that computes it);
@@ -29,6 +30,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import threading
 import weakref
 
@@ -37,7 +39,7 @@ import numpy as np
 log = logging.getLogger("gpumatch")
 
 __all__ = ["CARDS", "NOISE_CARDS", "REFPSF", "NOISECORR", "file_sha256", "image_sha256",
-           "record_match", "read_output_record", "start_input_checksum"]
+           "record_match", "read_output_record", "start_input_checksum", "psf_file_sha256"]
 
 #: Primary-header cards of the provenance, and the ``provenance`` key each holds.
 #: Long values (the configuration as JSON, descriptions) continue over FITS
@@ -50,6 +52,7 @@ CARDS = {
     "GPM_ISUM": "inputChecksumOf",
     "GPM_REF": "reference",
     "GPM_PSF": "psf",
+    "GPM_PSHA": "psfSha256",
     "GPM_BACK": "backend",
     "GPM_KSIN": "kernelSum",
     "GPM_CONF": "config",
@@ -78,6 +81,7 @@ _COMMENTS = {
     "GPM_ISUM": "what GPM_ISHA is of: file, image or none",
     "GPM_REF": "reference PSF (gpumatch model string or repr)",
     "GPM_PSF": "input exposure PSF",
+    "GPM_PSHA": "SHA-256 of the exposure PSF's model file",
     "GPM_BACK": "backend that matched it",
     "GPM_KSIN": "kernel sum imposed",
     "GPM_CONF": "configuration (JSON, every field)",
@@ -98,6 +102,15 @@ def file_sha256(path, chunk=1 << 22):
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def psf_file_sha256(psf):
+    """SHA-256 (hex) of the file a PSF model was read from (its ``path``), or None
+    for a model without one (analytic, in memory) or whose file is gone."""
+    path = getattr(psf, "path", None)
+    if not path or not os.path.isfile(path):
+        return None
+    return file_sha256(path)
 
 
 def image_sha256(image):
@@ -226,6 +239,7 @@ def record_match(matched, exposure, reference, kernel, config, backend, checksum
         "inputChecksumOf": of,
         "reference": psf_description(reference),
         "psf": None if exposure.psf is None else psf_description(exposure.psf),
+        "psfSha256": psf_file_sha256(exposure.psf),
         "backend": backend,
         "kernelSum": kernel.kernel_sum,
         "config": None if config is None else config.to_dict(),

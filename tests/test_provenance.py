@@ -339,6 +339,43 @@ def test_resume_in_the_recommended_mode(tmp_path, capsys):
     assert main(base + ["--lsst-defaults", "--set", explicit[0]]) == 1
 
 
+DES_PSF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
+                       "des", "DECam_00154912_12_psfcat.psf")
+
+
+@pytest.mark.skipif(not os.path.exists(DES_PSF),
+                    reason=f"DES PSFEx model not found at {os.path.normpath(DES_PSF)} "
+                           "(expected ../shared/data/des beside the repository)")
+@pytest.mark.parametrize("how", ["sidecar", "--psf"])
+def test_resume_notices_a_rewritten_psf_model_file(tmp_path, capsys, how):
+    """The same PSF file name with other contents (PSFEx run again) is a conflict,
+    whether the file was given with --psf or found next to the exposure."""
+    from astropy.io import fits
+
+    a = write_input(tmp_path / "a.fits", seed=1)
+    model = tmp_path / "a.psf"
+    shutil.copyfile(DES_PSF, model)
+    out = tmp_path / "out"
+    base = ["match", a, "--reference", RESUME_REFERENCE, "--output-dir", str(out)] + SETS
+    base += ["--psf", f"psfex:{model}"] if how == "--psf" else []
+    assert main(base) in (0, 3)                       # good or poor, written either way
+    prov = gm.Exposure.read_fits(out / "a.fits").provenance
+    assert prov["psf"] == f"psfex:{model}" and prov["psfSha256"] == sha256(model)
+    assert main(base) in (0, 3) and _statuses(out)[0] == ["skipped"]
+    # Rewritten under the same name.
+    with fits.open(model) as hdul:
+        hdul[1].header["HISTORY"] = "PSFEx run again"
+        hdul.writeto(model, overwrite=True)
+    capsys.readouterr()
+    assert main(base) == 1
+    statuses, summary = _statuses(out)
+    assert statuses == ["conflict"]
+    error = summary["files"][0]["error"]
+    assert "exposure PSF file" in error and str(model) in error and "changed" in error
+    assert main(base + ["--overwrite"]) in (0, 3)
+    assert gm.Exposure.read_fits(out / "a.fits").provenance["psfSha256"] == sha256(model)
+
+
 def test_summary_carries_the_verdict_when_the_result_has_one(tmp_path, capsys, monkeypatch):
     """matchQuality and noiseVarianceGain, when the task reports them, reach the summary
     of the run that matched the file and, through the output's header, of a run that

@@ -437,10 +437,38 @@ def local_cluster(n_workers=None, threads_per_worker=1, memory_limit="auto", das
     with dask.config.set(routes):
         return LocalCluster(
             n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+            env=worker_environment(n_workers, threads_per_worker),
             memory_limit=memory_limit, host="127.0.0.1", protocol="tls://", security=security,
             dashboard_address=LOCAL_DASHBOARD if dashboard else None,
             scheduler_kwargs={"dashboard": bool(dashboard),
                               "dashboard_address": LOCAL_DASHBOARD if dashboard else "127.0.0.1:0"})
+
+
+def worker_environment(n_workers, threads_per_worker=1):
+    """Environment of a local cluster's worker processes: ``GPUMATCH_THREADS``
+    shares the cores among them (each task's host stages would otherwise start
+    a thread per core in every process: workers x cores threads), unless the
+    user set it.
+
+    Parameters
+    ----------
+    n_workers : int or None
+        Worker processes (None: as many as Dask starts, one per core with
+        one thread each).
+    threads_per_worker : int
+        Dask threads (tasks at once) per worker.
+
+    Returns
+    -------
+    dict
+        Variables to set in each worker process.
+    """
+    if os.environ.get("GPUMATCH_THREADS", "").strip():
+        return {}
+    from .threads import host_threads
+
+    tasks = max(1, (n_workers or host_threads()) * max(1, int(threads_per_worker)))
+    return {"GPUMATCH_THREADS": str(max(1, host_threads() // tasks))}
 
 
 def _open_client(client, n_workers, threads_per_worker, memory_limit, dashboard=False):

@@ -421,3 +421,16 @@ def test_resume_checks_provenance_like_serial_runs(tmp_path, client, capsys):
 
     dask = ["--scheduler", client.scheduler.address]
     resume_scenario(tmp_path, capsys, dask, dask)
+
+
+def test_local_workers_share_the_cores(monkeypatch):
+    from gpumatch.distributed import worker_environment
+
+    monkeypatch.delenv("GPUMATCH_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert worker_environment(4) == {"GPUMATCH_THREADS": "4"}
+    assert worker_environment(2, threads_per_worker=2) == {"GPUMATCH_THREADS": "4"}
+    assert worker_environment(None) == {"GPUMATCH_THREADS": "1"}     # one worker per core
+    assert worker_environment(32) == {"GPUMATCH_THREADS": "1"}
+    monkeypatch.setenv("GPUMATCH_THREADS", "3")                       # the user's choice stands
+    assert worker_environment(4) == {}

@@ -186,7 +186,13 @@ def _axes(stamps):
 
 
 def ideal_kernel(template, target, rcond=1e-6):
-    """The kernel ``K`` with ``template (*) K = target``, by Fourier division.
+    """The kernel ``K`` whose convolution with ``template`` gives ``target``, by
+    Fourier division.
+
+    ``K`` is in convolution orientation (``target = template`` convolved with
+    ``K``, as :func:`_truncation_residuals` applies it); as a correlation
+    kernel in the orientation of docs/algorithm.md section 5 it is ``K``
+    flipped in both axes (``K[::-1, ::-1]``).
 
     Parameters
     ----------

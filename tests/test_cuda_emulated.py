@@ -28,6 +28,7 @@ from gpumatch.cuda.normal_equations import ne_launch_config, ne_shared_bytes
 from gpumatch.normal_equations import candidate_normal_equations
 from random_kernels import random_kernel, random_planes
 from test_cuda_compile import NE_VARIANTS
+from test_moments_batch import elliptical_stamps
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no host C++ compiler (g++/c++) on PATH")
 
@@ -429,20 +430,8 @@ def test_apply_kernel_bright_pixels_on_tile_offsets_match_float64():
 
 def _moment_stamps(rng, n, ny, nx):
     """Elliptical Gaussians (random centres, sizes, shears, noise) and bad stamps."""
-    y, x = np.mgrid[0:ny, 0:nx].astype(np.float64)
-    out = np.empty((n, ny, nx))
-    for i in range(n):
-        xc, yc = rng.uniform(0.35, 0.65) * nx, rng.uniform(0.35, 0.65) * ny
-        sxx, syy = rng.uniform(1.2, 3.5, 2) ** 2
-        sxy = rng.uniform(-0.4, 0.4) * np.sqrt(sxx * syy)
-        det = sxx * syy - sxy ** 2
-        dx, dy = x - xc, y - yc
-        q = (syy * dx * dx - 2 * sxy * dx * dy + sxx * dy * dy) / det
-        out[i] = np.exp(-0.5 * q) + rng.normal(0, 1e-3, (ny, nx))
-    out[1, 3, 4] = np.nan            # not finite
-    out[2] = -np.abs(out[2])         # no positive flux
-    out[3] = 0.0
-    return out
+    return elliptical_stamps(rng, n, ny, nx, widths=(1.2, 3.5), shear=0.4, centre=(0.35, 0.65),
+                             noise=1e-3)
 
 
 @pytest.mark.parametrize("ny, nx", [(31, 31), (17, 25), (64, 48)])

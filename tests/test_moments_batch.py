@@ -14,23 +14,34 @@ class _NumpyAsOther:
         return getattr(np, name)
 
 
-def _stamps(rng, n=40, ny=31, nx=27):
-    y, x = np.mgrid[0:ny, 0:nx].astype(float)
+def elliptical_stamps(rng, n, ny, nx, widths, shear, centre, noise):
+    """Elliptical Gaussians and three bad stamps (a NaN, no positive flux, all zero).
+
+    Each stamp has its centre at ``rng.uniform(*centre)`` of the stamp's size
+    on each axis, axis widths drawn from ``widths`` (pixels), a correlation
+    up to ``shear`` and Gaussian noise of standard deviation ``noise``.
+    """
+    y, x = np.mgrid[0:ny, 0:nx].astype(np.float64)
     out = np.empty((n, ny, nx))
     for i in range(n):
-        xc, yc = rng.uniform(0.3, 0.7) * nx, rng.uniform(0.3, 0.7) * ny
-        # From compact to wide and elliptical: convergence takes from a few
-        # to many more steps.
-        sxx, syy = rng.uniform(0.8, 5.0, 2) ** 2
-        sxy = rng.uniform(-0.6, 0.6) * np.sqrt(sxx * syy)
+        xc, yc = rng.uniform(*centre) * nx, rng.uniform(*centre) * ny
+        sxx, syy = rng.uniform(*widths, 2) ** 2
+        sxy = rng.uniform(-shear, shear) * np.sqrt(sxx * syy)
         det = sxx * syy - sxy ** 2
         dx, dy = x - xc, y - yc
         q = (syy * dx * dx - 2 * sxy * dx * dy + sxx * dy * dy) / det
-        out[i] = np.exp(-0.5 * q) + rng.normal(0, 3e-3, (ny, nx))
-    out[1, 3, 4] = np.nan
-    out[2] = -np.abs(out[2])
+        out[i] = np.exp(-0.5 * q) + rng.normal(0, noise, (ny, nx))
+    out[1, 3, 4] = np.nan            # not finite
+    out[2] = -np.abs(out[2])         # no positive flux
     out[3] = 0.0
     return out
+
+
+def _stamps(rng, n=40, ny=31, nx=27):
+    # From compact to wide and elliptical: convergence takes from a few to
+    # many more steps.
+    return elliptical_stamps(rng, n, ny, nx, widths=(0.8, 5.0), shear=0.6, centre=(0.3, 0.7),
+                             noise=3e-3)
 
 
 def test_active_rows_give_the_same_bits_as_every_row():

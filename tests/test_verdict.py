@@ -54,6 +54,14 @@ def noise_exposure(n, psf, seed=1, fill=None):
     return gm.Exposure(image, variance=np.ones((n, n), np.float32), psf=psf)
 
 
+def gaussian_run(exposure_sigma, reference_sigma):
+    """LSST's defaults matching a 384x384 noise exposure of a Gaussian PSF to a
+    Gaussian reference (widths in pixels), NumPy, every warning recorded."""
+    task = gm.ModelPsfMatchTask(backend="numpy")
+    return run_recording(task, noise_exposure(384, gm.GaussianPsf(21, 21, exposure_sigma)),
+                         gm.GaussianPsf(21, 21, reference_sigma))
+
+
 def readme_case(on_poor_match="warn", **config):
     """The README snippet's PSFs and configuration on a 512x256 exposure."""
     box = gm.Box(0, 0, 512, 256)
@@ -96,9 +104,7 @@ def test_example_match_is_good_and_warns_nothing():
 
 
 def test_identity_match_is_good_and_warns_nothing():
-    psf = gm.GaussianPsf(21, 21, 2.0)
-    task = gm.ModelPsfMatchTask(backend="numpy")
-    result, caught = run_recording(task, noise_exposure(384, psf), gm.GaussianPsf(21, 21, 2.0))
+    result, caught = gaussian_run(2.0, 2.0)
     md = result.metadata
     assert md["matchQuality"] == "good"
     assert md["matchedPsfFwhmRatioWorst"] == pytest.approx(1.0, abs=1e-3)
@@ -149,9 +155,7 @@ def test_thresholds_come_from_the_configuration():
 
 
 def test_deconvolution_is_poor_and_says_so():
-    psf = gm.GaussianPsf(21, 21, 3.0)
-    task = gm.ModelPsfMatchTask(backend="numpy")
-    result, caught = run_recording(task, noise_exposure(384, psf), gm.GaussianPsf(21, 21, 2.0))
+    result, caught = gaussian_run(3.0, 2.0)
     md = result.metadata
     assert md["matchQuality"] == "poor"
     reason = md["matchQualityReason"]

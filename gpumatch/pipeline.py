@@ -486,10 +486,9 @@ def output_conflict(output, input_path, reference, config, kernel_sum=1.0, psf=N
         wanted_psf = psf_description(resolve_psf(psf))
         if prov.get("psf") != wanted_psf:
             return f"was made with exposure PSF {prov.get('psf')}, not {wanted_psf}"
-    # A PSF model file (given, archived or a sidecar) rewritten since, e.g. by a
-    # new PSFEx run: same name, other model.
-    recorded = prov.get("psfSha256")
-    model_file = _model_file(prov.get("psf"))
+    # A PSF model file (given or a sidecar; PSFEx, Piff, ...) rewritten since,
+    # e.g. by a new PSFEx run: same name, other model.
+    recorded, model_file = prov.get("psfSha256"), prov.get("psfFile")
     if recorded and model_file:
         now = file_sha256(model_file) if os.path.isfile(model_file) else None
         if now != recorded:
@@ -497,9 +496,3 @@ def output_conflict(output, input_path, reference, config, kernel_sum=1.0, psf=N
                     f"which has changed since ({'now ' + now[:12] + '...' if now else 'gone'})")
     return ""
 
-
-def _model_file(description):
-    """The file a recorded PSF description reads (``psfex:PATH``), or None."""
-    if isinstance(description, str) and description.startswith("psfex:"):
-        return description[len("psfex:"):]
-    return None

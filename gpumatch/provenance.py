@@ -8,7 +8,7 @@ A matched exposure (``result.psfMatchedExposure``) carries
   image bytes for an in-memory exposure: ``inputChecksumOf`` says which), the
   ``reference`` PSF's description (:func:`gpumatch.psf.parse.psf_description`),
   the exposure ``psf``'s description and, for a model read from a file, that
-  file's SHA-256 (``psfSha256``), the ``backend``, the imposed
+  file (``psfFile``) and its SHA-256 (``psfSha256``), the ``backend``, the imposed
   ``kernelSum`` and the full configuration ``config`` (a dict of every field);
   For an input on the GPU the checksum is taken when the output is written
   (until then ``inputSha256`` holds a placeholder that computes it);
@@ -39,7 +39,7 @@ import numpy as np
 log = logging.getLogger("gpumatch")
 
 __all__ = ["CARDS", "NOISE_CARDS", "REFPSF", "NOISECORR", "file_sha256", "image_sha256",
-           "record_match", "read_output_record", "start_input_checksum", "psf_file_sha256"]
+           "record_match", "read_output_record", "start_input_checksum", "psf_file_record"]
 
 #: Primary-header cards of the provenance, and the ``provenance`` key each holds.
 #: Long values (the configuration as JSON, descriptions) continue over FITS
@@ -52,6 +52,7 @@ CARDS = {
     "GPM_ISUM": "inputChecksumOf",
     "GPM_REF": "reference",
     "GPM_PSF": "psf",
+    "GPM_PSFF": "psfFile",
     "GPM_PSHA": "psfSha256",
     "GPM_BACK": "backend",
     "GPM_KSIN": "kernelSum",
@@ -81,7 +82,8 @@ _COMMENTS = {
     "GPM_ISUM": "what GPM_ISHA is of: file, image or none",
     "GPM_REF": "reference PSF (gpumatch model string or repr)",
     "GPM_PSF": "input exposure PSF",
-    "GPM_PSHA": "SHA-256 of the exposure PSF's model file",
+    "GPM_PSFF": "file the exposure PSF model was read from",
+    "GPM_PSHA": "SHA-256 of that file",
     "GPM_BACK": "backend that matched it",
     "GPM_KSIN": "kernel sum imposed",
     "GPM_CONF": "configuration (JSON, every field)",
@@ -104,13 +106,15 @@ def file_sha256(path, chunk=1 << 22):
     return h.hexdigest()
 
 
-def psf_file_sha256(psf):
-    """SHA-256 (hex) of the file a PSF model was read from (its ``path``), or None
-    for a model without one (analytic, in memory) or whose file is gone."""
+def psf_file_record(psf):
+    """``(path, sha256)`` of the file a PSF model was read from (its ``path``,
+    made absolute), or ``(None, None)`` for a model without one (analytic, in
+    memory) or whose file is gone."""
     path = getattr(psf, "path", None)
     if not path or not os.path.isfile(path):
-        return None
-    return file_sha256(path)
+        return None, None
+    path = os.path.abspath(os.fspath(path))
+    return path, file_sha256(path)
 
 
 def image_sha256(image):
@@ -231,6 +235,7 @@ def record_match(matched, exposure, reference, kernel, config, backend, checksum
     path, checksum, of = _input_checksum(exposure) if checksum is None else checksum
     if isinstance(checksum, _BackgroundImageChecksum):
         checksum = checksum.value()
+    psf_file, psf_sha256 = psf_file_record(exposure.psf)
     matched.provenance = {
         "version": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -239,7 +244,8 @@ def record_match(matched, exposure, reference, kernel, config, backend, checksum
         "inputChecksumOf": of,
         "reference": psf_description(reference),
         "psf": None if exposure.psf is None else psf_description(exposure.psf),
-        "psfSha256": psf_file_sha256(exposure.psf),
+        "psfFile": psf_file,
+        "psfSha256": psf_sha256,
         "backend": backend,
         "kernelSum": kernel.kernel_sum,
         "config": None if config is None else config.to_dict(),

@@ -360,7 +360,8 @@ def test_resume_notices_a_rewritten_psf_model_file(tmp_path, capsys, how):
     base += ["--psf", f"psfex:{model}"] if how == "--psf" else []
     assert main(base) in (0, 3)                       # good or poor, written either way
     prov = gm.Exposure.read_fits(out / "a.fits").provenance
-    assert prov["psf"] == f"psfex:{model}" and prov["psfSha256"] == sha256(model)
+    assert prov["psf"] == f"psfex:{model}" and prov["psfFile"] == str(model)
+    assert prov["psfSha256"] == sha256(model)
     assert main(base) in (0, 3) and _statuses(out)[0] == ["skipped"]
     # Rewritten under the same name.
     with fits.open(model) as hdul:

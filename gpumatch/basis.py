@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -87,9 +88,19 @@ def alard_lupton_factors(kernel_size, sigmas, degrees):
     """The :class:`SeparableBasis` of :func:`alard_lupton_basis` (same arguments).
 
     Its images equal :func:`alard_lupton_basis` to rounding (about 1e-16 of
-    their largest value).
+    their largest value). Made once per distinct basis (its arrays are
+    read-only and shared).
     """
-    return _alard_lupton(int(kernel_size), sigmas, degrees)[1]
+    return _factors(int(kernel_size), tuple(float(s) for s in sigmas),
+                    tuple(int(d) for d in degrees))
+
+
+@functools.lru_cache(maxsize=64)
+def _factors(k, sigmas, degrees):
+    factors = _alard_lupton(k, sigmas, degrees)[1]
+    for array in (factors.filters, factors.iy, factors.ix, factors.A):
+        array.flags.writeable = False
+    return factors
 
 
 def _alard_lupton(k, sigmas, degrees):

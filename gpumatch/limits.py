@@ -117,7 +117,8 @@ def estimate_run_bytes(config, shape, psf_size, kernel_size=None, degrees=None):
     spatial = 2 * (nb * ns) ** 2 * f8
     planes = h * w * f8 * (6 + ns)
     # Application (overlap-save FFTs on t x t tiles, docs/algorithm.md section 7): the
-    # spectra of the image and variance kernels, and a row of tiles in flight.
+    # spectra of the image and variance kernels, and the tiles in flight (bounded
+    # by a band's worth; the host now works on groups of four tiles per thread).
     t = choose_tile(h, w, k)
     nv = (2 * config.spatialKernelOrder + 1) * (2 * config.spatialKernelOrder + 2) // 2
     spectra = (ns + nv) * t * (t // 2 + 1) * 2 * f8
